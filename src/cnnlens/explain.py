@@ -1,0 +1,180 @@
+"""``explain()``: every requested method at every requested layer from one capture."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnlens.capture import LayerSpec, capture
+from cnnlens.errors import InputShapeError, LayerNotFoundError
+from cnnlens.explanation import Explanation, ExplanationSet
+from cnnlens.maps import finite_or_zero, normalize, upsample
+from cnnlens.methods.registry import LayerView, MethodSpec, resolve_methods
+from cnnlens.models import LoadedModel
+from cnnlens.outputs import OutputSelector
+from cnnlens.targets import TargetSpec
+
+__all__ = ["default_layer", "display_images", "explain"]
+
+
+def default_layer(model: nn.Module | LoadedModel) -> str:
+    """The layer explained when none is named.
+
+    A zoo model uses its spec's ``default_layer``; any other module uses its last ``nn.Conv2d`` in
+    definition order (the "highest-numbered conv"). No dummy forward is run.
+
+    Raises:
+        LayerNotFoundError: When the model has no convolution.
+    """
+    if isinstance(model, LoadedModel):
+        return model.spec.default_layer
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            last = name
+    if last is None:
+        raise LayerNotFoundError(
+            f"{type(model).__name__} has no nn.Conv2d to default to; name a layer explicitly (layers=[...])."
+        )
+    return last
+
+
+def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None = None) -> torch.Tensor:
+    """The uint8 ``(B, H, W, 3)`` images that maps align with, for overlays.
+
+    A zoo model's preprocessing is inverted exactly; for any other model each image is min-max stretched
+    to [0, 255] (per image, so images do not influence each other).
+    """
+    x = inputs.detach().float()
+    if isinstance(model, LoadedModel):
+        x = model.spec.preprocessing.denormalize(x)
+    else:
+        flat = x.flatten(1)
+        lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
+        hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
+        x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = x[:, :3]
+    return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def explain(
+    model: nn.Module | LoadedModel,
+    inputs: torch.Tensor,
+    *,
+    methods: str | Sequence[str | MethodSpec] = ("gradcam",),
+    layers: LayerSpec | Sequence[LayerSpec] | None = None,
+    targets: TargetSpec = None,
+    top_k: int | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    output_selector: OutputSelector | None = None,
+    image_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> ExplanationSet:
+    """Explain a batch with several methods at several layers from a single forward and backward.
+
+    Args:
+        model: An ``nn.Module`` or a :class:`cnnlens.models.LoadedModel` (whose class names,
+            preprocessing and provenance then go into the results).
+        inputs: ``(B, C, H, W)`` or ``(C, H, W)`` preprocessed input.
+        methods: Method ids (``"gradcam"``, ``"gradcampp"``...), or ``"all"``.
+        layers: Layer names or modules; default: :func:`default_layer`.
+        targets: What to explain (int, list of ints per sample, None = top class, callable...).
+        top_k: Explain the top-k classes of each image (T = k maps per image), without re-running forward.
+        options: Per-method options, e.g. ``{"gradcampp": {"alpha_normalize": True}, "gradcam": {"relu":
+            False}}``.
+        output_selector: Picks the logits from unusual model outputs.
+        image_names: One name per image, used for file names when saving.
+        class_names: Overrides the class names used in labels.
+
+    Returns:
+        An :class:`ExplanationSet` with one :class:`Explanation` per (method, layer).
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(num_classes=10).eval()
+        >>> result = explain(net, torch.randn(2, 3, 64, 64), methods=["gradcam", "gradcampp"],
+        ...                  layers=["layer3", "layer4"])
+        >>> result["gradcampp", "layer4"].maps.shape
+        torch.Size([2, 1, 64, 64])
+    """
+    loaded = model if isinstance(model, LoadedModel) else None
+    module = loaded.module if loaded is not None else model
+    if not isinstance(module, nn.Module):
+        raise InputShapeError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
+    specs = resolve_methods(list(methods) if not isinstance(methods, str) else methods)
+    options = dict(options or {})
+    variants = {spec.id: spec.variant(options.pop(spec.id, None)) for spec in specs}
+    if options:
+        raise LayerNotFoundError(
+            f"options were given for method(s) {sorted(options)} that are not requested; add them to methods=."
+        )
+    if layers is None:
+        layer_list: list[LayerSpec] = [default_layer(loaded if loaded is not None else module)]
+    elif isinstance(layers, (str, nn.Module)):
+        layer_list = [layers]
+    else:
+        layer_list = list(layers)
+    needs = set().union(*(spec.needs for spec in specs))
+    with capture(module, layer_list, output_selector=output_selector) as cap:
+        rec = cap.run(
+            inputs,
+            targets,
+            top_k=top_k,
+            gradients="gradients" in needs,
+            input_gradients="input_gradients" in needs,
+        )
+        if rec.inputs.ndim != 4:
+            raise InputShapeError(f"explain() needs image batches (B, C, H, W), got {tuple(rec.inputs.shape)}.")
+        size = (int(rec.inputs.shape[-2]), int(rec.inputs.shape[-1]))
+        assert rec.scores is not None and rec.target_classes is not None  # set by run()
+        names = list(class_names) if class_names is not None else (loaded.class_names if loaded else None)
+        images = display_images(rec.inputs, loaded)
+        batch = int(rec.inputs.shape[0])
+        raw_dtype = torch.float64 if rec.inputs.dtype == torch.float64 else torch.float32
+        if image_names is not None and len(image_names) != batch:
+            raise InputShapeError(f"got {len(image_names)} image names for a batch of {batch} images.")
+        manifest: dict[str, Any] = {"model": loaded.manifest() if loaded else {"class": type(module).__name__}}
+        results: list[Explanation] = []
+        for spec in specs:
+            variant = variants[spec.id]
+            for layer in rec.layers:
+                per_target = []
+                for t in range(rec.num_targets):
+                    grad = rec.gradients.get(layer)
+                    view = LayerView(
+                        layer=layer,
+                        activation=rec.activations[layer],
+                        gradient=None if grad is None else grad[t],
+                        inputs=rec.inputs,
+                        input_gradient=None if rec.input_gradients is None else rec.input_gradients[t],
+                        score=rec.scores[:, t],
+                        target_class=rec.target_classes[:, t],
+                    )
+                    per_target.append(spec.compute(view, variant))
+                raw, bad = finite_or_zero(torch.stack(per_target, dim=1).to(raw_dtype))
+                shown = torch.relu(raw) if variant.get("relu", True) else raw
+                maps, degenerate = normalize(upsample(shown.double(), size))
+                results.append(
+                    Explanation(
+                        method=spec.id,
+                        title=spec.title,
+                        layer=layer,
+                        variant=dict(variant),
+                        raw=raw,
+                        maps=maps.float(),
+                        degenerate=degenerate | bad,
+                        target_classes=rec.target_classes,
+                        target_names=list(rec.target_names),
+                        scores=rec.scores.float(),
+                        images=images,
+                        image_names=list(image_names) if image_names is not None else [],
+                        class_names=names,
+                        manifest=manifest,
+                    )
+                )
+    return ExplanationSet(results, logits=rec.logits, manifest=manifest)

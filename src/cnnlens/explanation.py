@@ -1,0 +1,278 @@
+"""The one result type: :class:`Explanation`, and :class:`ExplanationSet` for one call's many results.
+
+An :class:`Explanation` holds one method at one layer for a batch of images and one or more targets per
+image. Raw maps (signed, at layer resolution, before any ReLU) and the displayed maps (ReLU if the method
+uses it, upsampled to the input, min-max normalised per map) are kept apart. ``degenerate`` flags maps that
+were constant or all zero and were returned as zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import torch
+
+from cnnlens.imaging import colorize, overlay, save_png
+
+__all__ = ["Explanation", "ExplanationSet", "environment_versions"]
+
+
+def environment_versions() -> dict[str, str]:
+    """Versions of cnnlens, Python and the libraries that shape results, for manifests."""
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for dist in ("cnnlens", "torch", "torchvision", "timm", "numpy", "pillow"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe version of a layer, class or image name."""
+    slug = re.sub(r"[^A-Za-z0-9._@-]+", "_", text).strip("._")
+    return slug[:80] or "x"
+
+
+@dataclass
+class Explanation:
+    """One method at one layer, for a batch of B images and T targets per image.
+
+    Attributes:
+        method: The method id (``gradcam``).
+        title: The method's display name.
+        layer: The layer key.
+        variant: The method's options as used (e.g. ``{"alpha_normalize": False, "relu": True}``).
+        raw: ``(B, T, h, w)`` float32 signed raw maps at layer resolution, before any ReLU.
+        maps: ``(B, T, H, W)`` float32 maps in [0, 1] at input resolution (ReLU'd if ``variant["relu"]``).
+        degenerate: ``(B, T)`` bool: the map was constant or all zero and is returned as zeros.
+        target_classes: ``(B, T)`` explained class indices (``-1`` for custom targets).
+        target_names: One description per target.
+        scores: ``(B, T)`` the explained scores.
+        images: ``(B, H, W, 3)`` uint8 images the maps align with (for overlays), or None.
+        image_names: One name per image (file stems), used for file names.
+        class_names: Class names of the model, or None.
+        manifest: Model, weights, preprocessing and versions (JSON-serialisable).
+    """
+
+    method: str
+    title: str
+    layer: str
+    variant: dict[str, Any]
+    raw: torch.Tensor
+    maps: torch.Tensor
+    degenerate: torch.Tensor
+    target_classes: torch.Tensor
+    target_names: list[str]
+    scores: torch.Tensor
+    images: torch.Tensor | None = None
+    image_names: list[str] = field(default_factory=list)
+    class_names: list[str] | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of images."""
+        return int(self.raw.shape[0])
+
+    @property
+    def num_targets(self) -> int:
+        """Number of targets per image."""
+        return int(self.raw.shape[1])
+
+    def class_label(self, b: int, t: int) -> str:
+        """A readable label of target ``t`` of image ``b`` (class name when known)."""
+        idx = int(self.target_classes[b, t])
+        if idx < 0:
+            return self.target_names[t]
+        if self.class_names is not None and idx < len(self.class_names):
+            return f"{idx} {self.class_names[idx]}"
+        return str(idx)
+
+    def describe(self) -> dict[str, Any]:
+        """Everything about this result except the arrays, JSON-serialisable."""
+        return {
+            "method": self.method,
+            "title": self.title,
+            "layer": self.layer,
+            "variant": self.variant,
+            "raw_shape": list(self.raw.shape),
+            "map_shape": list(self.maps.shape),
+            "degenerate": self.degenerate.tolist(),
+            "target_classes": self.target_classes.tolist(),
+            "target_names": self.target_names,
+            "scores": self.scores.double().tolist(),
+        }
+
+    def save(self, directory: str | os.PathLike[str], **kwargs: Any) -> list[Path]:
+        """Write this result's files and a manifest; see :meth:`ExplanationSet.save`."""
+        return ExplanationSet([self], manifest=self.manifest).save(directory, **kwargs)
+
+
+class ExplanationSet(Sequence[Explanation]):
+    """All the results of one :func:`cnnlens.explain` call: one :class:`Explanation` per (method, layer).
+
+    Index it by position, or by ``(method, layer)``; ``logits`` and ``probabilities`` are the model's.
+
+    Example:
+        >>> # result = cnnlens.explain(model, x, methods=["gradcam", "gradcampp"], layers=["layer4"])
+        >>> # result["gradcampp", "layer4"].maps.shape  -> (B, 1, H, W)
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Explanation],
+        *,
+        logits: torch.Tensor | None = None,
+        manifest: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._items = list(items)
+        self.logits = logits
+        self.manifest = dict(manifest or {})
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[Explanation]:
+        return iter(self._items)
+
+    @overload
+    def __getitem__(self, key: int) -> Explanation: ...
+    @overload
+    def __getitem__(self, key: slice) -> Sequence[Explanation]: ...
+    @overload
+    def __getitem__(self, key: tuple[str, str]) -> Explanation: ...
+    def __getitem__(self, key: int | slice | tuple[str, str]) -> Explanation | Sequence[Explanation]:
+        if isinstance(key, tuple):
+            return self.get(*key)
+        return self._items[key]
+
+    def get(self, method: str, layer: str) -> Explanation:
+        """The result of ``method`` at ``layer``."""
+        for item in self._items:
+            if item.method == method and item.layer == layer:
+                return item
+        have = ", ".join(f"({e.method!r}, {e.layer!r})" for e in self._items)
+        raise KeyError(f"no result for ({method!r}, {layer!r}); this set holds {have}.")
+
+    @property
+    def methods(self) -> list[str]:
+        """Method ids, in order, without repeats."""
+        return list(dict.fromkeys(e.method for e in self._items))
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer keys, in order, without repeats."""
+        return list(dict.fromkeys(e.layer for e in self._items))
+
+    @property
+    def probabilities(self) -> torch.Tensor | None:
+        """Softmax of the logits ``(B, K)``, or None when the set carries no logits."""
+        return None if self.logits is None else torch.softmax(self.logits.float(), dim=1)
+
+    def top_k(self, k: int = 5) -> list[list[tuple[int, str, float]]]:
+        """Per image, the ``k`` most probable classes as ``(index, name, probability)``."""
+        probs = self.probabilities
+        if probs is None:
+            return []
+        names = self._items[0].class_names if self._items else None
+        k = min(k, probs.shape[1])
+        values, indices = torch.topk(probs, k, dim=1)
+        return [
+            [
+                (int(i), names[int(i)] if names and int(i) < len(names) else str(int(i)), float(v))
+                for v, i in zip(vals, idxs, strict=True)
+            ]
+            for vals, idxs in zip(values, indices, strict=True)
+        ]
+
+    def save(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        cmap: str = "jet",
+        alpha: float = 0.5,
+        heatmaps: bool = True,
+        raw: bool = True,
+    ) -> list[Path]:
+        """Write overlays, heatmaps, raw arrays and ``manifest.json`` under ``directory``.
+
+        Layout: ``<image>/<method>__<layer>__<target>.overlay.png`` (the map over the preprocessed image),
+        ``.heatmap.png`` (the coloured map), ``.raw.npy`` (the signed layer-resolution map, float32), and one
+        ``manifest.json`` listing every file with its method, variant, layer, target, score and degenerate
+        flag, plus the model, weights source, preprocessing and library versions.
+
+        Returns:
+            Every written path, the manifest last.
+        """
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        entries: list[dict[str, Any]] = []
+        top = self.top_k(5)
+        for exp in self._items:
+            images = exp.images.cpu().numpy() if exp.images is not None else None
+            maps = exp.maps.detach().float().cpu().numpy()
+            raws = exp.raw.detach().float().cpu().numpy()
+            for b in range(exp.batch_size):
+                image_name = exp.image_names[b] if b < len(exp.image_names) else f"image{b:04d}"
+                folder = root / _slug(image_name)
+                for t in range(exp.num_targets):
+                    label = exp.class_label(b, t)
+                    stem = f"{_slug(exp.method)}__{_slug(exp.layer)}__{_slug(label)}"
+                    files: dict[str, str] = {}
+                    if images is not None:
+                        path = save_png(folder / f"{stem}.overlay.png", overlay(images[b], maps[b, t], alpha=alpha, cmap=cmap))
+                        files["overlay"] = path.relative_to(root).as_posix()
+                        written.append(path)
+                    if heatmaps:
+                        path = save_png(folder / f"{stem}.heatmap.png", colorize(maps[b, t], cmap))
+                        files["heatmap"] = path.relative_to(root).as_posix()
+                        written.append(path)
+                    if raw:
+                        path = folder / f"{stem}.raw.npy"
+                        folder.mkdir(parents=True, exist_ok=True)
+                        np.save(path, raws[b, t].astype(np.float32))
+                        files["raw"] = path.relative_to(root).as_posix()
+                        written.append(path)
+                    entries.append(
+                        {
+                            "image": image_name,
+                            "image_index": b,
+                            "method": exp.method,
+                            "title": exp.title,
+                            "variant": exp.variant,
+                            "layer": exp.layer,
+                            "target": label,
+                            "target_class": int(exp.target_classes[b, t]),
+                            "target_name": exp.target_names[t],
+                            "score": float(exp.scores[b, t]),
+                            "degenerate": bool(exp.degenerate[b, t]),
+                            "raw_shape": list(raws.shape[2:]),
+                            "files": files,
+                        }
+                    )
+        manifest = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **self.manifest,
+            "versions": environment_versions(),
+            "predictions": [
+                [{"class": i, "name": n, "probability": p} for i, n, p in row] for row in top
+            ],
+            "results": entries,
+        }
+        path = root / "manifest.json"
+        path.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        written.append(path)
+        return written

@@ -1,0 +1,56 @@
+"""Pixel-level rendering helpers: colour maps, overlays and PNG writing (numpy, PIL, matplotlib).
+
+This module is a leaf: it imports nothing from cnnlens, so both the core's file writing and the viz/report
+layers can use it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+
+__all__ = ["colorize", "overlay", "save_png", "to_uint8"]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Convert a float image in [0, 1] (H, W[, C]) to uint8 (values outside are clipped)."""
+    if image.dtype == np.uint8:
+        return image
+    return (np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def colorize(map01: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """Colour a map in [0, 1] (H, W) with a matplotlib colour map; returns uint8 (H, W, 3).
+
+    Example:
+        >>> colorize(np.zeros((2, 2)), "gray")[0, 0].tolist()
+        [0, 0, 0]
+    """
+    rgba = colormaps[cmap](np.clip(np.asarray(map01, dtype=np.float64), 0.0, 1.0))
+    return to_uint8(rgba[..., :3])
+
+
+def overlay(image: np.ndarray, map01: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Blend a coloured map over an RGB uint8 image of the same height and width.
+
+    Formula: ``out = (1 - alpha) * image + alpha * colorize(map)``.
+    """
+    if image.shape[:2] != map01.shape[:2]:
+        raise ValueError(
+            f"overlay needs the image and the map at the same size, got {image.shape[:2]} and {map01.shape[:2]}."
+        )
+    heat = colorize(map01, cmap).astype(np.float32)
+    base = image[..., :3].astype(np.float32)
+    return np.clip((1.0 - alpha) * base + alpha * heat + 0.5, 0, 255).astype(np.uint8)
+
+
+def save_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG, creating parent folders; returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(array)).save(out, format="PNG")
+    return out

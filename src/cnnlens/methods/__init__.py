@@ -1,0 +1,27 @@
+"""Explanation methods: pure functions of a capture, registered by id.
+
+Importing this package registers every built-in method.
+"""
+
+from cnnlens.methods import cam as cam
+from cnnlens.methods.cam import CnnlensWarning
+from cnnlens.methods.registry import (
+    LayerView,
+    MethodSpec,
+    get_method,
+    iter_methods,
+    method_ids,
+    register,
+    resolve_methods,
+)
+
+__all__ = [
+    "CnnlensWarning",
+    "LayerView",
+    "MethodSpec",
+    "get_method",
+    "iter_methods",
+    "method_ids",
+    "register",
+    "resolve_methods",
+]

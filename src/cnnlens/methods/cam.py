@@ -1,0 +1,144 @@
+"""Class-activation-map methods that weight a layer's channels by its gradients.
+
+Each method returns the raw, signed map ``sum_k w_k A_k`` at layer resolution; the ReLU (CAM convention),
+upsampling and normalisation are applied afterwards by :func:`cnnlens.explain.explain`, so the raw map is
+always available. Weights are computed in float64 (float32 on MPS) whatever the model's dtype, so float16
+and bfloat16 models do not underflow.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from cnnlens.errors import MethodError
+from cnnlens.maps import precise_dtype
+from cnnlens.methods.registry import LayerView, register
+
+__all__ = ["CnnlensWarning", "gradcam", "gradcampp", "weighted_sum"]
+
+
+class CnnlensWarning(UserWarning):
+    """A result is computed but may be misleading (e.g. Grad-CAM++ on signed activations)."""
+
+
+def _check_feature_map(view: LayerView, method: str) -> None:
+    if view.activation.ndim != 4:
+        raise MethodError(
+            f"{method} needs a (B, C, H, W) feature map, but layer {view.layer!r} outputs shape "
+            f"{tuple(view.activation.shape)}; target a convolutional layer or block."
+        )
+
+
+def weighted_sum(weights: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_k A_k``: channel weights ``(B, C)`` times activations ``(B, C, h, w)`` -> ``(B, h, w)``."""
+    return torch.einsum("bc,bchw->bhw", weights, activation.to(weights.dtype))
+
+
+@register(
+    "gradcam",
+    title="Grad-CAM",
+    needs={"activations", "gradients"},
+    paper="Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
+    "Localization, ICCV 2017 (arXiv:1610.02391)",
+    formula="w_k = mean_ij dS/dA_k,ij ;  L = ReLU(sum_k w_k A_k)",
+    summary="Channels weighted by their spatially averaged gradient.",
+)
+def gradcam(view: LayerView) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., ICCV 2017).
+
+    Formula: ``w_k = (1/Z) sum_ij dS/dA_k,ij`` and ``L = ReLU(sum_k w_k A_k)`` with ``Z = h*w``. This function
+    returns the signed ``sum_k w_k A_k``; the ReLU is applied when the map is rendered (``relu=False`` keeps
+    the sign). With a GAP + linear head, the raw map equals ``CAM / Z`` exactly.
+
+    Args:
+        view: The captured activation and gradient of one layer for one target.
+
+    Returns:
+        ``(B, h, w)`` raw map in float64 (float32 on MPS).
+
+    Example:
+        >>> import torch
+        >>> from cnnlens.methods.registry import LayerView
+        >>> a = torch.ones(1, 1, 2, 2); g = torch.full((1, 1, 2, 2), 0.5)
+        >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        >>> gradcam(v).tolist()
+        [[[0.5, 0.5], [0.5, 0.5]]]
+    """
+    _check_feature_map(view, "gradcam")
+    grad = view.require_gradient("gradcam")
+    dtype = precise_dtype(grad)
+    weights = grad.to(dtype).mean(dim=(2, 3))
+    return weighted_sum(weights, view.activation)
+
+
+@register(
+    "gradcampp",
+    title="Grad-CAM++",
+    needs={"activations", "gradients"},
+    defaults={"alpha_normalize": False},
+    paper="Chattopadhay et al., Grad-CAM++: Generalized Gradient-based Visual Explanations for Deep "
+    "Convolutional Networks, WACV 2018 (arXiv:1710.11063)",
+    formula="alpha = g^2 / (2 g^2 + sum_ab(A_k) g^3) ;  w_k = sum_ij alpha_ij relu(g_ij) ;  "
+    "L = ReLU(sum_k w_k A_k)",
+    summary="Grad-CAM with per-pixel weights (closed form under the exponential-output assumption).",
+)
+def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
+    """Grad-CAM++ in closed form (Chattopadhay et al., WACV 2018).
+
+    With the score taken as ``Y = exp(S)`` (S the logit) and a piecewise-linear network, the paper's second
+    and third derivatives reduce to powers of the first, ``g = dS/dA``:
+
+    ``alpha_ij = g_ij^2 / (2 g_ij^2 + sum_ab(A_ab) g_ij^3)``, ``alpha = 0`` where ``g = 0`` or the
+    denominator vanishes, and ``w_k = sum_ij alpha_ij relu(g_ij)``. The common factor ``exp(S)`` cancels and is
+    never computed (it overflows). No epsilon is added to the denominator (pytorch-grad-cam adds 1e-6,
+    which biases alpha when ``|g|`` is below about 1e-3).
+
+    Variant ``alpha_normalize=True`` reproduces the authors' TF code: alpha is divided, per channel, by its
+    sum over the positions where ``g > 0`` (a step not in the paper's equations). The default ``False`` is the
+    paper's formula (also pytorch-grad-cam's). The two differ by a per-channel factor.
+
+    Signed activations (``min A < 0``) move the pole of alpha at ``g = -2 / sum(A)`` onto positive
+    gradients and can explode the weights: a :class:`CnnlensWarning` is raised; prefer post-ReLU layers.
+
+    Args:
+        view: The captured activation and gradient of one layer for one target.
+        alpha_normalize: Use the authors' per-channel alpha renormalisation.
+
+    Returns:
+        ``(B, h, w)`` raw map in float64 (float32 on MPS).
+
+    Example:
+        >>> import torch
+        >>> from cnnlens.methods.registry import LayerView
+        >>> a = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]]); g = torch.full((1, 1, 2, 2), 1.0)
+        >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        >>> gradcampp(v).tolist()  # alpha = 1 / (2 + 2) per pixel, w = 4 * 0.25 = 1
+        [[[1.0, 0.0], [0.0, 1.0]]]
+    """
+    _check_feature_map(view, "gradcampp")
+    grad = view.require_gradient("gradcampp")
+    dtype = precise_dtype(grad)
+    g = grad.to(dtype)
+    act = view.activation.to(dtype)
+    if bool((act < 0).any()):
+        warnings.warn(
+            f"Grad-CAM++ on layer {view.layer!r} whose activations take negative values: alpha has a pole "
+            "at g = -2/sum(A), which then falls on positive gradients and can blow up the weights. Prefer a "
+            "post-ReLU layer (e.g. the block output after its activation).",
+            CnnlensWarning,
+            stacklevel=3,
+        )
+    g2 = g * g
+    g3 = g2 * g
+    sum_a = act.sum(dim=(2, 3), keepdim=True)
+    denom = 2 * g2 + sum_a * g3
+    ok = (g != 0) & (denom.abs() > torch.finfo(dtype).tiny)
+    alpha = torch.where(ok, g2 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(g))
+    positive = torch.relu(g)
+    if alpha_normalize:
+        norm = (alpha * (g > 0)).sum(dim=(2, 3), keepdim=True)
+        alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
+    weights = (alpha * positive).sum(dim=(2, 3))
+    return weighted_sum(weights, act)
