@@ -34,7 +34,7 @@ from cnnlens.errors import InputShapeError, LayerError, LayerNotFoundError, Targ
 from cnnlens.outputs import OutputSelector, to_logits
 from cnnlens.targets import Target, TargetSpec, resolve_targets
 
-__all__ = ["Capture", "LayerRef", "Recording", "capture", "record", "resolve_layer"]
+__all__ = ["Capture", "LayerInfo", "LayerRef", "Recording", "capture", "probe_layers", "record", "resolve_layer"]
 
 LayerSpec = str | nn.Module
 
@@ -448,3 +448,96 @@ def iter_layer_names(model: nn.Module) -> Iterator[str]:
     for name, _ in model.named_modules():
         if name:
             yield name
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A module's output as seen in one probe forward.
+
+    Attributes:
+        name: Dotted module name.
+        type: The module's class name.
+        shape: Output shape without the batch dimension, or None when the output is not a tensor.
+        stride: Input height divided by output height for 4-D outputs, else None.
+        calls: How many times the module ran in the forward.
+        params: Number of parameters owned directly by the module (not its children).
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...] | None
+    stride: int | None
+    calls: int
+    params: int
+
+
+def probe_layers(model: nn.Module, input_size: tuple[int, int, int] | Sequence[int], *, device: str | None = None) -> list[LayerInfo]:
+    """Run one forward on a zero image and list every module's output shape and stride, in execution order.
+
+    Uses temporary forward hooks removed in ``finally``; the model's training flags are restored.
+
+    Args:
+        model: The network.
+        input_size: ``(C, H, W)`` of one input image.
+        device: Where to run; default: the model's parameters' device.
+
+    Returns:
+        One :class:`LayerInfo` per module that ran (modules that did not run come last, with ``calls=0``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU())
+        >>> [(i.name, i.shape, i.stride) for i in probe_layers(net, (3, 8, 8))]
+        [('0', (4, 4, 4), 2), ('1', (4, 4, 4), 2)]
+    """
+    size = tuple(int(v) for v in input_size)
+    if len(size) != 3:
+        raise InputShapeError(f"input_size is (C, H, W) of one image, got {size}.")
+    param = next(model.parameters(), None)
+    dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    names = {m: n for n, m in model.named_modules() if n}
+    seen: dict[str, tuple[tuple[int, ...] | None, int]] = {}
+    order: list[str] = []
+    handles = []
+    training = {m: m.training for m in model.modules()}
+
+    def make(name: str) -> Any:
+        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+            shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+            if name in seen:
+                prev_shape, calls = seen[name]
+                seen[name] = (prev_shape, calls + 1)
+            else:
+                seen[name] = (shape, 1)
+                order.append(name)
+
+        return hook
+
+    try:
+        model.eval()
+        for module, name in names.items():
+            handles.append(module.register_forward_hook(make(name)))
+        with torch.inference_mode():
+            model(torch.zeros((1, *size), device=dev, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training.items():
+            module.training = flag
+    infos = []
+    by_name = dict(model.named_modules())
+    for name in order + [n for n in names.values() if n not in seen]:
+        shape, calls = seen.get(name, (None, 0))
+        stride = size[1] // shape[1] if shape is not None and len(shape) == 3 and shape[1] > 0 else None
+        module = by_name[name]
+        infos.append(
+            LayerInfo(
+                name=name,
+                type=type(module).__name__,
+                shape=shape,
+                stride=stride,
+                calls=calls,
+                params=sum(p.numel() for p in module.parameters(recurse=False)),
+            )
+        )
+    return infos

@@ -25,7 +25,7 @@ import torch
 
 from cnnlens.imaging import colorize, overlay, save_png
 
-__all__ = ["Explanation", "ExplanationSet", "environment_versions"]
+__all__ = ["Explanation", "ExplanationSet", "environment_versions", "write_manifest"]
 
 
 def environment_versions() -> dict[str, str]:
@@ -197,7 +197,7 @@ class ExplanationSet(Sequence[Explanation]):
             for vals, idxs in zip(values, indices, strict=True)
         ]
 
-    def save(
+    def write_files(
         self,
         directory: str | os.PathLike[str],
         *,
@@ -205,22 +205,18 @@ class ExplanationSet(Sequence[Explanation]):
         alpha: float = 0.5,
         heatmaps: bool = True,
         raw: bool = True,
-    ) -> list[Path]:
-        """Write overlays, heatmaps, raw arrays and ``manifest.json`` under ``directory``.
+    ) -> tuple[list[Path], list[dict[str, Any]]]:
+        """Write the per-map files under ``directory``; return the paths and one manifest entry per map.
 
         Layout: ``<image>/<method>__<layer>__<target>.overlay.png`` (the map over the preprocessed image),
-        ``.heatmap.png`` (the coloured map), ``.raw.npy`` (the signed layer-resolution map, float32), and one
-        ``manifest.json`` listing every file with its method, variant, layer, target, score and degenerate
-        flag, plus the model, weights source, preprocessing and library versions.
-
-        Returns:
-            Every written path, the manifest last.
+        ``.heatmap.png`` (the coloured map) and ``.raw.npy`` (the signed layer-resolution map, float32).
+        Every PNG carries the model and weights source as text metadata.
         """
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         entries: list[dict[str, Any]] = []
-        top = self.top_k(5)
+        png_text = _png_text(self.manifest)
         for exp in self._items:
             images = exp.images.cpu().numpy() if exp.images is not None else None
             maps = exp.maps.detach().float().cpu().numpy()
@@ -228,21 +224,22 @@ class ExplanationSet(Sequence[Explanation]):
             for b in range(exp.batch_size):
                 image_name = exp.image_names[b] if b < len(exp.image_names) else f"image{b:04d}"
                 folder = root / _slug(image_name)
+                folder.mkdir(parents=True, exist_ok=True)
                 for t in range(exp.num_targets):
                     label = exp.class_label(b, t)
                     stem = f"{_slug(exp.method)}__{_slug(exp.layer)}__{_slug(label)}"
                     files: dict[str, str] = {}
+                    pictures: dict[str, np.ndarray] = {}
                     if images is not None:
-                        path = save_png(folder / f"{stem}.overlay.png", overlay(images[b], maps[b, t], alpha=alpha, cmap=cmap))
-                        files["overlay"] = path.relative_to(root).as_posix()
-                        written.append(path)
+                        pictures["overlay"] = overlay(images[b], maps[b, t], alpha=alpha, cmap=cmap)
                     if heatmaps:
-                        path = save_png(folder / f"{stem}.heatmap.png", colorize(maps[b, t], cmap))
-                        files["heatmap"] = path.relative_to(root).as_posix()
+                        pictures["heatmap"] = colorize(maps[b, t], cmap)
+                    for kind, picture in pictures.items():
+                        path = save_png(folder / f"{stem}.{kind}.png", picture, text=png_text)
+                        files[kind] = path.relative_to(root).as_posix()
                         written.append(path)
                     if raw:
                         path = folder / f"{stem}.raw.npy"
-                        folder.mkdir(parents=True, exist_ok=True)
                         np.save(path, raws[b, t].astype(np.float32))
                         files["raw"] = path.relative_to(root).as_posix()
                         written.append(path)
@@ -263,16 +260,71 @@ class ExplanationSet(Sequence[Explanation]):
                             "files": files,
                         }
                     )
-        manifest = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **self.manifest,
-            "versions": environment_versions(),
-            "predictions": [
-                [{"class": i, "name": n, "probability": p} for i, n, p in row] for row in top
-            ],
-            "results": entries,
-        }
-        path = root / "manifest.json"
-        path.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-        written.append(path)
+        return written, entries
+
+    def predictions(self, k: int = 5) -> list[dict[str, Any]]:
+        """Per image: its name and top-k predictions, JSON-serialisable."""
+        names = self._items[0].image_names if self._items else []
+        return [
+            {
+                "image": names[b] if b < len(names) else f"image{b:04d}",
+                "top": [{"class": i, "name": n, "probability": p} for i, n, p in row],
+            }
+            for b, row in enumerate(self.top_k(k))
+        ]
+
+    def save(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        cmap: str = "jet",
+        alpha: float = 0.5,
+        heatmaps: bool = True,
+        raw: bool = True,
+    ) -> list[Path]:
+        """Write overlays, heatmaps, raw arrays (see :meth:`write_files`) and ``manifest.json``.
+
+        The manifest lists every file with its method, variant, layer, target, score and degenerate flag,
+        plus the model, weights source, preprocessing, predictions and library versions.
+
+        Returns:
+            Every written path, the manifest last.
+        """
+        written, entries = self.write_files(directory, cmap=cmap, alpha=alpha, heatmaps=heatmaps, raw=raw)
+        written.append(write_manifest(directory, entries, self.manifest, predictions=self.predictions()))
         return written
+
+
+def _png_text(manifest: Mapping[str, Any]) -> dict[str, str]:
+    model = manifest.get("model", {})
+    text = {"Software": "cnnlens"}
+    if isinstance(model, Mapping):
+        text["cnnlens:model"] = str(model.get("name", model.get("class", "")))
+        if "weights_source" in model:
+            text["cnnlens:weights"] = str(model["weights_source"])
+        if model.get("random_weights"):
+            text["cnnlens:warning"] = "RANDOM WEIGHTS: not a trained model"
+    return text
+
+
+def write_manifest(
+    directory: str | os.PathLike[str],
+    entries: Sequence[Mapping[str, Any]],
+    manifest: Mapping[str, Any],
+    *,
+    predictions: Sequence[Mapping[str, Any]] = (),
+    failures: Sequence[Mapping[str, Any]] = (),
+) -> Path:
+    """Write ``manifest.json``: provenance, versions, predictions, every result entry and any failures."""
+    doc = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **manifest,
+        "versions": environment_versions(),
+        "predictions": list(predictions),
+        "results": list(entries),
+        "failures": list(failures),
+    }
+    path = Path(directory) / "manifest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    return path

@@ -7,11 +7,13 @@ layers can use it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 __all__ = ["colorize", "overlay", "save_png", "to_uint8"]
 
@@ -48,9 +50,12 @@ def overlay(image: np.ndarray, map01: np.ndarray, *, alpha: float = 0.5, cmap: s
     return np.clip((1.0 - alpha) * base + alpha * heat + 0.5, 0, 255).astype(np.uint8)
 
 
-def save_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
-    """Write a uint8 (H, W) or (H, W, 3) array as PNG, creating parent folders; returns the path."""
+def save_png(path: str | os.PathLike[str], array: np.ndarray, *, text: Mapping[str, str] | None = None) -> Path:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG with optional text metadata; returns the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(array)).save(out, format="PNG")
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    Image.fromarray(to_uint8(array)).save(out, format="PNG", pnginfo=info)
     return out
