@@ -25,16 +25,20 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from cnnlens.errors import InputShapeError, LayerError, LayerNotFoundError, TargetError
 from cnnlens.outputs import OutputSelector, to_logits
 from cnnlens.targets import Target, TargetSpec, resolve_targets
 
-__all__ = ["Capture", "LayerInfo", "LayerRef", "Recording", "capture", "probe_layers", "record", "resolve_layer"]
+__all__ = [
+    "ReluBackward",
+    "Capture", "LayerInfo", "LayerRef", "Recording", "capture", "probe_layers", "record", "resolve_layer"]
 
 LayerSpec = str | nn.Module
 
@@ -103,6 +107,70 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> LayerRef:
             "`cnnlens layers` or model.named_modules()."
         )
     return LayerRef(name, modules[name], call)
+
+
+ReluBackward = Literal["normal", "guided", "deconvnet"]
+"""How gradients cross ReLU/ReLU6 during a capture: autograd's own rule, guided backprop or deconvnet."""
+
+
+class _RectifierBackward(torch.autograd.Function):
+    """ReLU (or ReLU6 with ``upper``) whose backward is guided backprop's or deconvnet's rule."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, upper: float | None, mode: str) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.upper = upper
+        ctx.mode = mode
+        return x.clamp(0.0, upper) if upper is not None else x.clamp(min=0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        out = grad.clamp(min=0.0)  # both rules pass only positive gradients
+        if ctx.mode == "guided":  # ... and guided backprop also keeps the forward mask
+            mask = x > 0
+            if ctx.upper is not None:
+                mask &= x < ctx.upper
+            out = out * mask
+        return out, None, None
+
+
+_RELU_FUNCS = {
+    F.relu,
+    F.relu_,
+    torch.relu,
+    torch.relu_,
+    torch.Tensor.relu,
+    torch.Tensor.relu_,
+    torch.nn.functional.relu6,
+}
+
+
+class _RectifierOverride(TorchFunctionMode):
+    """Routes every ReLU and ReLU6 of a forward (modules, functional, in-place) through the chosen backward rule.
+
+    In-place calls return a new tensor instead of modifying their input; code that relies on the side effect
+    of a discarded ``x.relu_()`` result is not supported.
+    """
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.count = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _RELU_FUNCS:
+            self.count += 1
+            upper = 6.0 if func is torch.nn.functional.relu6 else None
+            return _RectifierBackward.apply(args[0], upper, self.mode)
+        if func is F.hardtanh:
+            lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+            hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            if lo == 0.0:  # ReLU6 and friends
+                self.count += 1
+                return _RectifierBackward.apply(args[0], float(hi), self.mode)
+        return func(*args, **kwargs)
 
 
 @dataclass
@@ -272,6 +340,7 @@ class Capture:
         top_k: int | None = None,
         gradients: bool = True,
         input_gradients: bool = False,
+        relu_backward: ReluBackward = "normal",
     ) -> Recording:
         """Run one forward and, if asked, one gradient pass per target, recording every layer.
 
@@ -281,6 +350,10 @@ class Capture:
             top_k: Explain the top-k classes of each sample instead of ``targets``.
             gradients: Compute gradients of the scores with respect to the recorded layers.
             input_gradients: Also compute gradients with respect to the input (for pixel attributions).
+            relu_backward: ``"guided"`` (guided backprop: only positive gradients through positive inputs)
+                or ``"deconvnet"`` (only positive gradients) replace the backward rule of every ReLU and
+                ReLU6 for this run (modules, functional and in-place calls alike); ``"normal"`` keeps
+                autograd's rule. Nothing of the override outlives the call.
 
         Returns:
             The :class:`Recording`.
@@ -304,9 +377,21 @@ class Capture:
         prev_grad = torch.is_grad_enabled()
         self._recording = True
         self._record_graph = gradients and need_grad
+        if relu_backward not in ("normal", "guided", "deconvnet"):
+            raise TargetError(f"relu_backward must be 'normal', 'guided' or 'deconvnet', got {relu_backward!r}.")
         try:
             torch.set_grad_enabled(input_gradients)
-            output = self.model(x)
+            if relu_backward == "normal":
+                output = self.model(x)
+            else:
+                override = _RectifierOverride(relu_backward)
+                with override:
+                    output = self.model(x)
+                if override.count == 0:
+                    raise LayerError(
+                        f"relu_backward={relu_backward!r} found no ReLU or ReLU6 in {type(self.model).__name__}'s "
+                        "forward; guided backprop and deconvnet are defined for rectifier networks only."
+                    )
             logits = to_logits(output, self.output_selector)
             if logits.shape[:1] != x.shape[:1]:
                 raise TargetError(
@@ -430,6 +515,7 @@ def record(
     top_k: int | None = None,
     gradients: bool = True,
     input_gradients: bool = False,
+    relu_backward: ReluBackward = "normal",
     output_selector: OutputSelector | None = None,
 ) -> Recording:
     """One-shot :func:`capture`: open, run once, close.
@@ -440,7 +526,14 @@ def record(
         torch.Size([1, 4, 6, 6])
     """
     with capture(model, layers, output_selector=output_selector) as cap:
-        return cap.run(inputs, targets, top_k=top_k, gradients=gradients, input_gradients=input_gradients)
+        return cap.run(
+            inputs,
+            targets,
+            top_k=top_k,
+            gradients=gradients,
+            input_gradients=input_gradients,
+            relu_backward=relu_backward,
+        )
 
 
 def iter_layer_names(model: nn.Module) -> Iterator[str]:

@@ -16,7 +16,16 @@ from cnnlens.errors import MethodError
 from cnnlens.maps import precise_dtype
 from cnnlens.methods.registry import LayerView, register
 
-__all__ = ["CnnlensWarning", "gradcam", "gradcampp", "weighted_sum"]
+__all__ = [
+    "CnnlensWarning",
+    "gradcam",
+    "gradcam_elementwise",
+    "gradcampp",
+    "hirescam",
+    "layercam",
+    "weighted_sum",
+    "xgradcam",
+]
 
 
 class CnnlensWarning(UserWarning):
@@ -142,3 +151,122 @@ def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
         alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
     weights = (alpha * positive).sum(dim=(2, 3))
     return weighted_sum(weights, act)
+
+
+@register(
+    "xgradcam",
+    title="XGrad-CAM",
+    needs={"activations", "gradients"},
+    paper="Fu et al., Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of CNNs, "
+    "BMVC 2020 (arXiv:2008.02312)",
+    formula="w_k = sum_xy (A_k,xy / sum_ab A_k,ab) dS/dA_k,xy ;  L = ReLU(sum_k w_k A_k)",
+    summary="Channel weights from the activation-weighted gradient (satisfies sensitivity and conservation).",
+)
+def xgradcam(view: LayerView) -> torch.Tensor:
+    """XGrad-CAM (Fu et al., BMVC 2020).
+
+    Formula: ``w_k = sum_xy (A_k,xy / sum_ab A_k,ab) * g_k,xy`` and ``L = ReLU(sum_k w_k A_k)``. A channel
+    whose activations sum to zero gets weight 0 (pytorch-grad-cam adds 1e-7 to the sum instead; the two
+    agree whenever the sum is not tiny).
+
+    Example:
+        >>> import torch
+        >>> from cnnlens.methods.registry import LayerView
+        >>> a = torch.tensor([[[[1.0, 3.0]]]]); g = torch.tensor([[[[2.0, 4.0]]]])
+        >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        >>> xgradcam(v).tolist()  # w = (1*2 + 3*4) / 4 = 3.5
+        [[[3.5, 10.5]]]
+    """
+    _check_feature_map(view, "xgradcam")
+    grad = view.require_gradient("xgradcam")
+    dtype = precise_dtype(grad)
+    act = view.activation.to(dtype)
+    total = act.sum(dim=(2, 3))
+    numer = (act * grad.to(dtype)).sum(dim=(2, 3))
+    weights = torch.where(total != 0, numer / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    return weighted_sum(weights, act)
+
+
+@register(
+    "hirescam",
+    title="HiResCAM",
+    needs={"activations", "gradients"},
+    paper="Draelos & Carin, Use HiResCAM instead of Grad-CAM for faithful explanations of convolutional "
+    "neural networks, arXiv:2011.08891",
+    formula="L = ReLU(sum_k g_k ⊙ A_k)",
+    summary="Element-wise gradient times activation summed over channels (no spatial averaging).",
+)
+def hirescam(view: LayerView) -> torch.Tensor:
+    """HiResCAM (Draelos & Carin, 2020).
+
+    Formula: ``L = ReLU(sum_k g_k ⊙ A_k)``. With a GAP + linear head it equals Grad-CAM; with a head without
+    global pooling only HiResCAM is guaranteed to show the locations the score used.
+
+    Example:
+        >>> import torch
+        >>> from cnnlens.methods.registry import LayerView
+        >>> a = torch.tensor([[[[1.0, 3.0]]]]); g = torch.tensor([[[[2.0, -4.0]]]])
+        >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        >>> hirescam(v).tolist()
+        [[[2.0, -12.0]]]
+    """
+    _check_feature_map(view, "hirescam")
+    grad = view.require_gradient("hirescam")
+    dtype = precise_dtype(grad)
+    return (grad.to(dtype) * view.activation.to(dtype)).sum(dim=1)
+
+
+@register(
+    "gradcam_elementwise",
+    title="Grad-CAM element-wise",
+    needs={"activations", "gradients"},
+    paper="pytorch-grad-cam's GradCAMElementWise (Gildenblat et al.), a HiResCAM variant with a per-element ReLU",
+    formula="L = sum_k ReLU(g_k ⊙ A_k)",
+    summary="HiResCAM with the ReLU applied to each channel's product before summing.",
+)
+def gradcam_elementwise(view: LayerView) -> torch.Tensor:
+    """Grad-CAM element-wise: ``L = sum_k ReLU(g_k ⊙ A_k)``.
+
+    The raw map is already non-negative (the ReLU is inside the sum); the outer ReLU is then a no-op.
+
+    Example:
+        >>> import torch
+        >>> from cnnlens.methods.registry import LayerView
+        >>> a = torch.tensor([[[[1.0, 3.0]], [[1.0, 1.0]]]]); g = torch.tensor([[[[2.0, -4.0]], [[1.0, 1.0]]]])
+        >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        >>> gradcam_elementwise(v).tolist()
+        [[[3.0, 1.0]]]
+    """
+    _check_feature_map(view, "gradcam_elementwise")
+    grad = view.require_gradient("gradcam_elementwise")
+    dtype = precise_dtype(grad)
+    return torch.relu(grad.to(dtype) * view.activation.to(dtype)).sum(dim=1)
+
+
+@register(
+    "layercam",
+    title="LayerCAM",
+    needs={"activations", "gradients"},
+    paper="Jiang et al., LayerCAM: Exploring Hierarchical Class Activation Maps for Localization, "
+    "IEEE TIP 2021",
+    formula="L = ReLU(sum_k ReLU(g_k) ⊙ A_k)",
+    summary="Activations weighted by their positive gradients, per position (works at shallow layers).",
+)
+def layercam(view: LayerView) -> torch.Tensor:
+    """LayerCAM (Jiang et al., TIP 2021).
+
+    Formula: ``L = ReLU(sum_k ReLU(g_k) ⊙ A_k)``. Normalisation is per sample in cnnlens; the authors' code
+    normalises over the whole batch tensor, which makes a map depend on the other images of its batch.
+
+    Example:
+        >>> import torch
+        >>> from cnnlens.methods.registry import LayerView
+        >>> a = torch.tensor([[[[1.0, 3.0]]]]); g = torch.tensor([[[[2.0, -4.0]]]])
+        >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        >>> layercam(v).tolist()
+        [[[2.0, 0.0]]]
+    """
+    _check_feature_map(view, "layercam")
+    grad = view.require_gradient("layercam")
+    dtype = precise_dtype(grad)
+    return (torch.relu(grad.to(dtype)) * view.activation.to(dtype)).sum(dim=1)
