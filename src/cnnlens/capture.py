@@ -34,11 +34,11 @@ from torch.overrides import TorchFunctionMode
 
 from cnnlens.errors import InputShapeError, LayerError, LayerNotFoundError, TargetError
 from cnnlens.outputs import OutputSelector, to_logits
-from cnnlens.targets import Target, TargetSpec, resolve_targets
+from cnnlens.targets import ClassTarget, FunctionTarget, Target, TargetSpec, resolve_targets
 
 __all__ = [
     "ReluBackward",
-    "Capture", "LayerInfo", "LayerRef", "Recording", "capture", "probe_layers", "record", "resolve_layer"]
+    "Capture", "LayerInfo", "LayerRef", "Probe", "Recording", "capture", "probe_layers", "record", "resolve_layer"]
 
 LayerSpec = str | nn.Module
 
@@ -199,6 +199,7 @@ class Recording:
     scores: torch.Tensor | None = None
     target_classes: torch.Tensor | None = None
     target_names: list[str] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
 
     @property
     def num_targets(self) -> int:
@@ -425,6 +426,7 @@ class Capture:
                 scores=torch.stack([s.detach() for s in score_list], dim=1),
                 target_classes=torch.stack(classes, dim=1),
                 target_names=[t.name for t in target_list],
+                targets=list(target_list),
             )
         finally:
             torch.set_grad_enabled(prev_grad)
@@ -461,6 +463,93 @@ class Capture:
             raise LayerError(
                 f"layer {key!r} ran {n} times in one forward (a shared module); name the call you want: {options}."
             )
+
+
+class Probe:
+    """Extra passes for methods that need more than the recorded forward and backward.
+
+    A probe belongs to one active :class:`Capture` and one :class:`Recording`. Its targets are *fixed*: a
+    class target explains, on any new input (noisy copies, interpolation steps, masked images), the class
+    that was explained on the original input, never a re-ranked one. Results of gradient passes are cached
+    per (rule, target), so guided backprop and guided Grad-CAM requested together cost one extra pass.
+    """
+
+    def __init__(self, cap: Capture, recording: Recording, targets: Sequence[Target]) -> None:
+        self.cap = cap
+        self.recording = recording
+        self.targets = [_fix_target(t, recording, i) for i, t in enumerate(targets)]
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of ``inputs`` (no graph, eval mode, hooks silent)."""
+        return self.cap.forward(inputs)
+
+    def scores(self, logits: torch.Tensor, t: int, sample_index: torch.Tensor) -> torch.Tensor:
+        """Score of target ``t`` for rows of ``logits`` that are variants of samples ``sample_index``.
+
+        Args:
+            logits: ``(N, K)`` logits of N perturbed inputs.
+            t: Which target.
+            sample_index: ``(N,)`` the original sample each row derives from.
+
+        Returns:
+            ``(N,)`` scores, each of the class explained for its original sample.
+        """
+        target = self.targets[t]
+        if isinstance(target, ClassTarget):
+            classes = torch.as_tensor(
+                target.classes if isinstance(target.classes, tuple) else [target.classes] * self.recording.inputs.shape[0],
+                device=logits.device,
+            )
+            return ClassTarget(tuple(int(c) for c in classes[sample_index].tolist()), target.score)(logits)
+        return target(logits)
+
+    def input_gradient(self, inputs: torch.Tensor, t: int, *, relu_backward: ReluBackward = "normal") -> torch.Tensor:
+        """d score_t / d input on new ``inputs`` (same batch layout as the recording), with the given ReLU rule."""
+        rec = self.cap.run(
+            inputs, [self.targets[t]], gradients=False, input_gradients=True, relu_backward=relu_backward
+        )
+        assert rec.input_gradients is not None  # requested above
+        return rec.input_gradients[0]
+
+    def cached_input_gradient(self, t: int, relu_backward: ReluBackward) -> torch.Tensor:
+        """:meth:`input_gradient` on the recorded input, computed once per (rule, target)."""
+        key = (relu_backward, t)
+        if key not in self._cache:
+            if relu_backward == "normal" and self.recording.input_gradients is not None:
+                self._cache[key] = self.recording.input_gradients[t]
+            else:
+                self._cache[key] = self.input_gradient(self.recording.inputs, t, relu_backward=relu_backward)
+        return self._cache[key]
+
+    def rerun(
+        self,
+        inputs: torch.Tensor,
+        *,
+        gradients: bool = True,
+        input_gradients: bool = False,
+        relu_backward: ReluBackward = "normal",
+    ) -> Recording:
+        """Re-run the capture on new ``inputs`` (same batch layout) with the fixed targets."""
+        return self.cap.run(
+            inputs,
+            list(self.targets),
+            gradients=gradients,
+            input_gradients=input_gradients,
+            relu_backward=relu_backward,
+        )
+
+
+def _fix_target(target: Target, recording: Recording, t: int) -> Target:
+    """Freeze a ranked target to the classes it picked on the recorded input."""
+    if isinstance(target, ClassTarget | FunctionTarget):
+        return target
+    assert recording.target_classes is not None  # set by Capture.run
+    classes = recording.target_classes[:, t]
+    score = getattr(target, "score", "logit")
+    if bool((classes < 0).any()):
+        return target
+    return ClassTarget(tuple(int(c) for c in classes.tolist()), score)
 
 
 def _is_target_list(targets: object) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlens.capture import LayerSpec, capture
+from cnnlens.capture import LayerSpec, Probe, capture
 from cnnlens.errors import InputShapeError, LayerNotFoundError
 from cnnlens.explanation import Explanation, ExplanationSet
 from cnnlens.maps import finite_or_zero, normalize, upsample
@@ -139,11 +139,13 @@ def explain(
         if image_names is not None and len(image_names) != batch:
             raise InputShapeError(f"got {len(image_names)} image names for a batch of {batch} images.")
         manifest: dict[str, Any] = {"model": loaded.manifest() if loaded else {"class": type(module).__name__}}
+        probe = Probe(cap, rec, rec.targets)
         results: list[Explanation] = []
         for spec in specs:
             variant = variants[spec.id]
             for layer in rec.layers:
                 per_target = []
+                extras: dict[str, list[torch.Tensor]] = {}
                 for t in range(rec.num_targets):
                     grad = rec.gradients.get(layer)
                     view = LayerView(
@@ -154,8 +156,13 @@ def explain(
                         input_gradient=None if rec.input_gradients is None else rec.input_gradients[t],
                         score=rec.scores[:, t],
                         target_class=rec.target_classes[:, t],
+                        target=t,
+                        probe=probe,
                     )
-                    per_target.append(spec.compute(view, variant))
+                    out = spec.compute(view, variant)
+                    per_target.append(out.raw)
+                    for key, value in out.extras.items():
+                        extras.setdefault(key, []).append(value.detach())
                 raw, bad = finite_or_zero(torch.stack(per_target, dim=1).to(raw_dtype))
                 shown = torch.relu(raw) if variant.get("relu", True) else raw
                 maps, degenerate = normalize(upsample(shown.double(), size))
@@ -175,6 +182,7 @@ def explain(
                         image_names=list(image_names) if image_names is not None else [],
                         class_names=names,
                         manifest=manifest,
+                        extras={k: torch.stack(v, dim=1) for k, v in extras.items()},
                     )
                 )
     return ExplanationSet(results, logits=rec.logits, manifest=manifest)

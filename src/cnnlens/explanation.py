@@ -64,6 +64,7 @@ class Explanation:
         image_names: One name per image (file stems), used for file names.
         class_names: Class names of the model, or None.
         manifest: Model, weights, preprocessing and versions (JSON-serialisable).
+        extras: Per-map diagnostics a method reported, name -> ``(B, T)`` (e.g. ``convergence_delta``).
     """
 
     method: str
@@ -80,6 +81,7 @@ class Explanation:
     image_names: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -113,6 +115,7 @@ class Explanation:
             "target_classes": self.target_classes.tolist(),
             "target_names": self.target_names,
             "scores": self.scores.double().tolist(),
+            "extras": {k: v.double().tolist() for k, v in self.extras.items()},
         }
 
     def save(self, directory: str | os.PathLike[str], **kwargs: Any) -> list[Path]:
@@ -257,6 +260,7 @@ class ExplanationSet(Sequence[Explanation]):
                             "score": float(exp.scores[b, t]),
                             "degenerate": bool(exp.degenerate[b, t]),
                             "raw_shape": list(raws.shape[2:]),
+                            **{k: float(v[b, t]) for k, v in exp.extras.items()},
                             "files": files,
                         }
                     )

@@ -13,10 +13,12 @@ from typing import Any, Literal
 
 import torch
 
+from cnnlens.capture import Probe
 from cnnlens.errors import MethodError, MethodNotFoundError
 
 __all__ = [
     "LayerView",
+    "MethodOutput",
     "MethodFn",
     "MethodSpec",
     "get_method",
@@ -26,7 +28,7 @@ __all__ = [
     "resolve_methods",
 ]
 
-Need = Literal["activations", "gradients", "input_gradients", "forward"]
+Need = Literal["activations", "gradients", "input_gradients", "probe"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class LayerView:
         input_gradient: ``(B, C, H, W)`` d score / d input, or None.
         score: ``(B,)`` the explained score.
         target_class: ``(B,)`` the explained class (``-1`` for custom targets).
+        target: Index of the explained target in the recording (for :class:`cnnlens.capture.Probe` calls).
+        probe: Extra forwards/backwards with the targets fixed (perturbation methods, guided backprop,
+            Integrated Gradients, smoothing); None when a method is called outside :func:`cnnlens.explain`.
     """
 
     layer: str
@@ -50,6 +55,14 @@ class LayerView:
     input_gradient: torch.Tensor | None
     score: torch.Tensor
     target_class: torch.Tensor
+    target: int = 0
+    probe: Probe | None = None
+
+    def require_probe(self, method: str) -> Probe:
+        """Return the probe or raise a clear error when the method runs outside a capture."""
+        if self.probe is None:
+            raise MethodError(f"{method} runs extra forward passes and needs a probe: call it through explain().")
+        return self.probe
 
     def require_gradient(self, method: str) -> torch.Tensor:
         """Return the gradient or raise a clear error when it was not captured."""
@@ -58,7 +71,21 @@ class LayerView:
         return self.gradient
 
 
-MethodFn = Callable[..., torch.Tensor]
+MethodFn = Callable[..., "torch.Tensor | MethodOutput"]
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    """What a method may return instead of a bare map: the raw map plus per-sample diagnostics.
+
+    Attributes:
+        raw: ``(B, h, w)`` raw signed map.
+        extras: Name -> ``(B,)`` per-sample values (e.g. Integrated Gradients' convergence delta, or a flag
+            that a denominator was near zero); they end up in ``Explanation.extras`` as ``(B, T)``.
+    """
+
+    raw: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,7 +95,8 @@ class MethodSpec:
     Attributes:
         id: Lowercase identifier (``gradcam``).
         title: Display name (``Grad-CAM``).
-        fn: ``fn(view: LayerView, **options) -> (B, h, w)`` raw signed map, before any ReLU.
+        fn: ``fn(view: LayerView, **options)`` -> ``(B, h, w)`` raw signed map, before any ReLU, or a
+            :class:`MethodOutput` carrying per-sample diagnostics too.
         needs: What the method needs from the capture.
         relu: Whether the displayed map is ``ReLU(raw)`` (CAM convention) or the raw map itself.
         defaults: Option names and default values; the variant of a result is these merged with the user's.
@@ -98,10 +126,11 @@ class MethodSpec:
             merged[key] = value
         return merged
 
-    def compute(self, view: LayerView, options: Mapping[str, Any]) -> torch.Tensor:
-        """Run the method on one layer view with the given (merged) options; returns ``(B, h, w)``."""
+    def compute(self, view: LayerView, options: Mapping[str, Any]) -> MethodOutput:
+        """Run the method on one layer view with the given (merged) options."""
         kwargs = {k: v for k, v in options.items() if k != "relu"}
-        return self.fn(view, **kwargs)
+        out = self.fn(view, **kwargs)
+        return out if isinstance(out, MethodOutput) else MethodOutput(out)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
