@@ -39,7 +39,7 @@ def test_gradcam_raw_in_float64_is_exact() -> None:
     from cnnlens.methods.registry import LayerView
 
     view = LayerView("body.4", rec.activations["body.4"], rec.gradients["body.4"][0], x, None, rec.scores[:, 0], rec.target_classes[:, 0])
-    raw = get_method("gradcam").compute(view, {})
+    raw = get_method("gradcam").compute(view, {}).raw
     acts = rec.activations["body.4"]
     cam = torch.einsum("c,bchw->bhw", net.fc.weight[1], acts) / acts[0, 0].numel()
     torch.testing.assert_close(raw, cam, rtol=1e-12, atol=1e-12)
