@@ -40,7 +40,9 @@ class VggStyle(nn.Module):
             nn.Conv2d(6, 8, 3, padding=1),
             nn.ReLU(inplace=inplace),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(inplace=inplace), nn.Linear(16, classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(inplace=inplace), nn.Linear(16, classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -130,6 +132,9 @@ def seeded(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) 
 
 def hook_count(model: nn.Module) -> int:
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", OrderedDict()))
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", OrderedDict()))
         for m in model.modules()
     )

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
+from tests.nets import Exploding, GapHead, Residual, VggStyle, Wrapped, hook_count, seeded
 from torch import nn
 
 import cnnlens
 from cnnlens.errors import LayerNotFoundError
 from cnnlens.methods import method_ids
-from tests.nets import Exploding, GapHead, Residual, VggStyle, Wrapped, hook_count, seeded
 
 METHODS = method_ids()
 
@@ -156,7 +156,9 @@ def test_several_targets_equal_separate_calls(method: str, batch: torch.Tensor) 
 def test_wrapped_outputs(method: str, kind: str, batch: torch.Tensor) -> None:
     inner = _net()
     ref = cnnlens.explain(inner, batch, methods=[method], layers=["body.4"])[method, "body.4"]
-    got = cnnlens.explain(Wrapped(inner, kind), batch, methods=[method], layers=["inner.body.4"])[method, "inner.body.4"]
+    got = cnnlens.explain(Wrapped(inner, kind), batch, methods=[method], layers=["inner.body.4"])[
+        method, "inner.body.4"
+    ]
     torch.testing.assert_close(got.raw, ref.raw)
 
 

@@ -195,9 +195,7 @@ def test_ycbcr(tmp_path: Path) -> None:
     np.testing.assert_allclose(out[0, 0].astype(int), [201, 62, 33], atol=1)
 
 
-@pytest.mark.parametrize(
-    ("mode", "suffix"), [("I;16", "png"), ("I;16", "tif"), ("I;16B", "tif"), ("I;16", "pgm")]
-)
+@pytest.mark.parametrize(("mode", "suffix"), [("I;16", "png"), ("I;16", "tif"), ("I;16B", "tif"), ("I;16", "pgm")])
 def test_sixteen_bit_uses_full_range(tmp_path: Path, mode: str, suffix: str) -> None:
     values = [0, 257, 32896, 65535]
     im = Image.new(mode, (4, 1))
@@ -264,9 +262,7 @@ def test_exif_orientation_6_rotates(tmp_path: Path, suffix: str) -> None:
     im = Image.fromarray(arr)
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    path = save(
-        im, tmp_path / f"rot.{suffix}", exif=exif.tobytes(), **({"quality": 95} if suffix == "jpg" else {})
-    )
+    path = save(im, tmp_path / f"rot.{suffix}", exif=exif.tobytes(), **({"quality": 95} if suffix == "jpg" else {}))
     out = load_image(path)
     assert out.shape == (40, 20, 3)  # dimensions swapped
     top_right = out[2, -3].astype(int)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.nets import GapHead, LinearOnMap, VggStyle, seeded
 from torch import nn
 
 import cnnlens
 from cnnlens.capture import record
 from cnnlens.maps import normalize, upsample
-from tests.nets import GapHead, LinearOnMap, VggStyle, seeded
 
 
 def test_gradcam_equals_cam_over_area_on_gap_linear_head() -> None:
@@ -38,7 +38,15 @@ def test_gradcam_raw_in_float64_is_exact() -> None:
     from cnnlens.methods import get_method
     from cnnlens.methods.registry import LayerView
 
-    view = LayerView("body.4", rec.activations["body.4"], rec.gradients["body.4"][0], x, None, rec.scores[:, 0], rec.target_classes[:, 0])
+    view = LayerView(
+        "body.4",
+        rec.activations["body.4"],
+        rec.gradients["body.4"][0],
+        x,
+        None,
+        rec.scores[:, 0],
+        rec.target_classes[:, 0],
+    )
     raw = get_method("gradcam").compute(view, {}).raw
     acts = rec.activations["body.4"]
     cam = torch.einsum("c,bchw->bhw", net.fc.weight[1], acts) / acts[0, 0].numel()
@@ -81,7 +89,9 @@ class SmoothHead(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.ReLU()
+        )
         self.head = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,11 +137,28 @@ def test_hand_computed_gradcampp_both_variants() -> None:
     # sum(A) = 10; alpha = 1 / (2 + 10 g): g=1 -> 1/12, g=-1 -> -1/8 (relu(g) = 0), g=0.5 -> 1/7, g=2 -> 1/22
     # w = 1/12 * 1 + 1/7 * 0.5 + 1/22 * 2 = 227/924
     w = 227 / 924
-    torch.testing.assert_close(res["gradcampp", "feat"].raw[0, 0].double(), w * torch.tensor(A, dtype=torch.float64), rtol=1e-7, atol=0)
-    res_n = cnnlens.explain(net, x, methods=["gradcampp"], layers=["feat"], targets=0, options={"gradcampp": {"alpha_normalize": True}})
+    torch.testing.assert_close(
+        res["gradcampp", "feat"].raw[0, 0].double(),
+        w * torch.tensor(A, dtype=torch.float64),
+        rtol=1e-7,
+        atol=0,
+    )
+    res_n = cnnlens.explain(
+        net,
+        x,
+        methods=["gradcampp"],
+        layers=["feat"],
+        targets=0,
+        options={"gradcampp": {"alpha_normalize": True}},
+    )
     # authors' variant: alpha / sum(alpha where g > 0) = alpha / (1/12 + 1/7 + 1/22) = alpha * 924/251
     w_n = 227 / 251
-    torch.testing.assert_close(res_n["gradcampp", "feat"].raw[0, 0].double(), w_n * torch.tensor(A, dtype=torch.float64), rtol=1e-7, atol=0)
+    torch.testing.assert_close(
+        res_n["gradcampp", "feat"].raw[0, 0].double(),
+        w_n * torch.tensor(A, dtype=torch.float64),
+        rtol=1e-7,
+        atol=0,
+    )
     assert res_n["gradcampp", "feat"].variant == {"alpha_normalize": True, "relu": True}
 
 

@@ -66,7 +66,9 @@ def test_resnet18_matches_pytorch_grad_cam(method: str, resnet18: tuple[torch.nn
     assert np.abs(mine - theirs).max() <= 1e-5
 
 
-def test_gradcampp_difference_at_real_scale_is_pgc_epsilon(resnet18: tuple[torch.nn.Module, torch.Tensor]) -> None:
+def test_gradcampp_difference_at_real_scale_is_pgc_epsilon(
+    resnet18: tuple[torch.nn.Module, torch.Tensor],
+) -> None:
     net, x = resnet18
     classes = [1, 7]
     with GradCAMPlusPlus(model=net, target_layers=[net.layer4]) as cam:

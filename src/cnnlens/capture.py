@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,22 @@ from torch.overrides import TorchFunctionMode
 
 from cnnlens.errors import InputShapeError, LayerError, LayerNotFoundError, TargetError
 from cnnlens.outputs import OutputSelector, to_logits
-from cnnlens.targets import ClassTarget, FunctionTarget, Target, TargetSpec, resolve_targets
+from cnnlens.targets import ClassTarget, FunctionTarget, Score, Target, TargetSpec, resolve_targets
 
 __all__ = [
+    "Capture",
+    "LayerInfo",
+    "LayerRef",
+    "Probe",
+    "Recording",
     "ReluBackward",
-    "Capture", "LayerInfo", "LayerRef", "Probe", "Recording", "capture", "probe_layers", "record", "resolve_layer"]
+    "capture",
+    "probe_layers",
+    "record",
+    "replay_path",
+    "replay_rows",
+    "resolve_layer",
+]
 
 LayerSpec = str | nn.Module
 
@@ -367,10 +378,8 @@ class Capture:
             raise LayerError("Capture.run() needs an active capture: use `with capture(model, layers) as cap:`.")
         need_grad = gradients or input_gradients
         if need_grad and torch.is_inference_mode_enabled():
-            raise TargetError(
-                "gradients cannot be computed inside torch.inference_mode(); call cnnlens outside it."
-            )
-        target_list = targets if _is_target_list(targets) else resolve_targets(targets, top_k=top_k)
+            raise TargetError("gradients cannot be computed inside torch.inference_mode(); call cnnlens outside it.")
+        target_list: list[Target] = targets if _is_target_list(targets) else resolve_targets(targets, top_k=top_k)
         x = self._prepare_input(inputs)
         if input_gradients:
             x = x.clone().requires_grad_(True)
@@ -446,13 +455,78 @@ class Capture:
         with torch.inference_mode():
             return to_logits(self.model(x), self.output_selector)
 
+    def replay(
+        self,
+        layer: LayerSpec,
+        activations: torch.Tensor,
+        sample_index: torch.Tensor | Sequence[int],
+        *,
+        inputs: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        batch_budget_mb: float | None = None,
+    ) -> torch.Tensor:
+        """Logits of the model when ``layer``'s output is replaced by ``activations``.
+
+        Row ``n`` of ``activations`` replaces the layer's output for original sample ``sample_index[n]`` of
+        ``inputs``. Where ``torch.fx`` can trace the model, only the part of the network after the layer is
+        re-executed (values it needs from before the layer, such as a residual identity, are computed once
+        from ``inputs`` and indexed by ``sample_index``); the traced tail is checked once against the real
+        logits and cached per layer in this capture. Otherwise every row runs a full forward of its original
+        input with a temporary forward hook that substitutes the row (removed in ``finally``). Rows run in
+        memory-bounded chunks (:mod:`cnnlens.batching`) under ``torch.inference_mode``. See
+        :func:`replay_rows` for rows built lazily, and the "Replay" section at the end of this module.
+
+        Args:
+            layer: The layer whose output is replaced (a name, ``name@k`` or module).
+            activations: ``(N, C, h, w)`` replacement outputs (the layer's output shape per sample).
+            sample_index: ``(N,)`` which original sample each row belongs to.
+            inputs: ``(B, ...)`` the original model inputs (e.g. ``Recording.inputs``).
+            logits: ``(B, K)`` the model's logits on ``inputs`` if known (used to verify the traced tail;
+                computed with one forward when omitted).
+            batch_budget_mb: Memory budget of one chunk in MiB (default: :mod:`cnnlens.batching`).
+
+        Returns:
+            ``(N, K)`` logits.
+
+        Raises:
+            LayerError: Outside an active capture, or when the rows do not fit the layer's output.
+
+        Example:
+            >>> net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+            >>> x = torch.randn(1, 3, 4, 4)
+            >>> with capture(net, "0") as cap:
+            ...     rec = cap.run(x, gradients=False)
+            ...     out = cap.replay("0", torch.zeros(2, 2, 4, 4), [0, 0], inputs=x)
+            >>> torch.allclose(out, net[3].bias.expand(2, 3))
+            True
+        """
+        if not isinstance(activations, torch.Tensor):
+            raise InputShapeError(f"activations must be a tensor (N, C, h, w), got {type(activations).__name__}.")
+        index = torch.as_tensor(sample_index, dtype=torch.long, device=activations.device).reshape(-1)
+        if index.shape[0] != activations.shape[0]:
+            raise InputShapeError(
+                f"got {activations.shape[0]} replacement rows but {index.shape[0]} sample indices; give one "
+                "original-sample index per row."
+            )
+
+        def make_rows(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return activations[start:stop], index[start:stop]
+
+        return replay_rows(
+            self,
+            layer,
+            int(activations.shape[0]),
+            make_rows,
+            inputs=inputs,
+            logits=logits,
+            batch_budget_mb=batch_budget_mb,
+        )
+
     def _check_layers_ran(self) -> None:
         missing = [ref.key for ref in self.refs if ref.key not in self._acts]
         if missing:
             calls = {ref.key: self._calls.get(ref.module, 0) for ref in self.refs if ref.key in missing}
-            detail = ", ".join(
-                f"{key!r} (ran {n} time{'s' if n != 1 else ''})" for key, n in calls.items()
-            )
+            detail = ", ".join(f"{key!r} (ran {n} time{'s' if n != 1 else ''})" for key, n in calls.items())
             raise LayerError(
                 f"layer(s) {detail} did not produce an output in this forward; choose layers on the path the "
                 "forward takes (e.g. not an unused auxiliary head), or a valid call index name@k."
@@ -498,14 +572,16 @@ class Probe:
         target = self.targets[t]
         if isinstance(target, ClassTarget):
             classes = torch.as_tensor(
-                target.classes if isinstance(target.classes, tuple) else [target.classes] * self.recording.inputs.shape[0],
+                target.classes
+                if isinstance(target.classes, tuple)
+                else [target.classes] * self.recording.inputs.shape[0],
                 device=logits.device,
             )
             return ClassTarget(tuple(int(c) for c in classes[sample_index].tolist()), target.score)(logits)
         return target(logits)
 
     def input_gradient(self, inputs: torch.Tensor, t: int, *, relu_backward: ReluBackward = "normal") -> torch.Tensor:
-        """d score_t / d input on new ``inputs`` (same batch layout as the recording), with the given ReLU rule."""
+        """D score_t / d input on new ``inputs`` (same batch layout as the recording), with the given ReLU rule."""
         rec = self.cap.run(
             inputs, [self.targets[t]], gradients=False, input_gradients=True, relu_backward=relu_backward
         )
@@ -539,6 +615,44 @@ class Probe:
             relu_backward=relu_backward,
         )
 
+    def replay_rows(
+        self,
+        layer: LayerSpec,
+        n_rows: int,
+        make_rows: RowSource,
+        *,
+        batch_budget_mb: float | None = None,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """Logits with ``layer``'s output replaced, for rows built lazily (see :func:`replay_rows`).
+
+        The original inputs and logits are the recording's, so only ``make_rows(start, stop) ->
+        (activations, sample_index)`` is needed; at most one chunk of rows exists at a time.
+        """
+        return replay_rows(
+            self.cap,
+            layer,
+            n_rows,
+            make_rows,
+            inputs=self.recording.inputs,
+            logits=self.recording.logits,
+            reference=self.recording.activations,
+            batch_budget_mb=batch_budget_mb,
+            chunk_size=chunk_size,
+        )
+
+    def memo(self, key: Hashable, compute: Callable[[], _T]) -> _T:
+        """``compute()`` once per ``key`` for the life of this probe (e.g. extra forwards shared by targets).
+
+        Perturbation methods keep their extra forwards here, so explaining the top-3 classes of an image costs
+        one set of masked or ablated forwards, not three.
+        """
+        store: dict[Hashable, Any] = self.__dict__.setdefault("_memo", {})
+        if key not in store:
+            store[key] = compute()
+        value: _T = store[key]
+        return value
+
 
 def _fix_target(target: Target, recording: Recording, t: int) -> Target:
     """Freeze a ranked target to the classes it picked on the recorded input."""
@@ -546,13 +660,13 @@ def _fix_target(target: Target, recording: Recording, t: int) -> Target:
         return target
     assert recording.target_classes is not None  # set by Capture.run
     classes = recording.target_classes[:, t]
-    score = getattr(target, "score", "logit")
+    score: Score = getattr(target, "score", "logit")
     if bool((classes < 0).any()):
         return target
     return ClassTarget(tuple(int(c) for c in classes.tolist()), score)
 
 
-def _is_target_list(targets: object) -> bool:
+def _is_target_list(targets: object) -> TypeGuard[list[Target]]:
     return isinstance(targets, list) and bool(targets) and all(isinstance(t, Target) for t in targets)
 
 
@@ -653,7 +767,9 @@ class LayerInfo:
     params: int
 
 
-def probe_layers(model: nn.Module, input_size: tuple[int, int, int] | Sequence[int], *, device: str | None = None) -> list[LayerInfo]:
+def probe_layers(
+    model: nn.Module, input_size: tuple[int, int, int] | Sequence[int], *, device: str | None = None
+) -> list[LayerInfo]:
     """Run one forward on a zero image and list every module's output shape and stride, in execution order.
 
     Uses temporary forward hooks removed in ``finally``; the model's training flags are restored.
@@ -723,3 +839,387 @@ def probe_layers(model: nn.Module, input_size: tuple[int, int, int] | Sequence[i
             )
         )
     return infos
+
+
+# =====================================================================================================
+# Replay: re-run the network after a layer with replaced activations (Ablation-CAM, faithfulness metrics).
+#
+# Owned by the perturbation-methods work. Two paths, chosen per (capture, layer) and cached in the
+# capture:
+#
+# * "fx": the model is traced with torch.fx (the target module kept as one leaf call); the graph is cut at
+#   the target's node. The *head* (everything up to the target, plus later nodes that do not depend on it
+#   when no in-place op makes moving them unsafe) runs once on the original inputs and yields the values
+#   the *tail* needs; the tail runs on the replacement rows, with those values indexed by sample_index.
+#   On first use for an input batch the tail is run on the unmodified activations and must reproduce the
+#   real logits (max abs diff <= 1e-4 * (1 + max |logit|) in float32/64, 1e-2 * (...) in half precision),
+#   otherwise the layer switches to the hook path for good.
+# * "hooks": full forwards of the original inputs indexed by sample_index, with a temporary forward hook
+#   on the layer that returns the replacement rows (removed in finally).
+# =====================================================================================================
+
+_T = TypeVar("_T")
+
+RowSource = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor]"]
+"""``make_rows(start, stop) -> (activations (n, C, h, w), sample_index (n,))`` for rows start..stop-1."""
+
+_INPLACE_FUNCTIONS = {
+    "iadd",
+    "isub",
+    "imul",
+    "itruediv",
+    "ifloordiv",
+    "imod",
+    "ipow",
+    "iand",
+    "ior",
+    "ixor",
+    "ilshift",
+    "irshift",
+    "imatmul",
+    "setitem",
+}
+
+
+@dataclass
+class _TailPlan:
+    """How one layer is replayed in one capture."""
+
+    kind: Literal["fx", "hooks"]
+    reason: str = ""
+    head: Any = None  # torch.fx.GraphModule: inputs -> (*saved, target value)
+    tail: Any = None  # torch.fx.GraphModule: (activation, *saved) -> model output
+    inputs: torch.Tensor | None = None  # the inputs the saved values belong to
+    saved: list[torch.Tensor] = field(default_factory=list)
+    per_row_bytes: int = 0
+    measured_for: torch.Tensor | None = None  # the inputs per_row_bytes was measured with
+
+
+class _LeafTracer:
+    """Builds an fx tracer that keeps one named module as a single call (imported lazily)."""
+
+    @staticmethod
+    def trace(model: nn.Module, leaf: str) -> Any:
+        import torch.fx
+
+        class Tracer(torch.fx.Tracer):
+            def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+                return module_qualified_name == leaf or super().is_leaf_module(m, module_qualified_name)
+
+        graph = Tracer().trace(model)
+        return torch.fx.GraphModule(model, graph)
+
+
+def _mutates(node: Any, modules: dict[str, nn.Module]) -> bool:
+    """Whether an fx node modifies its first argument in place."""
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return bool(
+            name in _INPLACE_FUNCTIONS
+            or node.kwargs.get("inplace", False)
+            or (name.endswith("_") and not name.startswith("_"))
+        )
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_")
+    if node.op == "call_module":
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    return False
+
+
+def _split_graph(gm: Any, ref: LayerRef) -> tuple[Any, Any, list[Any]] | str:
+    """Cut a traced model at ``ref``'s node: (head module, tail module, saved head nodes) or why not."""
+    import torch.fx
+
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    hits = [n for n in nodes if n.op == "call_module" and n.target == ref.name]
+    wanted = ref.call if ref.call is not None else 0
+    if not hits:
+        return f"the traced graph has no call of {ref.name!r} (it is inlined or inside a library leaf module)"
+    if (ref.call is None and len(hits) > 1) or wanted >= len(hits):
+        return f"{ref.name!r} is called {len(hits)} times in the traced graph"
+    target = hits[wanted]
+    pos = nodes.index(target)
+    before = nodes[: pos + 1]
+    after = [n for n in nodes[pos + 1 :] if n.op != "output"]
+    output = next(n for n in nodes if n.op == "output")
+    modules = dict(gm.named_modules())
+    depends = {target}
+    for node in after:
+        if any(a in depends for a in node.all_input_nodes):
+            depends.add(node)
+    movable = [n for n in after if n not in depends and n.op not in ("placeholder", "output")]
+    # Moving independent nodes into the head is unsafe when an in-place op mutates a value read on both
+    # sides of the cut (the order of the read and the write would change).
+    for node in after:
+        if _mutates(node, modules) and node.args and isinstance(node.args[0], torch.fx.Node):
+            readers = set(node.args[0].users) | {node}
+            sides = {r in depends for r in readers if r in after or r is target}
+            if len(sides) > 1:
+                movable = []
+                break
+    head_set = set(before) | set(movable)
+    tail_nodes = [n for n in after if n not in head_set]
+    needed: list[Any] = []
+    for node in [*tail_nodes, output]:
+        for arg in node.all_input_nodes:
+            if arg in head_set and arg is not target and arg not in needed:
+                needed.append(arg)
+    saved = [n for n in needed if n.op != "get_attr"]
+    consts = [n for n in needed if n.op == "get_attr"]
+
+    head = torch.fx.Graph()
+    env: dict[Any, Any] = {}
+    for node in nodes:
+        if node in head_set:
+            env[node] = head.node_copy(node, lambda a: env[a])
+    head.output((*[env[n] for n in saved], env[target]))
+
+    tail = torch.fx.Graph()
+    tenv: dict[Any, Any] = {target: tail.placeholder("replaced_activation")}
+    for i, node in enumerate(saved):
+        tenv[node] = tail.placeholder(f"saved_{i}")
+    for node in consts:
+        tenv[node] = tail.node_copy(node, lambda a: tenv[a])
+    for node in tail_nodes:
+        tenv[node] = tail.node_copy(node, lambda a: tenv[a])
+    tail.output(torch.fx.node.map_arg(output.args[0], lambda a: tenv[a]))
+    return torch.fx.GraphModule(gm, head), torch.fx.GraphModule(gm, tail), saved
+
+
+def _tolerance(reference: torch.Tensor) -> float:
+    scale = 1.0 + float(reference.detach().abs().max()) if reference.numel() else 1.0
+    return (1e-4 if reference.element_size() >= 4 else 1e-2) * scale
+
+
+class _Replayer:
+    """Per-capture replay state: one :class:`_TailPlan` per layer key."""
+
+    def __init__(self, cap: Capture) -> None:
+        self.cap = cap
+        self.plans: dict[str, _TailPlan] = {}
+
+    def plan(self, ref: LayerRef) -> _TailPlan:
+        plan = self.plans.get(ref.key)
+        if plan is None:
+            plan = self._trace(ref)
+            self.plans[ref.key] = plan
+        return plan
+
+    def _trace(self, ref: LayerRef) -> _TailPlan:
+        try:
+            gm = _LeafTracer.trace(self.cap.model, ref.name)
+            split = _split_graph(gm, ref)
+        except Exception as exc:  # any tracing failure means: use the hook path (reason kept)
+            return _TailPlan("hooks", reason=f"torch.fx could not trace the model: {type(exc).__name__}: {exc}")
+        if isinstance(split, str):
+            return _TailPlan("hooks", reason=split)
+        head, tail, _saved = split
+        return _TailPlan("fx", head=head, tail=tail)
+
+    def _fallback(self, plan: _TailPlan, reason: str) -> None:
+        import logging
+
+        logging.getLogger(__name__).debug("replay falls back to full forwards: %s", reason)
+        plan.kind, plan.reason, plan.head, plan.tail, plan.saved = "hooks", reason, None, None, []
+        plan.inputs, plan.per_row_bytes, plan.measured_for = None, 0, None
+
+    def prepare(
+        self,
+        ref: LayerRef,
+        inputs: torch.Tensor,
+        logits: torch.Tensor | None,
+        reference: torch.Tensor | None,
+        example: tuple[torch.Tensor, torch.Tensor],
+    ) -> _TailPlan:
+        """Compute the saved head values for ``inputs`` (once), check the tail, measure one row's footprint."""
+        from cnnlens.batching import measure_peak_bytes
+
+        plan = self.plan(ref)
+        device = inputs.device
+        row, row_index = example
+        if plan.kind == "fx" and plan.inputs is not inputs:
+            problem = self._check_tail(plan, inputs, logits, reference)
+            if problem:
+                self._fallback(plan, problem)
+            else:
+                plan.inputs = inputs
+        if plan.measured_for is not inputs:
+            run = lambda: self.run(ref, plan, inputs, row, row_index)  # noqa: E731
+            with torch.inference_mode():
+                try:
+                    peak = measure_peak_bytes(run, device)
+                except Exception as exc:
+                    if plan.kind != "fx":
+                        raise
+                    self._fallback(plan, f"the traced tail failed on a replacement row: {type(exc).__name__}: {exc}")
+                    peak = measure_peak_bytes(run, device)
+            extra = sum(v[:1].nelement() * v.element_size() for v in plan.saved)
+            if plan.kind == "hooks":
+                extra += inputs[:1].nelement() * inputs.element_size()
+            plan.per_row_bytes = max(1, peak + 2 * row[:1].nelement() * row.element_size() + extra)
+            plan.measured_for = inputs
+        return plan
+
+    def _check_tail(
+        self, plan: _TailPlan, inputs: torch.Tensor, logits: torch.Tensor | None, reference: torch.Tensor | None
+    ) -> str:
+        """Run the head on ``inputs`` and check the tail on the unmodified activations; '' when all is well."""
+        try:
+            with torch.inference_mode():
+                out = plan.head(inputs)
+            values = list(out) if isinstance(out, tuple) else [out]
+            saved, head_act = values[:-1], values[-1]
+            batch = int(inputs.shape[0])
+            if not all(isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch for v in saved):
+                return "the tail needs values from before the layer that are not per-sample tensors"
+            if not isinstance(head_act, torch.Tensor):
+                return "the traced layer output is not a tensor"
+            if reference is not None and (
+                reference.shape != head_act.shape or float((reference - head_act).abs().max()) > _tolerance(reference)
+            ):
+                return "the traced head does not reproduce the recorded activation"
+            real = logits if logits is not None else self.cap.forward(inputs)
+            idx = torch.arange(batch, device=inputs.device)
+            with torch.inference_mode():
+                got = to_logits(
+                    plan.tail(head_act.clone(), *[v.index_select(0, idx) for v in saved]), self.cap.output_selector
+                )
+            if got.shape != real.shape or float((got - real).abs().max()) > _tolerance(real):
+                return "the traced tail does not reproduce the model's logits"
+        except Exception as exc:  # a traced graph that cannot run here: use the hook path (reason kept)
+            return f"the traced graph failed to run: {type(exc).__name__}: {exc}"
+        plan.saved = saved
+        return ""
+
+    def hooked(self, ref: LayerRef, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Full forward of ``x`` with ``ref``'s output replaced by ``rows`` (hook removed in finally)."""
+        state = {"call": 0}
+        wanted = ref.call if ref.call is not None else 0
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            call = state["call"]
+            state["call"] = call + 1
+            if call != wanted:
+                return None
+            if not isinstance(output, torch.Tensor) or tuple(output.shape) != tuple(rows.shape):
+                got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise LayerError(
+                    f"replacement activations for layer {ref.key!r} have shape {tuple(rows.shape)}, but the "
+                    f"layer outputs {got} for these inputs; give rows shaped like the layer's output."
+                )
+            return rows.to(dtype=output.dtype).clone()
+
+        handle = ref.module.register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                return to_logits(self.cap.model(x), self.cap.output_selector)
+        finally:
+            handle.remove()
+
+    def run(
+        self, ref: LayerRef, plan: _TailPlan, inputs: torch.Tensor, rows: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits for one chunk of rows."""
+        if plan.kind == "fx":
+            with torch.inference_mode():
+                out = plan.tail(rows.clone(), *[v.index_select(0, index) for v in plan.saved])
+            return to_logits(out, self.cap.output_selector)
+        return self.hooked(ref, inputs.index_select(0, index), rows)
+
+
+def _replayer(cap: Capture) -> _Replayer:
+    state = cap.__dict__.get("_replayer")
+    if not isinstance(state, _Replayer):
+        state = _Replayer(cap)
+        cap.__dict__["_replayer"] = state
+    return state
+
+
+def replay_path(cap: Capture, layer: LayerSpec) -> tuple[str, str]:
+    """Which replay path ``cap`` uses for ``layer`` and why: ``("fx", "")`` or ``("hooks", reason)``.
+
+    The path may change from "fx" to "hooks" on first use if the traced tail fails its check.
+    """
+    plan = _replayer(cap).plan(resolve_layer(cap.model, layer))
+    return plan.kind, plan.reason
+
+
+def replay_rows(
+    cap: Capture,
+    layer: LayerSpec,
+    n_rows: int,
+    make_rows: RowSource,
+    *,
+    inputs: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    reference: dict[str, torch.Tensor] | torch.Tensor | None = None,
+    batch_budget_mb: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Logits with ``layer``'s output replaced, for ``n_rows`` rows built lazily by ``make_rows``.
+
+    The engine behind :meth:`Capture.replay` and :meth:`Probe.replay_rows` (see the section comment above
+    for the two paths). Rows are built and run one chunk at a time; the chunk size is the largest that fits
+    the budget given the measured per-row footprint, tuned for throughput (:mod:`cnnlens.batching`).
+
+    Args:
+        cap: An active capture.
+        layer: The layer whose output is replaced.
+        n_rows: How many rows.
+        make_rows: ``make_rows(start, stop) -> (activations, sample_index)``.
+        inputs: The original inputs ``(B, ...)``.
+        logits: The model's logits on ``inputs`` if known.
+        reference: The recorded activations (a dict by layer key, or the layer's tensor) if known.
+        batch_budget_mb: Memory budget of one chunk in MiB (None: the device default).
+        chunk_size: A fixed chunk size (None: tuned).
+
+    Returns:
+        ``(n_rows, K)`` logits (an empty ``(0, 0)`` tensor when ``n_rows`` is 0).
+
+    Raises:
+        LayerError: Outside an active capture, or when rows do not fit the layer.
+        InputShapeError: When a sample index is out of range.
+    """
+    from cnnlens.batching import chunk_size as fit_chunk
+    from cnnlens.batching import resolve_budget, run_in_chunks, tuner_for
+
+    if not cap._entered:
+        raise LayerError("replay needs an active capture: use `with capture(model, layers) as cap:`.")
+    ref = resolve_layer(cap.model, layer)
+    x = cap._prepare_input(inputs)
+    if n_rows <= 0:
+        return torch.zeros(0, 0, device=x.device)
+    act_ref = reference.get(ref.key) if isinstance(reference, dict) else reference
+    replayer = _replayer(cap)
+    batch = int(x.shape[0])
+    budget = resolve_budget(batch_budget_mb, x.device)
+
+    def make(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, index = make_rows(start, stop)
+        index = torch.as_tensor(index, dtype=torch.long, device=x.device).reshape(-1)
+        if index.shape[0] != rows.shape[0]:
+            raise InputShapeError(f"make_rows gave {rows.shape[0]} rows but {index.shape[0]} sample indices.")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= batch):
+            raise InputShapeError(
+                f"sample indices must lie in 0..{batch - 1} (the original batch), got "
+                f"{int(index.min())}..{int(index.max())}."
+            )
+        return rows.to(device=x.device), index
+
+    plan = replayer.prepare(ref, x, logits, act_ref, make(0, 1))
+
+    def work(chunk: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return replayer.run(ref, plan, x, chunk[0], chunk[1])
+
+    per_row = plan.per_row_bytes
+    max_chunk = fit_chunk(per_row, budget, n_items=n_rows)
+    tuner = tuner_for(
+        cap.model,
+        ("replay", ref.key, plan.kind, tuple(x.shape[1:]), x.dtype, str(x.device), budget),
+        fit_chunk(per_row, budget),
+    )
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else None
+    parts = run_in_chunks(work, n_rows, make, max_chunk=max_chunk, chunk=chunk_size, tuner=tuner, sync=sync)
+    return torch.cat(parts, dim=0)

@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from cnnlens.capture import probe_layers
@@ -36,6 +43,13 @@ EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _make_consoles() -> None:
+    """(Re)create the consoles: a real terminal sets the width, a pipe or file gets a wide fixed one."""
+    global console, err_console
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,11 +97,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--layer", nargs="+", metavar="NAME", help="target layer(s), dotted names (default: the model's)")
     ex.add_argument(
-        "--class", dest="target_class", metavar="INDEX_OR_NAME", help="explain this class (default: the top class)"
+        "--class",
+        dest="target_class",
+        metavar="INDEX_OR_NAME",
+        help="explain this class (default: the top class)",
     )
     ex.add_argument("--top-k", type=int, default=5, metavar="N", help="print the N best predictions (default 5)")
     ex.add_argument(
-        "--explain-top", type=int, default=1, metavar="N", help="explain each of the N best classes (default 1)"
+        "--explain-top",
+        type=int,
+        default=1,
+        metavar="N",
+        help="explain each of the N best classes (default 1)",
     )
     ex.add_argument(
         "--option",
@@ -307,7 +328,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     failure_docs = [{"path": f.path, "reason": f.reason} for f in failures]
     manifest = {"command": "explain", "model": model.manifest(), "argv": sys.argv[1:]}
     write_manifest(out, entries, manifest, predictions=predictions, failures=failure_docs)
-    index = render_explain_report(out, title="cnnlens explain", subtitle=f"{len(items)} image(s), model {model.spec.name}")
+    index = render_explain_report(
+        out, title="cnnlens explain", subtitle=f"{len(items)} image(s), model {model.spec.name}"
+    )
     console.print(f"wrote {len(entries)} map(s) for {len(items)} image(s) to {out}/ ; index: {index}")
     if failures:
         err_console.print(f"[bold red]{len(failures)} input(s) failed:[/]")
@@ -332,7 +355,11 @@ def cmd_layers(args: argparse.Namespace) -> int:
         feature_map = info.shape is not None and len(info.shape) == 3
         if not args.all and not feature_map and info.name not in roles:
             continue
-        name = info.name + (" *" if info.name == default else "") + (f" ({roles[info.name]})" if info.name in roles else "")
+        name = (
+            info.name
+            + (" *" if info.name == default else "")
+            + (f" ({roles[info.name]})" if info.name in roles else "")
+        )
         shape = "x".join(map(str, info.shape)) if info.shape is not None else ("not run" if info.calls == 0 else "-")
         if info.calls > 1:
             shape += f" (x{info.calls} calls)"
@@ -344,13 +371,20 @@ def cmd_layers(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     """``cnnlens models``."""
     table = Table(title="cnnlens model zoo")
-    for col in ("model", "family", "input", "default layer", "weights here"):
-        table.add_column(col)
+    for col in ("model", "family", "input", "default layer"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("weights here", overflow="fold")
     for name in available_models():
         spec = get_spec(name)
         ok, why = weights_status(name)
         h, w = spec.preprocessing.input_size
-        table.add_row(name, spec.family, f"{h}x{w}", spec.default_layer, ("[green]yes[/] " if ok else "[red]no[/] ") + why)
+        table.add_row(
+            name,
+            spec.family,
+            f"{h}x{w}",
+            spec.default_layer,
+            ("[green]yes[/] " if ok else "[red]no[/] ") + why,
+        )
     console.print(table)
     return EXIT_OK
 
@@ -373,7 +407,9 @@ scikit-image. For each photo, the table lists its five most probable ImageNet cl
 where the evidence for the top class lies according to <strong>Grad-CAM</strong> (channels weighted by their
 mean gradient) and <strong>Grad-CAM++</strong> (per-pixel weights from the closed form under the
 exponential-output assumption), at the model's default target layer <code>{layer}</code> (stride {stride}) and
-at an earlier layer <code>{early}</code> (finer, stride {early_stride}).</p>
+at an earlier, post-activation layer <code>{early}</code> (finer, stride {early_stride}): the expanded,
+ReLU6-activated features that enter the last stage. Deeper layers give coarser, class-level evidence; the
+earlier layer localises parts (eyes, edges).</p>
 <p>Scores are logits; maps are ReLU(sum of weighted channels), upsampled bilinearly and min-max normalised per
 image. Regenerate with <code>make demo</code> or <code>cnnlens demo --out DIR</code>.</p>
 """
@@ -390,7 +426,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     c, (h, w) = 3, model.spec.preprocessing.input_size
     infos = {i.name: i for i in probe_layers(model.module, (c, h, w))}
     layer = model.spec.default_layer
-    early = model.spec.known_layers.get("mid_block", layer)
+    known = model.spec.known_layers
+    early = known.get("mid_activation", known.get("mid_block", layer))
     layers = list(dict.fromkeys([layer, early]))
     out = Path(args.out)
     entries, predictions = _run_explain(
@@ -438,6 +475,7 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cnnlens`` command; returns the exit code."""
+    _make_consoles()
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

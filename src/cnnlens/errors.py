@@ -9,18 +9,18 @@ from __future__ import annotations
 
 __all__ = [
     "CnnlensError",
-    "LayerNotFoundError",
-    "LayerError",
-    "TargetError",
-    "OutputAdapterError",
-    "MethodNotFoundError",
-    "MethodError",
-    "ModelNotFoundError",
-    "WeightsUnavailableError",
-    "WeightsMismatchError",
-    "ModelConfigError",
     "ImageReadError",
     "InputShapeError",
+    "LayerError",
+    "LayerNotFoundError",
+    "MethodError",
+    "MethodNotFoundError",
+    "ModelConfigError",
+    "ModelNotFoundError",
+    "OutputAdapterError",
+    "TargetError",
+    "WeightsMismatchError",
+    "WeightsUnavailableError",
 ]
 
 

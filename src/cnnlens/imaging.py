@@ -22,7 +22,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     """Convert a float image in [0, 1] (H, W[, C]) to uint8 (values outside are clipped)."""
     if image.dtype == np.uint8:
         return image
-    return (np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    out: np.ndarray = (np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return out
 
 
 def colorize(map01: np.ndarray, cmap: str = "jet") -> np.ndarray:
@@ -32,7 +33,7 @@ def colorize(map01: np.ndarray, cmap: str = "jet") -> np.ndarray:
         >>> colorize(np.zeros((2, 2)), "gray")[0, 0].tolist()
         [0, 0, 0]
     """
-    rgba = colormaps[cmap](np.clip(np.asarray(map01, dtype=np.float64), 0.0, 1.0))
+    rgba: np.ndarray = np.asarray(colormaps[cmap](np.clip(np.asarray(map01, dtype=np.float64), 0.0, 1.0)))
     return to_uint8(rgba[..., :3])
 
 

@@ -33,7 +33,10 @@ Score = Literal["logit", "probability", "log_probability"]
 class Target(Protocol):
     """One score per sample, computed from the logits."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """A readable name for manifests."""
+        ...
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """Return the scores ``(B,)`` for logits ``(B, K)``."""
@@ -141,7 +144,12 @@ class FunctionTarget:
     """A user callable ``logits -> (B,)`` scores, validated on every call."""
 
     fn: Callable[[torch.Tensor], torch.Tensor]
-    name: str = "custom"
+    label: str = "custom"
+
+    @property
+    def name(self) -> str:
+        """A readable name for manifests."""
+        return self.label
 
     def class_indices(self, logits: torch.Tensor) -> torch.Tensor:
         """A custom target has no class: ``-1`` for every sample."""
@@ -217,8 +225,9 @@ def resolve_targets(targets: TargetSpec, *, top_k: int | None = None, score: Sco
         items = list(targets)
         if not items:
             raise TargetError("the target list is empty; pass None for the top class.")
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-            return [ClassTarget(tuple(int(v) for v in items), score)]
+        ints = [v for v in items if isinstance(v, int) and not isinstance(v, bool)]
+        if len(ints) == len(items):
+            return [ClassTarget(tuple(ints), score)]
         out: list[Target] = []
         for item in items:
             if isinstance(item, Target):

@@ -208,8 +208,7 @@ def load_image(
         )
     if not stat.S_ISREG(st.st_mode):
         raise ImageReadError(
-            f"Cannot read image {name!r}: it is not a regular file (a device, pipe or socket). "
-            "Pass an image file."
+            f"Cannot read image {name!r}: it is not a regular file (a device, pipe or socket). Pass an image file."
         )
     if st.st_size == 0:
         raise ImageReadError(
@@ -544,9 +543,7 @@ def _to_rgb(im: Image.Image, name: str, background: tuple[int, int, int]) -> NDA
     if mode in _RGB_CONVERTIBLE_MODES:
         return np.array(im.convert("RGB"), dtype=np.uint8, order="C")
     if mode == "LAB":
-        transform = ImageCms.buildTransform(
-            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
-        )
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
         converted = ImageCms.applyTransform(im, transform)
         if converted is None:  # pragma: no cover - only with inPlace=True
             raise ImageReadError(f"Cannot read image {name!r}: Lab to RGB conversion failed.")
@@ -610,9 +607,7 @@ def _round_clip(values: NDArray[np.float64]) -> NDArray[np.uint8]:
     return np.clip(np.rint(cleaned), 0, 255).astype(np.uint8)
 
 
-def _composite(
-    rgb: NDArray[np.uint8], alpha: NDArray[np.uint8], background: tuple[int, int, int]
-) -> NDArray[np.uint8]:
+def _composite(rgb: NDArray[np.uint8], alpha: NDArray[np.uint8], background: tuple[int, int, int]) -> NDArray[np.uint8]:
     """Composite ``rgb`` with straight ``alpha`` over a solid ``background`` colour (sRGB space)."""
     a = alpha.astype(np.uint16)[:, :, np.newaxis]
     colour = rgb.astype(np.uint16)

@@ -116,8 +116,7 @@ def write_sample_images(directory: str | os.PathLike[str], names: Iterable[str] 
     unknown = [name for name in chosen if name not in SAMPLE_NAMES]
     if unknown:
         raise ImageReadError(
-            f"Unknown sample image(s) {', '.join(map(repr, unknown))}. "
-            f"Valid names: {', '.join(SAMPLE_NAMES)}."
+            f"Unknown sample image(s) {', '.join(map(repr, unknown))}. Valid names: {', '.join(SAMPLE_NAMES)}."
         )
     out_dir = Path(directory)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -89,8 +89,7 @@ def gradcam(view: LayerView) -> torch.Tensor:
     defaults={"alpha_normalize": False},
     paper="Chattopadhay et al., Grad-CAM++: Generalized Gradient-based Visual Explanations for Deep "
     "Convolutional Networks, WACV 2018 (arXiv:1710.11063)",
-    formula="alpha = g^2 / (2 g^2 + sum_ab(A_k) g^3) ;  w_k = sum_ij alpha_ij relu(g_ij) ;  "
-    "L = ReLU(sum_k w_k A_k)",
+    formula="alpha = g^2 / (2 g^2 + sum_ab(A_k) g^3) ;  w_k = sum_ij alpha_ij relu(g_ij) ;  L = ReLU(sum_k w_k A_k)",
     summary="Grad-CAM with per-pixel weights (closed form under the exponential-output assumption).",
 )
 def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
@@ -183,7 +182,9 @@ def xgradcam(view: LayerView) -> torch.Tensor:
     act = view.activation.to(dtype)
     total = act.sum(dim=(2, 3))
     numer = (act * grad.to(dtype)).sum(dim=(2, 3))
-    weights = torch.where(total != 0, numer / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    weights = torch.where(
+        total != 0, numer / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total)
+    )
     return weighted_sum(weights, act)
 
 
@@ -247,8 +248,7 @@ def gradcam_elementwise(view: LayerView) -> torch.Tensor:
     "layercam",
     title="LayerCAM",
     needs={"activations", "gradients"},
-    paper="Jiang et al., LayerCAM: Exploring Hierarchical Class Activation Maps for Localization, "
-    "IEEE TIP 2021",
+    paper="Jiang et al., LayerCAM: Exploring Hierarchical Class Activation Maps for Localization, IEEE TIP 2021",
     formula="L = ReLU(sum_k ReLU(g_k) ⊙ A_k)",
     summary="Activations weighted by their positive gradients, per position (works at shallow layers).",
 )

@@ -52,18 +52,22 @@ def render_explain_report(
     for name, row in top.items():
         images.setdefault(name, {"name": name, "top": row, "results": []})
     model = doc.get("model", {})
-    html = _env().get_template("explain.html").render(
-        title=title,
-        subtitle=subtitle,
-        intro=intro,
-        model=model,
-        random_weights=bool(model.get("random_weights")),
-        methods=list(dict.fromkeys(r["title"] for r in results)),
-        layers=list(dict.fromkeys(r["layer"] for r in results)),
-        images=list(images.values()),
-        failures=doc.get("failures", []),
-        versions=doc.get("versions", {}),
-        created=doc.get("created", ""),
+    html = (
+        _env()
+        .get_template("explain.html")
+        .render(
+            title=title,
+            subtitle=subtitle,
+            intro=intro,
+            model=model,
+            random_weights=bool(model.get("random_weights")),
+            methods=list(dict.fromkeys(r["title"] for r in results)),
+            layers=list(dict.fromkeys(r["layer"] for r in results)),
+            images=list(images.values()),
+            failures=doc.get("failures", []),
+            versions=doc.get("versions", {}),
+            created=doc.get("created", ""),
+        )
     )
     path = root / filename
     path.write_text(html, encoding="utf-8")

@@ -1,0 +1,195 @@
+"""Image preprocessing for the model zoo: resize, center crop, normalise, and the inverse for overlays.
+
+A :class:`Preprocessing` describes the classic ImageNet evaluation pipeline: the shorter side of the image is
+resized (antialiased) to ``resize`` pixels, the center ``input_size`` window is cropped, and the pixels are
+scaled to ``[0, 1]`` and normalised per channel, ``x' = (x - mean) / std``.
+
+:meth:`Preprocessing.display_image` applies the same geometry without normalising, so a heat map
+computed on the model input lines up pixel for pixel with the image it is drawn over;
+:meth:`Preprocessing.to_tensor` is exactly ``normalise(display_image(image) / 255)``, so
+``denormalize(to_tensor(x)) == display_image(x) / 255`` up to float rounding.
+
+Example:
+    >>> import numpy as np
+    >>> p = Preprocessing(input_size=(224, 224), resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    >>> p.to_tensor(np.zeros((300, 400, 3), dtype=np.uint8)).shape
+    torch.Size([3, 224, 224])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2.functional import InterpolationMode
+
+from cnnlens.errors import InputShapeError, ModelConfigError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD", "Preprocessing"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+"""Per-channel RGB mean of ImageNet, used by torchvision's published weights."""
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""Per-channel RGB standard deviation of ImageNet, used by torchvision's published weights."""
+INCEPTION_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+"""The TensorFlow "inception" normalisation, ``x / 127.5 - 1``, written as a mean."""
+INCEPTION_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+"""The TensorFlow "inception" normalisation, ``x / 127.5 - 1``, written as a standard deviation."""
+
+_INTERPOLATIONS: dict[str, InterpolationMode] = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image becomes a model input: resize, center crop, normalise.
+
+    Attributes:
+        input_size: ``(H, W)`` of the tensor fed to the model.
+        resize: the shorter image side is resized (antialiased) to this many pixels before the center crop;
+            it must be at least ``max(input_size)`` so the crop never needs padding.
+        mean: per-channel RGB mean subtracted after scaling pixels to ``[0, 1]``.
+        std: per-channel RGB standard deviation divided by after subtracting the mean.
+        interpolation: ``"bilinear"`` or ``"bicubic"``.
+
+    Example:
+        >>> p = Preprocessing((224, 224), 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        >>> p.as_dict()["input_size"]
+        [224, 224]
+    """
+
+    input_size: tuple[int, int]
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if (
+            len(self.input_size) != 2
+            or not all(isinstance(s, int) and s > 0 for s in self.input_size)
+            or not isinstance(self.resize, int)
+        ):
+            raise ModelConfigError(
+                f"Preprocessing.input_size must be two positive ints (H, W) and resize an int; received "
+                f"input_size={self.input_size!r}, resize={self.resize!r}. Pass e.g. input_size=(224, 224), "
+                "resize=256."
+            )
+        if self.resize < max(self.input_size):
+            raise ModelConfigError(
+                f"Preprocessing.resize must be at least max(input_size) so the center crop never pads; "
+                f"received resize={self.resize} with input_size={self.input_size}. Use resize >= "
+                f"{max(self.input_size)} (ImageNet evaluation usually uses input_size / 0.875)."
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ModelConfigError(
+                "Preprocessing.mean and std must be three floats each, std > 0; received "
+                f"mean={self.mean!r}, std={self.std!r}. Use RGB statistics such as "
+                "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)."
+            )
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ModelConfigError(
+                f"Preprocessing.interpolation must be one of {sorted(_INTERPOLATIONS)}; received "
+                f"{self.interpolation!r}."
+            )
+
+    def _as_chw_uint8(self, image: np.ndarray) -> torch.Tensor:
+        """Validate a uint8 ``HxWx3`` RGB array (``HxW``, ``HxWx1``, ``HxWx4`` accepted); return CHW."""
+        if not isinstance(image, np.ndarray):
+            raise InputShapeError(
+                f"Preprocessing expects a numpy array of shape (H, W, 3) and dtype uint8; received "
+                f"{type(image).__name__}. Convert it with np.asarray(pil_image.convert('RGB'))."
+            )
+        if image.dtype != np.uint8:
+            raise InputShapeError(
+                f"Preprocessing expects a uint8 RGB image (values 0..255); received dtype {image.dtype}. "
+                "Convert it first, e.g. (np.clip(img, 0, 1) * 255).round().astype(np.uint8) for a float "
+                "image in [0, 1]."
+            )
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise InputShapeError(
+                f"Preprocessing expects an image of shape (H, W, 3) (RGB, channels last); received shape "
+                f"{image.shape}. Convert greyscale/RGBA/CHW arrays to HxWx3 RGB first."
+            )
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise InputShapeError(f"Preprocessing received an empty image of shape {image.shape}.")
+        if image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        elif image.shape[2] == 4:
+            image = image[:, :, :3]
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+
+    def _geometry(self, image: np.ndarray) -> torch.Tensor:
+        """Resize the shorter side to ``resize`` (antialiased) and center crop; uint8 ``(3, H, W)``."""
+        chw = self._as_chw_uint8(image)
+        resized = TF.resize(chw, [self.resize], interpolation=_INTERPOLATIONS[self.interpolation], antialias=True)
+        cropped: torch.Tensor = TF.center_crop(resized, list(self.input_size))
+        return cropped
+
+    def to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """Turn an RGB image into a normalised model input.
+
+        Args:
+            image: uint8 array of shape ``(H, W, 3)`` (RGB). ``(H, W)``, ``(H, W, 1)`` and ``(H, W, 4)``
+                (alpha dropped) are accepted too.
+
+        Returns:
+            float32 tensor of shape ``(3, *input_size)`` on the CPU, ``(display_image / 255 - mean) / std``.
+
+        Raises:
+            InputShapeError: the array is not a uint8 image of a supported shape.
+        """
+        x = self._geometry(image).to(torch.float32).div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (x - mean) / std
+
+    def display_image(self, image: np.ndarray) -> np.ndarray:
+        """Apply the geometry of :meth:`to_tensor` without normalising: what a heat map aligns with.
+
+        Args:
+            image: uint8 array of shape ``(H, W, 3)`` (RGB), as for :meth:`to_tensor`.
+
+        Returns:
+            uint8 array of shape ``(*input_size, 3)``.
+        """
+        out: np.ndarray = self._geometry(image).permute(1, 2, 0).contiguous().numpy()
+        return out
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo the normalisation: ``clamp(x * std + mean, 0, 1)``.
+
+        Args:
+            x: normalised tensor of shape ``(B, 3, H, W)`` or ``(3, H, W)``.
+
+        Returns:
+            a tensor of the same shape, device and (floating) dtype with values in ``[0, 1]``.
+
+        Raises:
+            InputShapeError: ``x`` does not have 3 channels in the right position.
+        """
+        if x.ndim not in (3, 4) or x.shape[-3] != 3:
+            raise InputShapeError(
+                f"denormalize expects a tensor of shape (B, 3, H, W) or (3, H, W); received shape {tuple(x.shape)}."
+            )
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=dtype, device=x.device).view(3, 1, 1)
+        return (x.to(dtype) * std + mean).clamp(0.0, 1.0)
+
+    def as_dict(self) -> dict[str, object]:
+        """Return a JSON-serialisable description for manifests."""
+        return {
+            "input_size": [int(self.input_size[0]), int(self.input_size[1])],
+            "resize": int(self.resize),
+            "mean": [float(m) for m in self.mean],
+            "std": [float(s) for s in self.std],
+            "interpolation": self.interpolation,
+            "crop": "center",
+        }
