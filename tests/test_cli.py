@@ -165,3 +165,14 @@ def test_resolve_class() -> None:
         resolve_class("9", names)
     with pytest.raises(TargetError, match="Did you mean"):
         resolve_class("tabbby", names)
+
+
+def test_methods_doc_is_generated_from_the_registry() -> None:
+    from cnnlens.methods import method_ids
+    from cnnlens.report.methods_doc import methods_markdown
+
+    text = methods_markdown()
+    for mid in method_ids():
+        assert f"(`{mid}`)" in text
+    doc = Path(__file__).parents[1] / "docs" / "methods.md"
+    assert doc.read_text(encoding="utf-8") == text, "regenerate: cnnlens methods --markdown > docs/methods.md"

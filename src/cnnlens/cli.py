@@ -36,6 +36,7 @@ from cnnlens.explanation import ExplanationSet, write_manifest
 from cnnlens.methods import iter_methods, method_ids
 from cnnlens.models import DEFAULT_MODEL, LoadedModel, available_models, get_spec, load_model, weights_status
 from cnnlens.report import render_explain_report
+from cnnlens.report.methods_doc import methods_markdown
 
 __all__ = ["main"]
 
@@ -127,7 +128,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ly.add_argument("--all", action="store_true", help="also list modules without parameters or 4-D output")
 
     sub.add_parser("models", help="list the model zoo and whether each model's weights are available here")
-    sub.add_parser("methods", help="list the registered explanation methods")
+    me = sub.add_parser("methods", help="list the registered explanation methods")
+    me.add_argument("--markdown", action="store_true", help="print the formula cards as Markdown (docs/methods.md)")
 
     demo = sub.add_parser("demo", help="run the embedded model on sample photos and write an HTML report")
     demo.add_argument("--out", default="cnnlens-demo", metavar="DIR", help="output folder (default cnnlens-demo)")
@@ -391,6 +393,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """``cnnlens methods``."""
+    if args.markdown:
+        sys.stdout.write(methods_markdown())
+        return EXIT_OK
     table = Table(title="cnnlens methods")
     for col in ("id", "name", "formula", "options"):
         table.add_column(col)

@@ -12,7 +12,7 @@ from cnnlens.capture import LayerSpec, Probe, capture
 from cnnlens.errors import InputShapeError, LayerNotFoundError
 from cnnlens.explanation import Explanation, ExplanationSet
 from cnnlens.maps import finite_or_zero, normalize, upsample
-from cnnlens.methods.registry import LayerView, MethodSpec, resolve_methods
+from cnnlens.methods.registry import LayerView, MethodSpec, apply_display, display_mode, resolve_methods
 from cnnlens.models import LoadedModel
 from cnnlens.outputs import OutputSelector
 from cnnlens.targets import TargetSpec
@@ -30,8 +30,8 @@ def default_layer(model: nn.Module | LoadedModel) -> str:
         LayerNotFoundError: When the model has no convolution.
     """
     if isinstance(model, LoadedModel):
-        return model.spec.default_layer
-    last = None
+        return str(model.spec.default_layer)
+    last: str | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             last = name
@@ -86,7 +86,8 @@ def explain(
         targets: What to explain (int, list of ints per sample, None = top class, callable...).
         top_k: Explain the top-k classes of each image (T = k maps per image), without re-running forward.
         options: Per-method options, e.g. ``{"gradcampp": {"alpha_normalize": True}, "gradcam": {"relu":
-            False}}``.
+            False}, "saliency": {"display": "signed"}}``. The display rule (``relu``/``display``) is applied
+            to the raw map before upsampling and normalisation.
         output_selector: Picks the logits from unusual model outputs.
         image_names: One name per image, used for file names when saving.
         class_names: Overrides the class names used in labels.
@@ -131,7 +132,8 @@ def explain(
         if rec.inputs.ndim != 4:
             raise InputShapeError(f"explain() needs image batches (B, C, H, W), got {tuple(rec.inputs.shape)}.")
         size = (int(rec.inputs.shape[-2]), int(rec.inputs.shape[-1]))
-        assert rec.scores is not None and rec.target_classes is not None  # set by run()
+        assert rec.scores is not None  # set by run()
+        assert rec.target_classes is not None
         names = list(class_names) if class_names is not None else (loaded.class_names if loaded else None)
         images = display_images(rec.inputs, loaded)
         batch = int(rec.inputs.shape[0])
@@ -164,7 +166,7 @@ def explain(
                     for key, value in out.extras.items():
                         extras.setdefault(key, []).append(value.detach())
                 raw, bad = finite_or_zero(torch.stack(per_target, dim=1).to(raw_dtype))
-                shown = torch.relu(raw) if variant.get("relu", True) else raw
+                shown = apply_display(raw, display_mode(variant))
                 maps, degenerate = normalize(upsample(shown.double(), size))
                 results.append(
                     Explanation(

@@ -17,10 +17,13 @@ from cnnlens.capture import Probe
 from cnnlens.errors import MethodError, MethodNotFoundError
 
 __all__ = [
+    "Display",
     "LayerView",
-    "MethodOutput",
     "MethodFn",
+    "MethodOutput",
     "MethodSpec",
+    "apply_display",
+    "display_mode",
     "get_method",
     "iter_methods",
     "method_ids",
@@ -29,6 +32,11 @@ __all__ = [
 ]
 
 Need = Literal["activations", "gradients", "input_gradients", "probe"]
+
+Display = Literal["relu", "abs", "signed"]
+"""How a raw map is shown before upsampling and normalisation: ``ReLU(raw)``, ``|raw|`` or ``raw`` itself."""
+
+_DISPLAYS: tuple[Display, ...] = ("relu", "abs", "signed")
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,11 @@ class MethodSpec:
         fn: ``fn(view: LayerView, **options)`` -> ``(B, h, w)`` raw signed map, before any ReLU, or a
             :class:`MethodOutput` carrying per-sample diagnostics too.
         needs: What the method needs from the capture.
-        relu: Whether the displayed map is ``ReLU(raw)`` (CAM convention) or the raw map itself.
+        relu: Whether the displayed map is ``ReLU(raw)`` (CAM convention) or the raw map itself; exposed as
+            the boolean option ``relu`` when ``display`` is None.
+        display: None for the CAM convention above; otherwise the default display rule (``"relu"``,
+            ``"abs"`` or ``"signed"``), exposed as the option ``display`` instead of ``relu`` (gradient
+            attributions default to ``"abs"``). See :func:`display_mode`.
         defaults: Option names and default values; the variant of a result is these merged with the user's.
         paper: The reference.
         formula: The formula in one line.
@@ -110,6 +122,7 @@ class MethodSpec:
     fn: MethodFn
     needs: frozenset[Need]
     relu: bool = True
+    display: Display | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
     paper: str = ""
     formula: str = ""
@@ -118,19 +131,52 @@ class MethodSpec:
     def variant(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Merge user options into the defaults, refusing unknown option names."""
         merged = dict(self.defaults)
-        merged.setdefault("relu", self.relu)
+        if self.display is None:
+            merged.setdefault("relu", self.relu)
+        else:
+            merged.setdefault("display", self.display)
         for key, value in (options or {}).items():
             if key not in merged:
                 known = ", ".join(sorted(merged)) or "none"
                 raise MethodError(f"method {self.id!r} has no option {key!r}; its options are: {known}.")
             merged[key] = value
+        display_mode(merged)  # validates a user-given display
         return merged
 
     def compute(self, view: LayerView, options: Mapping[str, Any]) -> MethodOutput:
         """Run the method on one layer view with the given (merged) options."""
-        kwargs = {k: v for k, v in options.items() if k != "relu"}
+        kwargs = {k: v for k, v in options.items() if k not in ("relu", "display")}
         out = self.fn(view, **kwargs)
         return out if isinstance(out, MethodOutput) else MethodOutput(out)
+
+
+def display_mode(variant: Mapping[str, Any]) -> Display:
+    """The display rule of a variant: its ``display`` option, else ``"relu"``/``"signed"`` from ``relu``.
+
+    Example:
+        >>> display_mode({"relu": False}), display_mode({"display": "abs"}), display_mode({})
+        ('signed', 'abs', 'relu')
+    """
+    if "display" in variant:
+        mode = variant["display"]
+        if mode not in _DISPLAYS:
+            raise MethodError(f"display must be one of {', '.join(map(repr, _DISPLAYS))}; got {mode!r}.")
+        return mode  # type: ignore[no-any-return]
+    return "relu" if variant.get("relu", True) else "signed"
+
+
+def apply_display(raw: torch.Tensor, mode: Display) -> torch.Tensor:
+    """Apply a display rule to raw maps: ``ReLU(raw)``, ``|raw|`` or ``raw`` unchanged.
+
+    Example:
+        >>> apply_display(torch.tensor([-2.0, 1.0]), "abs").tolist()
+        [2.0, 1.0]
+    """
+    if mode == "relu":
+        return torch.relu(raw)
+    if mode == "abs":
+        return raw.abs()
+    return raw
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -142,6 +188,7 @@ def register(
     title: str,
     needs: set[Need] | frozenset[Need],
     relu: bool = True,
+    display: Display | None = None,
     defaults: Mapping[str, Any] | None = None,
     paper: str = "",
     formula: str = "",
@@ -159,6 +206,8 @@ def register(
     """
     if id != id.lower() or not id.isidentifier():
         raise MethodError(f"method ids are lowercase identifiers, got {id!r}.")
+    if display is not None and display not in _DISPLAYS:
+        raise MethodError(f"display must be None or one of {', '.join(map(repr, _DISPLAYS))}; got {display!r}.")
 
     def decorator(fn: MethodFn) -> MethodFn:
         if id in _REGISTRY:
@@ -169,6 +218,7 @@ def register(
             fn=fn,
             needs=frozenset(needs),
             relu=relu,
+            display=display,
             defaults=dict(defaults or {}),
             paper=paper,
             formula=formula,
@@ -200,7 +250,9 @@ def iter_methods() -> Iterator[MethodSpec]:
     return iter(list(_REGISTRY.values()))
 
 
-def resolve_methods(methods: str | MethodSpec | list[str | MethodSpec] | tuple[str | MethodSpec, ...]) -> list[MethodSpec]:
+def resolve_methods(
+    methods: str | MethodSpec | list[str | MethodSpec] | tuple[str | MethodSpec, ...],
+) -> list[MethodSpec]:
     """Turn ``"all"``, an id, or a list of ids/specs into a de-duplicated list of specs."""
     if isinstance(methods, (str, MethodSpec)):
         methods = [methods]

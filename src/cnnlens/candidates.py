@@ -1,0 +1,345 @@
+"""Layer discovery: which layers of a network a user (or the target-layer study) could explain, and why.
+
+:func:`candidate_layers` lists modules with their **roles**, output shape and stride:
+
+``conv``
+    every ``nn.Conv2d`` that runs in the forward;
+``highest_numbered_conv``
+    the last convolution in *definition* order (what readers of ``model.summary()`` pick);
+``deepest_conv``
+    the last convolution in *execution* order (differs from the above in branched networks);
+``last_branch_conv``
+    the last convolution of each parallel branch of the final merge block;
+``merge``
+    a module whose forward joins paths: a residual addition, an Inception concatenation ("mixed" output),
+    an Inception-ResNet block;
+``block_output``
+    each block's output: the outermost composite modules below containers (ResNet bottlenecks, Inception
+    mixed blocks, EfficientNet blocks), or, for a plain stack of layers like VGG's ``features``, the
+    pooling layers that end each stage;
+``final_spatial``
+    the last output with a spatial extent before global pooling or flattening.
+
+Shapes come from one shape probe run inside :func:`cnnlens.capture.probe_layers` (hooks only there). Merges
+are found with ``torch.fx`` (a tracer that treats parameter-free leaves and data-dependent modules as leaves),
+reading which module each ``add``/``cat`` belongs to; when a model cannot be traced, the module's
+``forward`` source is read for ``torch.cat``/``+``/``torch.add`` instead (marked ``method="source"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import operator
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from cnnlens.capture import LayerInfo, probe_layers
+
+__all__ = ["ROLES", "CandidateLayer", "LayerCatalog", "candidate_layers", "find_merges"]
+
+_log = logging.getLogger(__name__)
+
+ROLES = (
+    "conv",
+    "highest_numbered_conv",
+    "deepest_conv",
+    "last_branch_conv",
+    "merge",
+    "block_output",
+    "final_spatial",
+)
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_MERGE_FUNCS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat, torch.concatenate}
+_MERGE_METHODS = {"add", "add_", "__add__", "__iadd__"}
+_CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+@dataclass(frozen=True)
+class CandidateLayer:
+    """A layer worth targeting.
+
+    Attributes:
+        name: Dotted module name.
+        roles: Its roles (see the module docstring), in :data:`ROLES` order.
+        type: Module class name.
+        shape: Output ``(C, h, w)``.
+        stride: Input height over output height.
+        order: Position in execution order (completion of the module's forward).
+    """
+
+    name: str
+    roles: tuple[str, ...]
+    type: str
+    shape: tuple[int, ...]
+    stride: int | None
+    order: int
+
+
+@dataclass
+class LayerCatalog:
+    """Every candidate layer of a model, plus how merges were found.
+
+    Attributes:
+        layers: Candidates in execution order.
+        merge_method: ``"fx"`` or ``"source"`` (fallback when tracing failed).
+        notes: Anything the user should know (e.g. functional merges at the top level that no module owns).
+    """
+
+    layers: list[CandidateLayer]
+    merge_method: str
+    notes: list[str] = field(default_factory=list)
+
+    def with_role(self, role: str) -> list[str]:
+        """Names of the candidates that have ``role``, in execution order."""
+        return [layer.name for layer in self.layers if role in layer.roles]
+
+    def first(self, role: str) -> str | None:
+        """The single layer of a one-of role (``deepest_conv``...), or None."""
+        names = self.with_role(role)
+        return names[-1] if names else None
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces through composite modules; parameterised or child-free modules stay opaque leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return len(list(m.children())) == 0 or super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass(frozen=True)
+class _Merge:
+    module: str
+    kind: str  # "cat" or "add"
+    node: fx.Node | None = None
+
+
+def _innermost(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    return str(list(stack.keys())[-1])
+
+
+def _fx_merges(model: nn.Module) -> tuple[list[_Merge], fx.Graph] | None:
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as exc:  # tracing arbitrary user code can fail in many ways; we fall back, not hide
+        _log.info("torch.fx could not trace %s (%s); reading forward sources instead", type(model).__name__, exc)
+        return None
+    merges: list[_Merge] = []
+    for node in graph.nodes:
+        is_func = node.op == "call_function" and node.target in _MERGE_FUNCS
+        is_method = node.op == "call_method" and node.target in _MERGE_METHODS
+        if not (is_func or is_method):
+            continue
+        tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+        if node.target in _CAT_FUNCS and node.args and isinstance(node.args[0], (list, tuple)):
+            tensor_args = [a for a in node.args[0] if isinstance(a, fx.Node)]
+        if len(tensor_args) < 2:
+            continue  # x + 1, scaling by constants: not a join of paths
+        kind = "cat" if node.target in _CAT_FUNCS else "add"
+        merges.append(_Merge(_innermost(node) or "", kind, node))
+    return merges, graph
+
+
+_SOURCE_MERGE = re.compile(r"torch\.(cat|concat|add)\(|\+=|[\w\)\]]\s\+\s[\w\(]")
+
+
+def _source_merges(model: nn.Module) -> list[_Merge]:
+    merges = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, _CONTAINERS) or not list(module.children()):
+            continue
+        try:
+            source = inspect.getsource(type(module).forward)
+        except (OSError, TypeError):
+            continue
+        match = _SOURCE_MERGE.search(source)
+        if match:
+            merges.append(_Merge(name, "cat" if "cat" in match.group(0) else "add"))
+    return merges
+
+
+def find_merges(
+    model: nn.Module, traced: tuple[list[_Merge], fx.Graph] | None | bool = True
+) -> tuple[list[str], str, list[str]]:
+    """Modules whose forward joins paths (residual adds, concatenations), and how they were found.
+
+    Args:
+        model: The network.
+        traced: A trace from ``_fx_merges`` to reuse (internal), ``None`` when tracing failed, or ``True`` to
+            trace now.
+
+    Returns:
+        ``(module names in graph order without repeats, "fx" or "source", notes)``.
+    """
+    if traced is True:
+        traced = _fx_merges(model)
+    notes: list[str] = []
+    if traced is None:
+        merges = _source_merges(model)
+        method = "source"
+    else:
+        merges = traced[0]
+        method = "fx"
+        top = [m for m in merges if not m.module]
+        if top:
+            notes.append(
+                f"{len(top)} merge(s) happen in the model's own forward, outside any submodule: they cannot be "
+                "targeted by name; wrap them in a module to study them."
+            )
+    names = list(dict.fromkeys(m.module for m in merges if m.module))
+    return names, method, notes
+
+
+def _last_branch_convs(model: nn.Module, block: str, traced: tuple[list[_Merge], fx.Graph] | None) -> list[str]:
+    """Last convolution of each parallel branch of ``block`` (fx when possible, else per child)."""
+    modules = dict(model.named_modules())
+    if traced is not None:
+        merges, _ = traced
+        inside = [m for m in merges if m.module == block and m.node is not None]
+        cats = [m for m in inside if m.kind == "cat"]
+        chosen = (cats or inside)[-1:] if inside else []
+        found: list[str] = []
+        for merge in chosen:
+            assert merge.node is not None  # filtered above
+            stack: list[Any] = list(merge.node.args[0]) if merge.kind == "cat" else list(merge.node.args)
+            seen: set[fx.Node] = set()
+            while stack:
+                node = stack.pop(0)
+                if not isinstance(node, fx.Node) or node in seen:
+                    continue
+                seen.add(node)
+                owner = _innermost(node) or ""
+                if not (owner == block or owner.startswith(block + ".")):
+                    continue  # left the block: an identity path without a conv
+                if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Conv2d):
+                    found.append(str(node.target))
+                    continue
+                if node.op == "call_function" and node.target in _CAT_FUNCS and node.args:
+                    stack.extend(node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]])
+                    continue
+                stack.extend(a for a in node.args if isinstance(a, fx.Node))
+        if found:
+            return list(dict.fromkeys(found))
+    out = []
+    for child_name, child in modules[block].named_children():
+        convs = [n for n, m in child.named_modules() if isinstance(m, nn.Conv2d)]
+        if isinstance(child, nn.Conv2d):
+            out.append(f"{block}.{child_name}")
+        elif convs:
+            out.append(f"{block}.{child_name}.{convs[-1]}" if convs[-1] else f"{block}.{child_name}")
+    return out
+
+
+def _block_outputs(model: nn.Module, ran: dict[str, LayerInfo]) -> list[str]:
+    blocks: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        children = list(module.named_children())
+        if isinstance(module, _CONTAINERS):
+            if children and all(not list(c.children()) for _, c in children):
+                # a plain stack of layers (VGG's features): stages end at pooling layers
+                for name, child in children:
+                    if isinstance(child, _POOLS):
+                        blocks.append(f"{prefix}{name}")
+                return
+            for name, child in children:
+                visit(f"{prefix}{name}.", child)
+            return
+        name = prefix[:-1]
+        if not children or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return
+        blocks.append(name)
+
+    for name, child in model.named_children():
+        visit(f"{name}.", child)
+    return [b for b in blocks if b in ran and ran[b].shape is not None and len(ran[b].shape or ()) == 3]
+
+
+def candidate_layers(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    *,
+    device: str | None = None,
+) -> LayerCatalog:
+    """List the layers worth targeting, with their roles, output shapes and strides.
+
+    Args:
+        model: Any CNN.
+        input_size: ``(C, H, W)`` of one input; default ``(3, 224, 224)``.
+        device: Where to run the shape probe; default the model's device.
+
+    Returns:
+        A :class:`LayerCatalog` (candidates in execution order).
+
+    Example:
+        >>> import torchvision
+        >>> cat = candidate_layers(torchvision.models.resnet18(), (3, 64, 64))
+        >>> cat.first("final_spatial"), cat.with_role("merge")[-1], cat.first("deepest_conv")
+        ('layer4', 'layer4.1', 'layer4.1.conv2')
+    """
+    size = tuple(int(v) for v in (input_size or (3, 224, 224)))
+    infos = probe_layers(model, size, device=device)
+    ran = {i.name: i for i in infos if i.calls > 0}
+    order = {i.name: k for k, i in enumerate(infos) if i.calls > 0}
+    spatial = {n for n, i in ran.items() if i.shape is not None and len(i.shape) == 3}
+    roles: dict[str, list[str]] = {n: [] for n in spatial}
+
+    convs_def = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n in spatial]
+    for n in convs_def:
+        roles[n].append("conv")
+    if convs_def:
+        roles[convs_def[-1]].append("highest_numbered_conv")
+        roles[max(convs_def, key=lambda n: order[n])].append("deepest_conv")
+
+    traced = _fx_merges(model)
+    merge_names, method, notes = find_merges(model, traced)
+    merges = [n for n in merge_names if n in spatial]
+    for n in merges:
+        roles[n].append("merge")
+    if merges:
+        final_block = max(merges, key=lambda n: order[n])
+        for n in _last_branch_convs(model, final_block, traced):
+            if n in roles:
+                roles[n].append("last_branch_conv")
+
+    for n in _block_outputs(model, ran):
+        roles[n].append("block_output")
+
+    modules = dict(model.named_modules())
+    # final_spatial: walking in execution order, the last output with h*w > 1 before the first pooled or
+    # flattened output that follows it (with equal completion, the outermost module completes last).
+    last_spatial: str | None = None
+    for info in infos:
+        if info.calls == 0 or info.shape is None:
+            continue
+        if len(info.shape) == 3 and info.shape[1] * info.shape[2] > 1:
+            if not isinstance(modules[info.name], (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+                last_spatial = info.name
+        elif last_spatial is not None:
+            break
+    if last_spatial is not None:
+        roles[last_spatial].append("final_spatial")
+
+    layers = [
+        CandidateLayer(
+            name=n,
+            roles=tuple(r for r in ROLES if r in roles[n]),
+            type=ran[n].type,
+            shape=tuple(ran[n].shape or ()),
+            stride=ran[n].stride,
+            order=order[n],
+        )
+        for n in sorted(roles, key=lambda n: order[n])
+        if roles[n]
+    ]
+    return LayerCatalog(layers=layers, merge_method=method, notes=notes)

@@ -1,0 +1,560 @@
+"""Gradient attributions at input resolution: saliency, guided backprop, Integrated Gradients and kin.
+
+Registered here: ``saliency``, ``input_x_gradient``, ``guided_backprop``, ``deconvnet``, ``guided_gradcam``
+and ``integrated_gradients``.
+
+Every method here first builds a per-pixel, per-channel attribution ``(B, C, H, W)`` in the model's input
+space (the preprocessed tensor the model receives), then reduces the channels to the raw map ``(B, H, W)``:
+
+* ``reduce="sum"`` (default): the channel **sum of the signed attribution**. The raw map stays signed and
+  linear in the attribution, so Integrated Gradients' completeness holds on the map itself
+  (``sum(raw) = S(x) - S(baseline)`` up to the quadrature error).
+* ``reduce="abs_sum"``: ``sum_c |a_c|`` (the IG authors' and TensorFlow tutorials' display).
+* ``reduce="max_abs"``: ``max_c |a_c|`` (Simonyan et al.'s saliency display).
+
+The displayed map then follows the ``display`` option, applied by :func:`cnnlens.explain.explain` before
+upsampling and normalisation: every method here defaults to ``"abs"`` (the magnitude of the raw map; the
+sign of a gradient says in which direction to change a pixel, not whether it is evidence), and accepts
+``"signed"`` or ``"relu"`` (positive evidence only, the CAM convention, useful for IG and input × gradient).
+
+**The layer is ignored** by every method here except ``guided_gradcam``: :func:`cnnlens.explain.explain`
+calls a method once per requested layer, and each call returns the same map. Those calls are cheap:
+``saliency`` and ``input_x_gradient`` reuse the input gradients of the main capture (computed only when a
+requested method needs them), guided backprop and deconvnet passes are cached by the probe per (rule,
+target), and Integrated Gradients is computed once per explain call and option set (for every target at
+once) and then reused for the other layers.
+
+Attributions are accumulated in float64 (float32 on MPS) whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from cnnlens.capture import Probe, Recording
+from cnnlens.errors import MethodError
+from cnnlens.maps import precise_dtype, upsample
+from cnnlens.methods.cam import gradcam
+from cnnlens.methods.registry import LayerView, MethodOutput, register
+from cnnlens.targets import ClassTarget
+
+__all__ = [
+    "QuadratureRule",
+    "Reduce",
+    "deconvnet",
+    "guided_backprop",
+    "guided_gradcam",
+    "input_x_gradient",
+    "integrated_gradients",
+    "quadrature",
+    "reduce_channels",
+    "saliency",
+]
+
+Reduce = Literal["sum", "abs_sum", "max_abs"]
+"""How an attribution ``(B, C, H, W)`` becomes a raw map ``(B, H, W)``; see the module docstring."""
+
+QuadratureRule = Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"]
+"""The rule that approximates Integrated Gradients' path integral; see :func:`quadrature`."""
+
+_REDUCES: tuple[Reduce, ...] = ("sum", "abs_sum", "max_abs")
+_RULES: tuple[QuadratureRule, ...] = (
+    "gausslegendre",
+    "riemann_trapezoid",
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+)
+
+
+def reduce_channels(attribution: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Reduce an attribution ``(B, C, H, W)`` to a raw map ``(B, H, W)`` in float64 (float32 on MPS).
+
+    Args:
+        attribution: Per-channel attribution.
+        reduce: ``"sum"`` (signed channel sum, the default), ``"abs_sum"`` or ``"max_abs"``.
+
+    Example:
+        >>> a = torch.tensor([[[[1.0]], [[-3.0]]]])
+        >>> [reduce_channels(a, r).item() for r in ("sum", "abs_sum", "max_abs")]
+        [-2.0, 4.0, 3.0]
+    """
+    if attribution.ndim != 4:
+        raise MethodError(
+            f"gradient attributions need image inputs (B, C, H, W); got shape {tuple(attribution.shape)}."
+        )
+    a = attribution.to(precise_dtype(attribution))
+    if reduce == "sum":
+        return a.sum(dim=1)
+    if reduce == "abs_sum":
+        return a.abs().sum(dim=1)
+    if reduce == "max_abs":
+        return a.abs().amax(dim=1)
+    raise MethodError(f"reduce must be one of {', '.join(map(repr, _REDUCES))}; got {reduce!r}.")
+
+
+# -- shared machinery (also used by cnnlens.methods.smooth) -------------------------------------------------
+
+_T = TypeVar("_T")
+_MEMO: weakref.WeakKeyDictionary[Probe, dict[Hashable, Any]] = weakref.WeakKeyDictionary()
+
+
+def _options_key(options: Mapping[str, Any]) -> tuple[Hashable, ...]:
+    """A hashable key for method options; unhashable values (tensors) count by identity."""
+    items: list[Hashable] = []
+    for key in sorted(options):
+        value = options[key]
+        try:
+            hash(value)
+            items.append((key, value))
+        except TypeError:
+            items.append((key, "<id>", id(value)))
+    return tuple(items)
+
+
+def _memo(probe: Probe, key: Hashable, compute: Callable[[], _T]) -> _T:
+    """Compute once per probe (i.e. per explain call) and key, then reuse; forgotten with the probe.
+
+    The stored value keeps the key's unhashable option values alive (they are keyed by identity), so an
+    identity cannot be reused by another object while the entry exists.
+    """
+    store = _MEMO.setdefault(probe, {})
+    if key not in store:
+        store[key] = compute()
+    return store[key]  # type: ignore[no-any-return]
+
+
+def _row_probe(probe: Probe, sample_index: torch.Tensor) -> Probe | None:
+    """A probe whose fixed class targets are laid out for rows that derive from ``sample_index``.
+
+    Returns None when a target is not a class target (a user callable may not be row-wise): callers then
+    run whole copies of the batch in its original layout.
+    """
+    rows = sample_index.tolist()
+    targets = []
+    for target in probe.targets:
+        if not isinstance(target, ClassTarget):
+            return None
+        if isinstance(target.classes, int):
+            targets.append(target)
+        else:
+            targets.append(ClassTarget(tuple(target.classes[i] for i in rows), target.score))
+    return Probe(probe.cap, probe.recording, targets)
+
+
+def _row_passes(
+    probe: Probe,
+    make_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    copies: int,
+    batch_size: int,
+    *,
+    gradients: bool,
+    input_gradients: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Recording, Probe]]:
+    """Run ``copies`` variants of every sample in chunks of at most ``batch_size`` rows, targets fixed.
+
+    Rows are copy-major: row ``r`` is copy ``r // B`` of sample ``r % B``. ``make_rows(copy_index,
+    sample_index)`` builds a chunk's inputs. With custom (non-class) targets a chunk is one whole copy of the
+    batch in its original layout, whatever ``batch_size``.
+
+    Yields:
+        ``(copy_index, sample_index, recording, probe)`` per chunk; the probe belongs to the chunk's
+        recording (for wrapped methods that run extra passes themselves).
+    """
+    batch = int(probe.recording.inputs.shape[0])
+    total = copies * batch
+    layout_free = all(isinstance(t, ClassTarget) for t in probe.targets)
+    step = max(1, int(batch_size)) if layout_free else batch
+    device = probe.recording.inputs.device
+    for start in range(0, total, step):
+        rows = torch.arange(start, min(start + step, total))
+        copy_index, sample_index = rows // batch, rows % batch
+        inputs = make_rows(copy_index.to(device), sample_index.to(device))
+        chunk_probe = _row_probe(probe, sample_index) if layout_free else probe
+        assert chunk_probe is not None  # layout_free means every target is a class target
+        rec = chunk_probe.rerun(inputs, gradients=gradients, input_gradients=input_gradients)
+        yield copy_index.to(device), sample_index.to(device), rec, Probe(probe.cap, rec, chunk_probe.targets)
+
+
+def _accumulate(acc: torch.Tensor, dim: int, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``acc.index_add_(dim, index, values)`` for dim 0 or 1, through ``index_put_(accumulate=True)``.
+
+    (CPU ``index_add_`` with several threads is orders of magnitude slower on these small tensors.)
+    """
+    if dim == 0:
+        acc.index_put_((index,), values, accumulate=True)
+    else:
+        acc.transpose(0, dim).index_put_((index,), values.transpose(0, dim), accumulate=True)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MethodError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    return value
+
+
+def _input_gradient(view: LayerView, method: str) -> torch.Tensor:
+    """The input gradient of the main capture, or the probe's when the view was built without it."""
+    if view.input_gradient is not None:
+        return view.input_gradient
+    if view.probe is None:
+        raise MethodError(
+            f"{method} needs the gradient of the score with respect to the input, but none was captured; "
+            "call it through explain() or pass a LayerView with input_gradient."
+        )
+    return view.probe.cached_input_gradient(view.target, "normal")
+
+
+# -- the methods ------------------------------------------------------------------------------------------
+
+
+@register(
+    "saliency",
+    title="Saliency (vanilla gradient)",
+    needs={"input_gradients"},
+    paper="Simonyan, Vedaldi & Zisserman, Deep Inside Convolutional Networks: Visualising Image "
+    "Classification Models and Saliency Maps, ICLR Workshop 2014 (arXiv:1312.6034)",
+    formula="raw = sum_c dS/dx_c ;  shown = |raw|  (Simonyan: max_c |dS/dx_c|, reduce='max_abs')",
+    summary="The gradient of the score with respect to the input pixels (the layer is ignored).",
+    display="abs",
+    defaults={"reduce": "sum"},
+)
+def saliency(view: LayerView, reduce: str = "sum") -> torch.Tensor:
+    """Vanilla gradient saliency (Simonyan et al., 2014).
+
+    Formula: ``a = dS/dx`` (B, C, H, W), raw map ``sum_c a_c`` (``reduce="sum"``). The paper's display,
+    ``max_c |a_c|``, is ``reduce="max_abs"``; the default display is ``|raw|``. The layer is ignored; the
+    gradient is the main capture's, computed once for all layers.
+
+    Args:
+        view: One target's view (only ``input_gradient`` is used).
+        reduce: Channel reduction, see :func:`reduce_channels`.
+
+    Returns:
+        ``(B, H, W)`` raw map in float64 (float32 on MPS).
+
+    Example:
+        >>> import cnnlens
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(144, 2))
+        >>> r = cnnlens.explain(net, torch.randn(1, 3, 8, 8), methods=["saliency"], layers=["0"])
+        >>> r["saliency", "0"].raw.shape
+        torch.Size([1, 1, 8, 8])
+    """
+    return reduce_channels(_input_gradient(view, "saliency"), reduce)
+
+
+@register(
+    "input_x_gradient",
+    title="Input × Gradient",
+    needs={"input_gradients"},
+    paper="Shrikumar et al., Not Just a Black Box: Learning Important Features Through Propagating "
+    "Activation Differences, arXiv:1605.01713 (2016)",
+    formula="raw = sum_c x_c * dS/dx_c ;  shown = |raw|",
+    summary="The input times its gradient: a first-order contribution of each pixel (the layer is ignored).",
+    display="abs",
+    defaults={"reduce": "sum"},
+)
+def input_x_gradient(view: LayerView, reduce: str = "sum") -> torch.Tensor:
+    """Input × gradient (Shrikumar et al., 2016).
+
+    Formula: ``a = x ⊙ dS/dx`` in the model's input space, raw map ``sum_c a_c``. For a bias-free ReLU
+    network ``sum(raw) = S(x)`` exactly (Euler). The layer is ignored.
+
+    Args:
+        view: One target's view (``inputs`` and ``input_gradient`` are used).
+        reduce: Channel reduction, see :func:`reduce_channels`.
+
+    Returns:
+        ``(B, H, W)`` raw map in float64 (float32 on MPS).
+
+    Example:
+        >>> import cnnlens
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1, bias=False), torch.nn.Flatten(1),
+        ...                           torch.nn.Linear(2 * 16, 1, bias=False))
+        >>> x = torch.randn(1, 3, 4, 4)
+        >>> r = cnnlens.explain(net, x, methods=["input_x_gradient"], layers=["0"], targets=0)
+        >>> torch.allclose(r["input_x_gradient", "0"].raw.sum(), net(x).sum(), atol=1e-5)
+        True
+    """
+    grad = _input_gradient(view, "input_x_gradient")
+    dtype = precise_dtype(grad)
+    return reduce_channels(view.inputs.to(dtype) * grad.to(dtype), reduce)
+
+
+@register(
+    "guided_backprop",
+    title="Guided Backpropagation",
+    needs={"probe"},
+    paper="Springenberg, Dosovitskiy, Brox & Riedmiller, Striving for Simplicity: The All Convolutional "
+    "Net, ICLR Workshop 2015 (arXiv:1412.6806)",
+    formula="through each ReLU: R_in = relu(R_out) * [x > 0] ;  raw = sum_c R_c(input) ;  shown = |raw|",
+    summary="The gradient with only positive signals passed back through ReLUs (the layer is ignored).",
+    display="abs",
+    defaults={"reduce": "sum"},
+)
+def guided_backprop(view: LayerView, reduce: str = "sum") -> torch.Tensor:
+    """Guided backpropagation (Springenberg et al., 2015).
+
+    Formula: the backward pass of every ReLU (and ReLU6, where the mask is ``0 < x < 6``), module,
+    functional or in-place, becomes ``R_in = relu(R_out) ⊙ [x > 0]``; the attribution is the resulting
+    "gradient" at the input, raw map ``sum_c R_c``. One extra forward/backward per target, scoped to the
+    call (nothing is registered on the model), cached across layers and shared with ``guided_gradcam``. A
+    model without ReLU/ReLU6 raises :class:`cnnlens.errors.LayerError`. The layer is ignored.
+
+    Adebayo et al. (NeurIPS 2018) show that guided backprop is nearly insensitive to the weights of the
+    higher layers (it fails the model-randomisation sanity check): read it as an edge map conditioned on
+    the input, not as evidence for the class.
+
+    Example:
+        >>> import cnnlens
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(144, 2))
+        >>> r = cnnlens.explain(net, torch.randn(1, 3, 8, 8), methods=["guided_backprop"], layers=["0"])
+        >>> r["guided_backprop", "0"].maps.shape
+        torch.Size([1, 1, 8, 8])
+    """
+    probe = view.require_probe("guided_backprop")
+    return reduce_channels(probe.cached_input_gradient(view.target, "guided"), reduce)
+
+
+@register(
+    "deconvnet",
+    title="Deconvnet",
+    needs={"probe"},
+    paper="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014 (arXiv:1311.2901)",
+    formula="through each ReLU: R_in = relu(R_out) ;  raw = sum_c R_c(input) ;  shown = |raw|",
+    summary="The score projected back with rectified signals through ReLUs (the layer is ignored).",
+    display="abs",
+    defaults={"reduce": "sum"},
+)
+def deconvnet(view: LayerView, reduce: str = "sum") -> torch.Tensor:
+    """Deconvnet (Zeiler & Fergus, 2014), in its gradient form (as captum's ``Deconvolution``).
+
+    Formula: the backward pass of every ReLU/ReLU6 becomes ``R_in = relu(R_out)`` (the forward mask is not
+    used); max-pooling keeps its switches, convolutions use their transposed filters, as in autograd. Raw
+    map ``sum_c R_c`` at the input. Because no forward mask is applied, the result depends on the input
+    only through pooling switches (and not at all for a network without max-pooling): a zero image gets
+    the same, non-zero, map as any other. The layer is ignored.
+
+    Example:
+        >>> import cnnlens
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(144, 2))
+        >>> r = cnnlens.explain(net, torch.randn(1, 3, 8, 8), methods=["deconvnet"], layers=["0"])
+        >>> r["deconvnet", "0"].variant
+        {'reduce': 'sum', 'display': 'abs'}
+    """
+    probe = view.require_probe("deconvnet")
+    return reduce_channels(probe.cached_input_gradient(view.target, "deconvnet"), reduce)
+
+
+@register(
+    "guided_gradcam",
+    title="Guided Grad-CAM",
+    needs={"activations", "gradients", "probe"},
+    paper="Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
+    "Localization, ICCV 2017 (arXiv:1610.02391)",
+    formula="raw = sum_c GB_c ⊙ up(ReLU(sum_k w_k A_k)) ;  shown = |raw|",
+    summary="Guided backprop masked by the layer's upsampled Grad-CAM (uses the layer).",
+    display="abs",
+    defaults={"reduce": "sum"},
+)
+def guided_gradcam(view: LayerView, reduce: str = "sum") -> torch.Tensor:
+    """Guided Grad-CAM (Selvaraju et al., ICCV 2017).
+
+    Formula: ``a = GB ⊙ up(ReLU(L_gradcam))`` where ``GB`` is guided backprop at the input (B, C, H, W)
+    and ``up`` is cnnlens' bilinear upsampling (``align_corners=False``) of the raw Grad-CAM of the view's
+    layer; raw map ``sum_c a_c``. The Grad-CAM factor is not min-max normalised first (the paper's figure
+    code does; per-map normalisation afterwards makes the scale irrelevant). captum's ``GuidedGradCam``
+    with ``interpolate_mode="bilinear"`` computes the same. Fails the model-randomisation sanity check
+    through its guided-backprop factor (Adebayo et al., 2018).
+
+    Example:
+        >>> import cnnlens
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(144, 2))
+        >>> r = cnnlens.explain(net, torch.randn(1, 3, 8, 8), methods=["guided_gradcam"], layers=["1"])
+        >>> r["guided_gradcam", "1"].raw.shape
+        torch.Size([1, 1, 8, 8])
+    """
+    probe = view.require_probe("guided_gradcam")
+    guided = probe.cached_input_gradient(view.target, "guided")
+    dtype = precise_dtype(guided)
+    cam_out = gradcam(view)
+    cam_raw = cam_out.raw if isinstance(cam_out, MethodOutput) else cam_out
+    cam = torch.relu(cam_raw.to(dtype))
+    size = (int(guided.shape[-2]), int(guided.shape[-1]))
+    return reduce_channels(guided.to(dtype) * upsample(cam, size).unsqueeze(1), reduce)
+
+
+@functools.lru_cache(maxsize=64)
+def _quadrature(steps: int, rule: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    n = steps
+    if rule == "gausslegendre":
+        # Golub-Welsch: nodes are the eigenvalues of the Jacobi matrix of the Legendre polynomials.
+        k = torch.arange(1, n, dtype=torch.float64)
+        beta = k / torch.sqrt(4 * k * k - 1)
+        jacobi = torch.diag(beta, 1) + torch.diag(beta, -1)
+        nodes, vectors = torch.linalg.eigh(jacobi)
+        weights = 2 * vectors[0] ** 2
+        alphas, sizes = (nodes + 1) / 2, weights / 2
+    elif rule == "riemann_trapezoid":
+        alphas = torch.linspace(0, 1, n, dtype=torch.float64)
+        sizes = torch.full((n,), 1 / (n - 1), dtype=torch.float64)
+        sizes[0] /= 2
+        sizes[-1] /= 2
+    else:
+        sizes = torch.full((n,), 1 / n, dtype=torch.float64)
+        start = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[rule]
+        alphas = (torch.arange(n, dtype=torch.float64) + start) / n
+    return tuple(alphas.tolist()), tuple(sizes.tolist())
+
+
+def quadrature(steps: int, rule: str = "gausslegendre") -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes ``alpha`` in [0, 1] and weights of the rule approximating ``integral_0^1 f(alpha) d alpha``.
+
+    Rules: ``"gausslegendre"`` (exact for polynomials of degree < 2·steps; nodes from the eigenvalues of
+    the Jacobi matrix, as numpy's ``leggauss`` up to ~1e-15), ``"riemann_trapezoid"`` (``steps`` equally
+    spaced nodes including both ends, weights ``1/(steps-1)`` halved at the ends; they sum to 1. captum's
+    "riemann_trapezoid" uses weights ``1/steps`` halved at the ends, which sum to ``1 - 1/steps``, so its
+    results are smaller by about that factor), ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``
+    (weights ``1/steps``, as captum).
+
+    Returns:
+        ``(alphas, weights)``, float64 tensors of shape ``(steps,)``.
+
+    Example:
+        >>> a, w = quadrature(2)
+        >>> [round(v, 6) for v in a.tolist()], [round(v, 12) for v in w.tolist()]
+        ([0.211325, 0.788675], [0.5, 0.5])
+    """
+    if rule not in _RULES:
+        raise MethodError(f"rule must be one of {', '.join(map(repr, _RULES))}; got {rule!r}.")
+    _check_count("steps", steps, 2 if rule == "riemann_trapezoid" else 1)
+    alphas, sizes = _quadrature(steps, rule)
+    return torch.tensor(alphas, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64)
+
+
+def _baseline_like(baseline: Any, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return torch.full_like(x, float(baseline))
+    if isinstance(baseline, torch.Tensor):
+        b = baseline.detach().to(device=x.device, dtype=x.dtype)
+        try:
+            return torch.broadcast_to(b, x.shape).clone()
+        except RuntimeError:
+            pass
+    shape = tuple(baseline.shape) if isinstance(baseline, torch.Tensor) else type(baseline).__name__
+    raise MethodError(
+        f"the Integrated Gradients baseline must be a number or a tensor broadcastable to the input "
+        f"{tuple(x.shape)} (e.g. (C, H, W) or (1, C, H, W)) in the model's input space; got {shape}."
+    )
+
+
+def _integrated_gradients_all(
+    probe: Probe, baseline: Any, steps: int, rule: str, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IG attributions ``(T, B, C, H, W)`` and convergence deltas ``(T, B)`` for every target at once."""
+    rec = probe.recording
+    x = rec.inputs
+    base = _baseline_like(baseline, x)
+    alphas, weights = quadrature(steps, rule)
+    dtype = precise_dtype(x)
+    diff = x - base
+    node = alphas.to(device=x.device, dtype=x.dtype)
+    weight = weights.to(device=x.device, dtype=dtype)
+    num_targets = len(probe.targets)
+    total = torch.zeros((num_targets, *x.shape), dtype=dtype, device=x.device)
+
+    def make_rows(copy_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+        return base[sample_index] + node[copy_index].view(-1, 1, 1, 1) * diff[sample_index]
+
+    passes = _row_passes(probe, make_rows, steps, batch_size, gradients=False, input_gradients=True)
+    for copy_index, sample_index, chunk, _ in passes:
+        assert chunk.input_gradients is not None  # requested
+        scaled = chunk.input_gradients.to(dtype) * weight[copy_index].view(1, -1, 1, 1, 1)
+        _accumulate(total, 1, sample_index, scaled)
+    attributions = total * diff.to(dtype)
+    assert rec.scores is not None  # set by Capture.run
+    base_logits = probe.logits(base)
+    rows = torch.arange(x.shape[0], device=x.device)
+    base_scores = torch.stack([probe.scores(base_logits, t, rows) for t in range(num_targets)])
+    gap = rec.scores.T.to(dtype) - base_scores.to(dtype)
+    delta = attributions.flatten(2).sum(dim=2) - gap
+    return attributions, delta
+
+
+@register(
+    "integrated_gradients",
+    title="Integrated Gradients",
+    needs={"probe"},
+    paper="Sundararajan, Taly & Yan, Axiomatic Attribution for Deep Networks, ICML 2017 (arXiv:1703.01365)",
+    formula="a = (x - x') ⊙ sum_s w_s dS/dx(x' + alpha_s (x - x')) ;  raw = sum_c a_c ;  sum(raw) ≈ S(x) - S(x')",
+    summary="Gradients integrated along the straight path from a baseline to the input (the layer is ignored).",
+    display="abs",
+    defaults={"baseline": 0.0, "steps": 50, "rule": "gausslegendre", "batch_size": 32, "reduce": "sum"},
+)
+def integrated_gradients(
+    view: LayerView,
+    baseline: float | torch.Tensor = 0.0,
+    steps: int = 50,
+    rule: str = "gausslegendre",
+    batch_size: int = 32,
+    reduce: str = "sum",
+) -> MethodOutput:
+    """Integrated Gradients (Sundararajan et al., ICML 2017).
+
+    Formula: ``a = (x - x') ⊙ ∫_0^1 dS/dx(x' + α (x - x')) dα``, the integral approximated by a quadrature
+    rule with ``steps`` nodes (:func:`quadrature`; Gauss-Legendre by default, as captum). Completeness:
+    ``sum(a) = S(x) - S(x')``; the per-sample error ``sum(a) - (S(x) - S(x'))`` is reported as
+    ``extras["convergence_delta"]`` (captum's definition); increase ``steps`` when it is large relative to
+    the score gap. With the default ``reduce="sum"`` the raw map sums to ``sum(a)``.
+
+    The baseline ``x'`` lives in the **model's input space** (the preprocessed tensor): the default ``0.0``
+    is the all-zero tensor, i.e. the mean colour for ImageNet-normalised inputs, not a black image. Pass a
+    number or a tensor broadcastable to the input (``(C, H, W)``, ``(1, C, H, W)`` or per sample
+    ``(B, C, H, W)``, which then depends on the batch layout).
+
+    The ``steps × B`` interpolated inputs are run in chunks of at most ``batch_size`` rows (several
+    interpolation points per forward/backward), with every target of the call in the same forward; the
+    result is computed once per explain call and reused for every layer (the layer is ignored).
+
+    Args:
+        view: One target's view; needs the probe.
+        baseline: ``x'``, a number or a tensor in the model's input space.
+        steps: Number of quadrature nodes.
+        rule: ``"gausslegendre"``, ``"riemann_trapezoid"``, ``"riemann_left"``, ``"riemann_right"`` or
+            ``"riemann_middle"``.
+        batch_size: Most rows per forward/backward.
+        reduce: Channel reduction, see :func:`reduce_channels`.
+
+    Returns:
+        The raw map ``(B, H, W)`` and ``extras["convergence_delta"]`` ``(B,)``.
+
+    Example:
+        >>> import cnnlens
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(144, 2))
+        >>> r = cnnlens.explain(net, torch.randn(1, 3, 8, 8), methods=["integrated_gradients"],
+        ...                     layers=["0"], options={"integrated_gradients": {"steps": 64}})
+        >>> r["integrated_gradients", "0"].extras["convergence_delta"].shape
+        torch.Size([1, 1])
+    """
+    probe = view.require_probe("integrated_gradients")
+    quadrature(steps, rule)  # validates steps and rule before any pass
+    _check_count("batch_size", batch_size, 1)
+    if reduce not in _REDUCES:
+        reduce_channels(torch.zeros(1, 1, 1, 1), reduce)  # raises the standard message
+    options = {"baseline": baseline, "steps": steps, "rule": rule, "batch_size": batch_size}
+    key = ("integrated_gradients", _options_key(options))
+    # The memo entry keeps ``options`` alive: a tensor baseline is keyed by identity.
+    attributions, delta, _ = _memo(
+        probe, key, lambda: (*_integrated_gradients_all(probe, baseline, steps, rule, batch_size), options)
+    )
+    return MethodOutput(reduce_channels(attributions[view.target], reduce), {"convergence_delta": delta[view.target]})

@@ -1,0 +1,455 @@
+"""Perturbation CAMs: channel weights from extra forward passes instead of gradients.
+
+* **Score-CAM** masks the *input* with each channel of the layer and weights the channel by the target
+  score of the masked input (softmax over channels).
+* **Ablation-CAM** sets each channel of the layer to zero and weights it by the relative drop of the target
+  score; only the part of the network after the layer is re-run where ``torch.fx`` can trace the model
+  (:meth:`cnnlens.capture.Capture.replay`).
+
+Both return the raw, signed map ``sum_k w_k A_k`` at layer resolution (ReLU, upsampling and normalisation
+are applied by :func:`cnnlens.explain.explain`), compute weights in float64, run their extra forwards under
+``torch.inference_mode`` in memory-bounded chunks (:mod:`cnnlens.batching`), and keep them in the probe so
+that several targets (e.g. the top-3 classes) share one set of forwards. Targets are fixed by the probe: a
+perturbed copy of sample ``b`` is scored for the class explained for sample ``b``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cnnlens.batching import chunk_size as fit_chunk
+from cnnlens.batching import measure_peak_bytes, resolve_budget, run_in_chunks, tuner_for
+from cnnlens.capture import Probe
+from cnnlens.errors import MethodError
+from cnnlens.maps import precise_dtype
+from cnnlens.methods.cam import weighted_sum
+from cnnlens.methods.registry import LayerView, MethodOutput, register
+
+__all__ = ["ablationcam", "channel_masks", "scorecam", "select_channels"]
+
+
+def _check_feature_map(view: LayerView, method: str) -> None:
+    if view.activation.ndim != 4:
+        raise MethodError(
+            f"{method} needs a (B, C, H, W) feature map, but layer {view.layer!r} outputs shape "
+            f"{tuple(view.activation.shape)}; target a convolutional layer or block."
+        )
+    if view.inputs.ndim != 4:
+        raise MethodError(
+            f"{method} masks or re-runs image inputs (B, C, H, W); got inputs of shape {tuple(view.inputs.shape)}."
+        )
+
+
+def _check_count(value: object, name: str, method: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise MethodError(f"{method}: {name} must be a positive int or None, got {value!r}.")
+
+
+def _scores(probe: Probe, logits: torch.Tensor, t: int, sample_index: torch.Tensor, method: str) -> torch.Tensor:
+    scores = probe.scores(logits, t, sample_index)
+    if scores.shape != sample_index.shape:
+        raise MethodError(
+            f"{method} scores perturbed copies of each image: the target must give one score per row of logits "
+            f"(got shape {tuple(scores.shape)} for {sample_index.shape[0]} rows). Use a class index target, or a "
+            "callable that works row by row (e.g. lambda logits: logits[:, 3])."
+        )
+    return scores.to(torch.float64)
+
+
+# -- Score-CAM -----------------------------------------------------------------------------------------
+def channel_masks(activation: torch.Tensor, size: tuple[int, int], *, align_corners: bool = False) -> torch.Tensor:
+    """Score-CAM masks: each channel upsampled bilinearly to ``size`` and min-max normalised to [0, 1].
+
+    Formula: ``H_k = (up(A_k) - min up(A_k)) / (max up(A_k) - min up(A_k))``; a channel that is flat at
+    layer resolution (``max A_k == min A_k``, e.g. all zero) gives the all-zero mask (no NaN).
+
+    Args:
+        activation: ``(N, h, w)`` channels (any float dtype; computed in that dtype).
+        size: ``(H, W)`` of the input.
+        align_corners: Passed to ``F.interpolate``; False (pixel-centre aligned) by default.
+
+    Returns:
+        ``(N, H, W)`` masks.
+
+    Example:
+        >>> channel_masks(torch.tensor([[[0.0, 2.0]], [[3.0, 3.0]]]), (1, 4)).tolist()
+        [[[0.0, 0.25, 0.75, 1.0]], [[0.0, 0.0, 0.0, 0.0]]]
+    """
+    flat = activation.flatten(1)
+    constant = flat.amax(dim=1) == flat.amin(dim=1)
+    up = F.interpolate(activation[:, None], size=size, mode="bilinear", align_corners=align_corners)[:, 0]
+    lo = up.flatten(1).amin(dim=1)[:, None, None]
+    hi = up.flatten(1).amax(dim=1)[:, None, None]
+    span = hi - lo
+    ok = (span > 0) & ~constant[:, None, None]
+    return torch.where(ok, (up - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(up))
+
+
+def select_channels(activation: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """The channels fast Score-CAM scores: the ``top_k`` largest by spatial mean activation, per sample.
+
+    Args:
+        activation: ``(B, C, h, w)``.
+        top_k: How many channels (None or ``>= C``: all).
+
+    Returns:
+        ``(B, C)`` bool, True for selected channels (ties broken towards the lower channel index).
+
+    Example:
+        >>> select_channels(torch.tensor([[[[1.0]], [[3.0]], [[2.0]]]]), 2).tolist()
+        [[False, True, True]]
+    """
+    batch, channels = activation.shape[:2]
+    if top_k is None or top_k >= channels:
+        return torch.ones(batch, channels, dtype=torch.bool, device=activation.device)
+    mean = activation.to(precise_dtype(activation)).mean(dim=(2, 3))
+    # stable descending order: equal means keep channel order
+    order = torch.sort(mean, dim=1, descending=True, stable=True).indices[:, :top_k]
+    chosen = torch.zeros(batch, channels, dtype=torch.bool, device=activation.device)
+    chosen.scatter_(1, order, True)
+    return chosen
+
+
+@dataclass(frozen=True)
+class _MaskedLogits:
+    """Logits of the distinct masked inputs of a batch, and which row serves each (sample, channel)."""
+
+    row_of: torch.Tensor  # (B, C) long: logits row of each scored (sample, channel); -1 = not scored
+    logits: torch.Tensor  # (R, K)
+    distinct: torch.Tensor  # (B,) distinct masked inputs of each sample (the shared all-zero one included)
+
+
+_FOOTPRINT: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], int]] = weakref.WeakKeyDictionary()
+
+
+def _forward_footprint(probe: Probe, example: torch.Tensor) -> int:
+    """Measured peak bytes of one masked forward (remembered per model, shape, dtype, memory format)."""
+    model = probe.cap.model
+    key = (tuple(example.shape[1:]), example.dtype, str(example.device), example.is_contiguous())
+    known = _FOOTPRINT.setdefault(model, {})
+    if key not in known:
+        with torch.inference_mode():
+            known[key] = measure_peak_bytes(lambda: probe.logits(example), example.device)
+    return known[key]
+
+
+def _masked_logits(
+    view: LayerView,
+    probe: Probe,
+    *,
+    top_k: int | None,
+    align_corners: bool,
+    channels_last: bool,
+    batch_budget_mb: float | None,
+    chunk_size: int | None,
+) -> _MaskedLogits:
+    act = view.activation.detach()
+    inputs = view.inputs.detach()
+    batch, channels = act.shape[:2]
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    device = inputs.device
+    mask_dtype = inputs.dtype if inputs.dtype in (torch.float32, torch.float64) else torch.float32
+    chosen = select_channels(act, top_k)
+    flat = act.flatten(2)
+    constant = flat.amax(dim=2) == flat.amin(dim=2)
+
+    # Distinct masked inputs: a flat channel masks every image to zeros (one shared row for the batch);
+    # channels with identical values give identical masks (scored once per sample).
+    row_of = torch.full((batch, channels), -1, dtype=torch.long, device=act.device)
+    row_sample: list[torch.Tensor] = []
+    row_channel: list[torch.Tensor] = []
+    count = 0
+    zero_row = -1
+    if bool((chosen & constant).any()):
+        zero_row = 0
+        row_sample.append(torch.zeros(1, dtype=torch.long, device=act.device))
+        row_channel.append(torch.full((1,), -1, dtype=torch.long, device=act.device))
+        count = 1
+        row_of[chosen & constant] = zero_row
+    for b in range(batch):
+        live = (chosen[b] & ~constant[b]).nonzero().flatten()
+        if live.numel() == 0:
+            continue
+        uniq, first, inverse = _unique_rows(flat[b, live])
+        row_sample.append(torch.full((uniq,), b, dtype=torch.long, device=act.device))
+        row_channel.append(live[first])
+        row_of[b, live] = count + inverse
+        count += uniq
+    samples = torch.cat(row_sample) if row_sample else torch.zeros(0, dtype=torch.long, device=act.device)
+    chans = torch.cat(row_channel) if row_channel else torch.zeros(0, dtype=torch.long, device=act.device)
+
+    def make_batch(start: int, stop: int) -> torch.Tensor:
+        s, k = samples[start:stop], chans[start:stop]
+        real = k >= 0
+        masks = torch.zeros(stop - start, *size, dtype=mask_dtype, device=device)
+        if bool(real.any()):
+            masks[real] = channel_masks(
+                act[s[real], k[real]].to(device=device, dtype=mask_dtype), size, align_corners=align_corners
+            )
+        x = (inputs.index_select(0, s.to(device)).to(mask_dtype) * masks[:, None]).to(inputs.dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    distinct = torch.tensor(
+        [float(torch.unique(row_of[b][row_of[b] >= 0]).numel()) for b in range(batch)], device=act.device
+    )
+    if count == 0:
+        return _MaskedLogits(row_of, torch.zeros(0, 0, device=device), distinct)
+    with torch.no_grad():
+        example = make_batch(0, 1)
+        item_bytes = example.nelement() * example.element_size() * 2 + int(size[0] * size[1]) * 8
+        per_item = _forward_footprint(probe, example) + item_bytes
+        budget = resolve_budget(batch_budget_mb, device)
+        cap = fit_chunk(per_item, budget)
+        key = ("scorecam", tuple(inputs.shape[1:]), inputs.dtype, str(device), channels_last, budget)
+        tuner = tuner_for(probe.cap.model, key, cap)
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+        parts = run_in_chunks(
+            probe.logits, count, make_batch, max_chunk=min(cap, count), chunk=chunk_size, tuner=tuner, sync=sync
+        )
+    return _MaskedLogits(row_of, torch.cat(parts), distinct)
+
+
+def _unique_rows(values: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Distinct rows of ``values`` (N, D): (count, index of each distinct row's first occurrence, inverse)."""
+    _, inverse = torch.unique(values, dim=0, return_inverse=True)
+    uniq = int(inverse.max()) + 1 if inverse.numel() else 0
+    positions = torch.arange(values.shape[0], device=values.device)
+    first = torch.full((uniq,), values.shape[0], dtype=torch.long, device=values.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    # renumber distinct rows by first occurrence so that rows follow channel order
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(uniq, device=values.device)
+    return uniq, first[order], rank[inverse]
+
+
+@register(
+    "scorecam",
+    title="Score-CAM",
+    needs={"activations", "probe"},
+    defaults={
+        "top_k": None,
+        "align_corners": False,
+        "channels_last": True,
+        "batch_budget_mb": None,
+        "chunk_size": None,
+    },
+    paper="Wang et al., Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural Networks, "
+    "CVPR Workshops 2020 (arXiv:1910.01279)",
+    formula="H_k = norm(up(A_k)) ;  w = softmax_k(S(X ⊙ H_k)) ;  L = ReLU(sum_k w_k A_k)",
+    summary="Channels weighted by the softmax of the target score of the input masked by each channel.",
+)
+def scorecam(
+    view: LayerView,
+    top_k: int | None = None,
+    align_corners: bool = False,
+    channels_last: bool = True,
+    batch_budget_mb: float | None = None,
+    chunk_size: int | None = None,
+) -> MethodOutput:
+    """Score-CAM (Wang et al., CVPRW 2020, arXiv:1910.01279).
+
+    Formula: each channel ``A_k`` is upsampled bilinearly to the input size and min-max normalised,
+    ``H_k = (up(A_k) - min) / (max - min)``; it masks the input, ``X ⊙ H_k``; the weights are the softmax over
+    channels of the target scores of the masked inputs, ``w = softmax_k(S(X ⊙ H_k))``; and the map is
+    ``L = ReLU(sum_k w_k A_k)`` (this function returns the signed sum; the ReLU is applied when rendering).
+
+    Variant choices:
+
+    * **Baseline**: the mask multiplies the *normalised* input tensor the model receives, so a masked-out
+      pixel is 0 in normalised space (the dataset mean colour for ImageNet preprocessing), not black. The
+      weights are the softmax of the masked scores themselves (arXiv v1 and pytorch-grad-cam), not of the
+      increase over a baseline score (v2's CIC); with one shared baseline score the two are the same softmax.
+    * **Scores** are the probe's target scores: logits by default.
+    * **Upsampling** uses ``align_corners=False`` (pixel-centre aligned, like every cnnlens upsampling);
+      pytorch-grad-cam uses ``torch.nn.UpsamplingBilinear2d``, i.e. ``align_corners=True``: pass
+      ``align_corners=True`` to reproduce it exactly.
+    * A channel that is **flat** at layer resolution gives the all-zero mask (the definition's 0/0); such
+      masked inputs are all zeros and are scored once per batch. pytorch-grad-cam divides by
+      ``max - min + 1e-8`` instead (same masks up to that epsilon).
+
+    Exact mode (``top_k=None``) scores every channel, but runs each distinct masked input once (flat and
+    duplicate channels share a forward); the maps equal the definition. Masked inputs are built chunk by
+    chunk (never all at once), sized to ``batch_budget_mb`` from the measured footprint of one masked
+    forward and tuned for throughput (:mod:`cnnlens.batching`); ``chunk_size`` fixes the size instead.
+    ``channels_last`` feeds the masked inputs in channels-last memory format (faster convolutions on CPU;
+    same values up to float reassociation).
+
+    Fast mode (``top_k=k``): only the ``k`` channels with the largest spatial mean activation of each image
+    are scored (:func:`select_channels`), and the softmax is taken over those ``k`` scores only; the other
+    channels get weight 0. This is the exact softmax renormalised to the selected set, so the map differs
+    from the exact one only by the softmax mass of the unselected channels. Cost: ``k`` forwards instead of
+    ``C``.
+
+    Args:
+        view: The captured activation of one layer for one target, with its probe.
+        top_k: Score only this many channels per image (None: all, exact).
+        align_corners: Bilinear upsampling convention of the masks.
+        channels_last: Run the masked forwards in channels-last memory format.
+        batch_budget_mb: Memory budget of one chunk of masked forwards in MiB (None: 512 MiB on CPU, half
+            the free memory on CUDA).
+        chunk_size: A fixed number of masked inputs per forward (None: chosen within the budget).
+
+    Returns:
+        :class:`MethodOutput` with the ``(B, h, w)`` raw map (float64) and the per-sample extra
+        ``masked_inputs``: how many distinct masked inputs were scored for the image (the all-zero input of
+        flat channels, shared by the batch, counts once).
+
+    Example:
+        >>> import torch, cnnlens
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+        ...                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        >>> res = cnnlens.explain(net, torch.randn(1, 3, 8, 8), methods=["scorecam"], layers=["1"])
+        >>> res["scorecam", "1"].raw.shape
+        torch.Size([1, 1, 8, 8])
+    """
+    _check_feature_map(view, "scorecam")
+    _check_count(top_k, "top_k", "scorecam")
+    _check_count(chunk_size, "chunk_size", "scorecam")
+    probe = view.require_probe("scorecam")
+    key = ("scorecam", view.layer, top_k, bool(align_corners), bool(channels_last))
+    masked = probe.memo(
+        key,
+        lambda: _masked_logits(
+            view,
+            probe,
+            top_k=top_k,
+            align_corners=bool(align_corners),
+            channels_last=bool(channels_last),
+            batch_budget_mb=batch_budget_mb,
+            chunk_size=chunk_size,
+        ),
+    )
+    act = view.activation
+    dtype = precise_dtype(act)
+    batch, channels = act.shape[:2]
+    scored = masked.row_of >= 0
+    scores = torch.full((batch, channels), -torch.inf, dtype=dtype, device=act.device)
+    if bool(scored.any()):
+        pair_b, pair_k = scored.nonzero(as_tuple=True)
+        rows = masked.row_of[pair_b, pair_k]
+        values = _scores(probe, masked.logits[rows.to(masked.logits.device)], view.target, pair_b, "scorecam")
+        scores[pair_b, pair_k] = values.to(device=act.device, dtype=dtype)
+    scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(dtype).max)
+    has_any = torch.isfinite(scores).any(dim=1, keepdim=True)
+    weights = torch.where(has_any, torch.softmax(torch.where(has_any, scores, 0.0), dim=1), 0.0)
+    weights = torch.where(scored, weights, 0.0)
+    raw = weighted_sum(weights, act)
+    return MethodOutput(raw, {"masked_inputs": masked.distinct})
+
+
+# -- Ablation-CAM --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _AblatedLogits:
+    pair_b: torch.Tensor  # (P,) sample of each ablation
+    pair_k: torch.Tensor  # (P,) ablated channel
+    logits: torch.Tensor  # (P, K)
+
+
+def _ablated_logits(
+    view: LayerView, probe: Probe, *, batch_budget_mb: float | None, chunk_size: int | None
+) -> _AblatedLogits:
+    act = view.activation.detach()
+    # Zeroing a channel that is already all zero changes nothing: y_k = y and w_k = 0, no forward needed.
+    live = act.flatten(2).ne(0).any(dim=2)
+    pair_b, pair_k = live.nonzero(as_tuple=True)
+
+    def make_rows(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k = pair_b[start:stop], pair_k[start:stop]
+        rows = act.index_select(0, b).clone()
+        rows[torch.arange(rows.shape[0], device=rows.device), k] = 0
+        return rows, b
+
+    logits = probe.replay_rows(
+        view.layer, int(pair_b.numel()), make_rows, batch_budget_mb=batch_budget_mb, chunk_size=chunk_size
+    )
+    return _AblatedLogits(pair_b, pair_k, logits)
+
+
+@register(
+    "ablationcam",
+    title="Ablation-CAM",
+    needs={"activations", "probe"},
+    defaults={"eps": 1e-6, "batch_budget_mb": None, "chunk_size": None},
+    paper="Desai & Ramaswamy, Ablation-CAM: Visual Explanations for Deep Convolutional Network via "
+    "Gradient-free Localization, WACV 2020",
+    formula="w_k = (y - y_k) / y  (y_k: score with channel k set to 0) ;  L = ReLU(sum_k w_k A_k)",
+    summary="Channels weighted by the relative drop of the target score when each is set to zero.",
+)
+def ablationcam(
+    view: LayerView,
+    eps: float = 1e-6,
+    batch_budget_mb: float | None = None,
+    chunk_size: int | None = None,
+) -> MethodOutput:
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020).
+
+    Formula: ``w_k = (y - y_k) / y`` where ``y`` is the target score and ``y_k`` the score with channel ``k``
+    of the layer set to 0; ``L = ReLU(sum_k w_k A_k)`` (this function returns the signed sum).
+
+    Variant choices:
+
+    * **Ablation value 0**, as in the paper. pytorch-grad-cam also uses 0 when the activation's minimum is 0
+      (post-ReLU layers); on layers with negative values it writes ``min(A) - 1e7`` instead (its
+      ``AblationLayer``), which is a different perturbation: compare with it on post-ReLU layers only.
+    * **Denominator guard**: ``y`` is replaced by ``sign(y) * max(|y|, eps)`` (``sign(0) = +1``), so the
+      weights stay finite; samples with ``|y| < eps`` are flagged in the extra ``score_near_zero`` (their
+      map's scale and sign are not meaningful). A negative ``y`` flips the sign of every weight, as in the
+      paper and pytorch-grad-cam; it is reported in ``score_negative``.
+    * Channels that are all zero are not ablated (their weight would multiply a zero channel).
+
+    The ablations only re-run the part of the network after the layer where ``torch.fx`` can trace the model
+    (:meth:`cnnlens.capture.Capture.replay`), else full forwards with a temporary hook; both in
+    memory-bounded chunks (``batch_budget_mb``, ``chunk_size``; see :mod:`cnnlens.batching`).
+
+    Args:
+        view: The captured activation of one layer for one target, with its probe.
+        eps: Smallest ``|y|`` used as denominator.
+        batch_budget_mb: Memory budget of one chunk of ablations in MiB (None: device default).
+        chunk_size: A fixed number of ablations per pass (None: chosen within the budget).
+
+    Returns:
+        :class:`MethodOutput` with the ``(B, h, w)`` raw map (float64) and per-sample extras
+        ``score_near_zero`` and ``score_negative`` (1.0 or 0.0).
+
+    Example:
+        >>> import torch, cnnlens
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+        ...                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        >>> res = cnnlens.explain(net, torch.randn(1, 3, 8, 8), methods=["ablationcam"], layers=["1"])
+        >>> res["ablationcam", "1"].extras["score_near_zero"].shape
+        torch.Size([1, 1])
+    """
+    _check_feature_map(view, "ablationcam")
+    _check_count(chunk_size, "chunk_size", "ablationcam")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise MethodError(f"ablationcam: eps must be a positive number, got {eps!r}.")
+    probe = view.require_probe("ablationcam")
+    ablated = probe.memo(
+        ("ablationcam", view.layer),
+        lambda: _ablated_logits(view, probe, batch_budget_mb=batch_budget_mb, chunk_size=chunk_size),
+    )
+    act = view.activation
+    dtype = precise_dtype(act)
+    batch, channels = act.shape[:2]
+    y = view.score.detach().to(device=act.device, dtype=dtype)
+    drop = torch.zeros(batch, channels, dtype=dtype, device=act.device)
+    if ablated.pair_b.numel():
+        y_k = _scores(probe, ablated.logits, view.target, ablated.pair_b, "ablationcam").to(act.device)
+        drop[ablated.pair_b, ablated.pair_k] = y[ablated.pair_b] - y_k
+    sign = torch.where(y < 0, -1.0, 1.0).to(dtype)
+    denom = sign * y.abs().clamp(min=float(eps))
+    weights = drop / denom[:, None]
+    raw = weighted_sum(weights, act)
+    extras = {
+        "score_near_zero": (y.abs() < eps).to(torch.float32),
+        "score_negative": (y < 0).to(torch.float32),
+    }
+    return MethodOutput(raw, extras)
