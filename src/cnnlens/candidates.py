@@ -270,6 +270,7 @@ def candidate_layers(
     input_size: Sequence[int] | None = None,
     *,
     device: str | None = None,
+    infos: Sequence[LayerInfo] | None = None,
 ) -> LayerCatalog:
     """List the layers worth targeting, with their roles, output shapes and strides.
 
@@ -277,6 +278,7 @@ def candidate_layers(
         model: Any CNN.
         input_size: ``(C, H, W)`` of one input; default ``(3, 224, 224)``.
         device: Where to run the shape probe; default the model's device.
+        infos: A probe already run by :func:`cnnlens.capture.probe_layers` for this input size (skips the probe).
 
     Returns:
         A :class:`LayerCatalog` (candidates in execution order).
@@ -288,7 +290,7 @@ def candidate_layers(
         ('layer4', 'layer4.1', 'layer4.1.conv2')
     """
     size = tuple(int(v) for v in (input_size or (3, 224, 224)))
-    infos = probe_layers(model, size, device=device)
+    infos = list(infos) if infos is not None else probe_layers(model, size, device=device)
     ran = {i.name: i for i in infos if i.calls > 0}
     order = {i.name: k for k, i in enumerate(infos) if i.calls > 0}
     spatial = {n for n, i in ran.items() if i.shape is not None and len(i.shape) == 3}

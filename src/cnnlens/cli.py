@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cnnlens.candidates import candidate_layers
 from cnnlens.capture import probe_layers
 from cnnlens.data import ImageFailure, expand_paths, load_image, sample_images
 from cnnlens.errors import CnnlensError, TargetError
@@ -343,30 +344,39 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    """``cnnlens layers``."""
+    """``cnnlens layers``: every feature-map layer with type, shape, stride and its roles."""
     model = _load(args)
     c = 3
     h, w = model.spec.preprocessing.input_size
     infos = probe_layers(model.module, (c, h, w))
-    table = Table(title=f"{model.spec.name}: layers for input {c}x{h}x{w} (default target: {model.spec.default_layer})")
-    for col in ("layer", "type", "output shape", "stride", "params"):
-        table.add_column(col, justify="right" if col in {"stride", "params"} else "left")
+    catalog = candidate_layers(model.module, (c, h, w), infos=infos)
+    roles = {layer.name: list(layer.roles) for layer in catalog.layers}
+    for role, name in model.spec.known_layers.items():
+        if role not in roles.setdefault(name, []):
+            roles[name].append(role)
     default = model.spec.default_layer
-    roles = {v: k for k, v in model.spec.known_layers.items()}
+    table = Table(title=f"{model.spec.name}: layers for input {c}x{h}x{w} (* = default target: {default})")
+    for col in ("layer", "type", "output shape", "stride", "params", "roles"):
+        table.add_column(col, justify="right" if col in {"stride", "params"} else "left", no_wrap=col != "roles")
     for info in infos:
         feature_map = info.shape is not None and len(info.shape) == 3
         if not args.all and not feature_map and info.name not in roles:
             continue
-        name = (
-            info.name
-            + (" *" if info.name == default else "")
-            + (f" ({roles[info.name]})" if info.name in roles else "")
-        )
         shape = "x".join(map(str, info.shape)) if info.shape is not None else ("not run" if info.calls == 0 else "-")
         if info.calls > 1:
             shape += f" (x{info.calls} calls)"
-        table.add_row(name, info.type, shape, str(info.stride or ""), f"{info.params:,}" if info.params else "")
+        table.add_row(
+            info.name + (" *" if info.name == default else ""),
+            info.type,
+            shape,
+            str(info.stride or ""),
+            f"{info.params:,}" if info.params else "",
+            ", ".join(r for r in roles.get(info.name, []) if r != "conv"),
+        )
     console.print(table)
+    if catalog.notes:
+        for note in catalog.notes:
+            err_console.print(f"note: {note}")
     return EXIT_OK
 
 
