@@ -216,3 +216,13 @@ def test_half_precision_models(method: str, dtype: torch.dtype, batch: torch.Ten
     assert (got.maps - ref.maps).abs().mean() < tol
     # a float32 input into a half model is cast at the edge
     cnnlens.explain(half, batch, methods=[method], layers=["body.4"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "hirescam", "layercam"])
+def test_cpu_and_cuda_maps_agree_on_conv_before_inplace_relu(method: str) -> None:
+    net = seeded(VggStyle(inplace=True), seed=5, dtype=torch.float32)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    cpu = cnnlens.explain(net, x, methods=[method], layers=["features.3"])[method, "features.3"]
+    gpu = cnnlens.explain(copy.deepcopy(net).cuda(), x.cuda(), methods=[method], layers=["features.3"])
+    torch.testing.assert_close(gpu[method, "features.3"].raw.cpu(), cpu.raw, rtol=1e-4, atol=1e-5)
