@@ -513,7 +513,7 @@ class Capture:
             )
 
         def make_rows(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return activations[start:stop], index[start:stop]
+            return activations[start:stop].clone(), index[start:stop]  # the model may modify rows in place
 
         return replay_rows(
             self,
@@ -864,7 +864,11 @@ def probe_layers(
 _T = TypeVar("_T")
 
 RowSource = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor]"]
-"""``make_rows(start, stop) -> (activations (n, C, h, w), sample_index (n,))`` for rows start..stop-1."""
+"""``make_rows(start, stop) -> (activations (n, C, h, w), sample_index (n,))`` for rows start..stop-1.
+
+The rows belong to the replay from then on: the model may modify them in place (``ReLU(inplace=True)``,
+``out += identity`` after the layer), and a source may reuse one buffer for successive chunks.
+"""
 
 _INPLACE_FUNCTIONS = {
     "iadd",
@@ -892,10 +896,13 @@ class _TailPlan:
     reason: str = ""
     head: Any = None  # torch.fx.GraphModule: inputs -> (*saved, target value)
     tail: Any = None  # torch.fx.GraphModule: (activation, *saved) -> model output
-    inputs: torch.Tensor | None = None  # the inputs the saved values belong to
+    inputs: tuple[Any, ...] | None = None  # key of the inputs the saved values belong to
     saved: list[torch.Tensor] = field(default_factory=list)
     per_row_bytes: int = 0
-    measured_for: torch.Tensor | None = None  # the inputs per_row_bytes was measured with
+    measured_for: tuple[Any, ...] | None = None  # key of the inputs per_row_bytes was measured with
+    held: torch.Tensor | None = None  # keeps those inputs' storage alive, so their key stays unique
+    act_shape: tuple[int, ...] = ()  # the layer's output shape per sample (fx path)
+    n_saved: int = 0  # how many values from before the layer the tail needs (fx path)
 
 
 class _LeafTracer:
@@ -991,6 +998,11 @@ def _split_graph(gm: Any, ref: LayerRef) -> tuple[Any, Any, list[Any]] | str:
     return torch.fx.GraphModule(gm, head), torch.fx.GraphModule(gm, tail), saved
 
 
+def _input_key(x: torch.Tensor) -> tuple[Any, ...]:
+    """Identifies an input batch (same storage, shape, dtype and no in-place change since)."""
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x._version)
+
+
 def _tolerance(reference: torch.Tensor) -> float:
     scale = 1.0 + float(reference.detach().abs().max()) if reference.numel() else 1.0
     return (1e-4 if reference.element_size() >= 4 else 1e-2) * scale
@@ -1018,8 +1030,8 @@ class _Replayer:
             return _TailPlan("hooks", reason=f"torch.fx could not trace the model: {type(exc).__name__}: {exc}")
         if isinstance(split, str):
             return _TailPlan("hooks", reason=split)
-        head, tail, _saved = split
-        return _TailPlan("fx", head=head, tail=tail)
+        head, tail, saved = split
+        return _TailPlan("fx", head=head, tail=tail, n_saved=len(saved))
 
     def _fallback(self, plan: _TailPlan, reason: str) -> None:
         import logging
@@ -1042,17 +1054,20 @@ class _Replayer:
         plan = self.plan(ref)
         device = inputs.device
         row, row_index = example
-        if plan.kind == "fx" and plan.inputs is not inputs:
+        key = _input_key(inputs)
+        if plan.kind == "fx" and plan.inputs != key:
             problem = self._check_tail(plan, inputs, logits, reference)
             if problem:
                 self._fallback(plan, problem)
             else:
-                plan.inputs = inputs
-        if plan.measured_for is not inputs:
-            run = lambda: self.run(ref, plan, inputs, row, row_index)  # noqa: E731
+                plan.inputs = key
+        if plan.measured_for != key:
+            run = lambda: self.run(ref, plan, inputs, row.clone(), row_index)  # noqa: E731
             with torch.inference_mode():
                 try:
                     peak = measure_peak_bytes(run, device)
+                except LayerError:
+                    raise
                 except Exception as exc:
                     if plan.kind != "fx":
                         raise
@@ -1062,7 +1077,8 @@ class _Replayer:
             if plan.kind == "hooks":
                 extra += inputs[:1].nelement() * inputs.element_size()
             plan.per_row_bytes = max(1, peak + 2 * row[:1].nelement() * row.element_size() + extra)
-            plan.measured_for = inputs
+            plan.measured_for = key
+        plan.held = inputs
         return plan
 
     def _check_tail(
@@ -1070,9 +1086,12 @@ class _Replayer:
     ) -> str:
         """Run the head on ``inputs`` and check the tail on the unmodified activations; '' when all is well."""
         try:
-            with torch.inference_mode():
-                out = plan.head(inputs)
-            values = list(out) if isinstance(out, tuple) else [out]
+            if plan.n_saved == 0 and reference is not None:
+                values: list[Any] = [reference]  # the tail needs nothing else: no head run
+            else:
+                with torch.inference_mode():
+                    out = plan.head(inputs)
+                values = list(out) if isinstance(out, tuple) else [out]
             saved, head_act = values[:-1], values[-1]
             batch = int(inputs.shape[0])
             if not all(isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch for v in saved):
@@ -1094,6 +1113,7 @@ class _Replayer:
         except Exception as exc:  # a traced graph that cannot run here: use the hook path (reason kept)
             return f"the traced graph failed to run: {type(exc).__name__}: {exc}"
         plan.saved = saved
+        plan.act_shape = tuple(head_act.shape[1:])
         return ""
 
     def hooked(self, ref: LayerRef, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -1112,7 +1132,7 @@ class _Replayer:
                     f"replacement activations for layer {ref.key!r} have shape {tuple(rows.shape)}, but the "
                     f"layer outputs {got} for these inputs; give rows shaped like the layer's output."
                 )
-            return rows.to(dtype=output.dtype).clone()
+            return rows.to(dtype=output.dtype)
 
         handle = ref.module.register_forward_hook(hook)
         try:
@@ -1124,10 +1144,16 @@ class _Replayer:
     def run(
         self, ref: LayerRef, plan: _TailPlan, inputs: torch.Tensor, rows: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
-        """Logits for one chunk of rows."""
+        """Logits for one chunk of rows (which the model may modify in place: pass rows you own)."""
         if plan.kind == "fx":
+            if tuple(rows.shape[1:]) != plan.act_shape:
+                raise LayerError(
+                    f"replacement activations for layer {ref.key!r} have shape {tuple(rows.shape)}, but the "
+                    f"layer outputs {(rows.shape[0], *plan.act_shape)} for these inputs; give rows shaped like "
+                    "the layer's output."
+                )
             with torch.inference_mode():
-                out = plan.tail(rows.clone(), *[v.index_select(0, index) for v in plan.saved])
+                out = plan.tail(rows, *[v.index_select(0, index) for v in plan.saved])
             return to_logits(out, self.cap.output_selector)
         return self.hooked(ref, inputs.index_select(0, index), rows)
 
@@ -1244,7 +1270,7 @@ def replay_rows(
 
 @dataclass
 class GraphRecording:
-    """What one :meth:`DifferentiableCapture.run` produced: tensors still attached to the input's graph.
+    """What one :meth:`DifferentiableCapture.run_graph` produced: tensors still attached to the input's graph.
 
     Attributes:
         layers: The layer keys in the order requested.
@@ -1264,7 +1290,7 @@ class _StopForwardSignal(Exception):  # noqa: N818 - a control-flow signal, not 
 
 
 class DifferentiableCapture(Capture):
-    """A :class:`Capture` whose :meth:`run` returns activations with their graph to the input.
+    """A :class:`Capture` whose :meth:`run_graph` returns activations with their graph to the input.
 
     Use :func:`differentiable_capture` to open one. While the context is open the model is in eval mode and
     every parameter has ``requires_grad=False``; on exit the hooks are removed and every flag is restored,
@@ -1281,6 +1307,7 @@ class DifferentiableCapture(Capture):
     ) -> None:
         super().__init__(model, layers, output_selector=output_selector)
         self.stop_early = stop_early
+        self._graph_run = False  # stop early only inside run_graph(), never in the inherited run()
 
     def __enter__(self) -> DifferentiableCapture:
         super().__enter__()
@@ -1297,13 +1324,13 @@ class DifferentiableCapture(Capture):
 
         def hook(mod: nn.Module, args: Any, output: Any) -> Any:
             result = record_output(mod, args, output)
-            if self.stop_early and self._recording and all(ref.key in self._acts for ref in self.refs):
+            if self._graph_run and self.stop_early and all(ref.key in self._acts for ref in self.refs):
                 raise _StopForwardSignal
             return result
 
         return hook
 
-    def run(self, inputs: torch.Tensor) -> GraphRecording:  # type: ignore[override]
+    def run_graph(self, inputs: torch.Tensor) -> GraphRecording:
         """Run one forward and return the recorded activations still attached to ``inputs``' graph.
 
         Args:
@@ -1322,7 +1349,7 @@ class DifferentiableCapture(Capture):
         """
         if not self._entered:
             raise LayerError(
-                "DifferentiableCapture.run() needs an active capture: use `with differentiable_capture(...)`."
+                "DifferentiableCapture.run_graph() needs an active capture: use `with differentiable_capture(...)`."
             )
         if torch.is_inference_mode_enabled():
             raise TargetError("a differentiable capture cannot run inside torch.inference_mode(); call it outside.")
@@ -1340,6 +1367,7 @@ class DifferentiableCapture(Capture):
         prev_grad = torch.is_grad_enabled()
         self._recording = True
         self._record_graph = True
+        self._graph_run = True
         logits: torch.Tensor | None = None
         try:
             torch.set_grad_enabled(True)
@@ -1365,6 +1393,7 @@ class DifferentiableCapture(Capture):
             torch.set_grad_enabled(prev_grad)
             self._recording = False
             self._record_graph = False
+            self._graph_run = False
             self._clear()
         return recording
 
@@ -1394,13 +1423,14 @@ def differentiable_capture(
             name the call (``name@k``) for shared modules.
 
     Returns:
-        A :class:`DifferentiableCapture`; ``run(x)`` inside the ``with`` block gives a :class:`GraphRecording`.
+        A :class:`DifferentiableCapture`; ``run_graph(x)`` inside the ``with`` block gives a
+        :class:`GraphRecording` (the inherited ``run()`` works as for :func:`capture`).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         >>> theta = torch.zeros(1, 3, 8, 8, requires_grad=True)
         >>> with differentiable_capture(net, "1") as cap:
-        ...     rec = cap.run(torch.sigmoid(theta))
+        ...     rec = cap.run_graph(torch.sigmoid(theta))
         >>> (g,) = torch.autograd.grad(rec.activations["1"][:, 0].mean(), [theta])
         >>> g.shape, net[0].weight.grad is None
         (torch.Size([1, 3, 8, 8]), True)

@@ -1,0 +1,289 @@
+"""The target-layer study: one capture for many candidate layers and methods, every map measured."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnlens.candidates import LayerCatalog, candidate_layers
+from cnnlens.errors import LayerError
+from cnnlens.explain import explain
+from cnnlens.explanation import Explanation, ExplanationSet
+from cnnlens.metrics import average_drop, deletion_insertion
+from cnnlens.models import LoadedModel
+from cnnlens.targets import TargetSpec
+
+__all__ = ["DEFAULT_STUDY_ROLES", "RULE", "LayerRow", "LayerStudy", "compare_layers", "recommend", "select_layers"]
+
+DEFAULT_STUDY_ROLES = (
+    "highest_numbered_conv",
+    "deepest_conv",
+    "last_branch_conv",
+    "merge",
+    "block_output",
+    "final_spatial",
+)
+"""Roles the study compares by default (every plain ``conv`` would be 50+ layers for ResNet50)."""
+
+RULE = (
+    "For each method, layers whose maps are degenerate on more than half of the images are excluded; each "
+    "remaining layer is ranked on Average Drop (lower is better), deletion AUC (lower is better) and "
+    "insertion AUC (higher is better); the layer with the lowest mean rank is recommended, ties going to the "
+    "higher insertion AUC, then to the deeper layer."
+)
+"""The documented recommendation rule."""
+
+
+@dataclass
+class LayerRow:
+    """One (layer, method) of a layer study.
+
+    Attributes:
+        layer: Layer name.
+        roles: Its roles from :func:`cnnlens.candidates.candidate_layers`.
+        shape: Output ``(C, h, w)``.
+        stride: Input height over output height.
+        method: Method id.
+        average_drop: Average Drop % (lower is better).
+        increase: % Increase in Confidence (higher is better).
+        deletion_auc: Mean deletion AUC (lower is better).
+        insertion_auc: Mean insertion AUC (higher is better).
+        degenerate: Share of the images whose map was degenerate.
+        per_image: Per-image ``drop``, ``deletion``, ``insertion`` values.
+        rank: Mean rank under :data:`RULE` (NaN-free: ``inf`` when excluded).
+    """
+
+    layer: str
+    roles: tuple[str, ...]
+    shape: tuple[int, ...]
+    stride: int | None
+    method: str
+    average_drop: float
+    increase: float
+    deletion_auc: float
+    insertion_auc: float
+    degenerate: float
+    per_image: dict[str, list[float]] = field(default_factory=dict)
+    rank: float = math.inf
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly row (``rank`` of an excluded layer becomes None)."""
+        row = asdict(self)
+        row["rank"] = None if math.isinf(self.rank) else self.rank
+        return row
+
+
+@dataclass
+class LayerStudy:
+    """The result of :func:`compare_layers`.
+
+    Attributes:
+        rows: One row per (layer, method), layers in execution order.
+        recommended: Method id -> recommended layer.
+        rule: How the recommendation was reached (:data:`RULE`).
+        explanations: Every map, for figures.
+        curves: ``(method, layer)`` -> mean deletion curve, mean insertion curve and the pixel fractions.
+        catalog: The candidate catalogue the layers came from.
+        notes: Warnings raised while computing (e.g. Grad-CAM++ on signed activations), de-duplicated.
+        step: Pixels per deletion/insertion step.
+    """
+
+    rows: list[LayerRow]
+    recommended: dict[str, str]
+    rule: str
+    explanations: ExplanationSet
+    curves: dict[tuple[str, str], dict[str, list[float]]]
+    catalog: LayerCatalog
+    notes: list[str]
+    step: int
+
+    def row(self, method: str, layer: str) -> LayerRow:
+        """The row of ``method`` at ``layer``."""
+        for r in self.rows:
+            if r.method == method and r.layer == layer:
+                return r
+        raise KeyError(f"no row for method {method!r} at layer {layer!r}.")
+
+    def table(self) -> list[dict[str, Any]]:
+        """Rows as dictionaries (for JSON, Parquet or printing)."""
+        return [r.as_dict() for r in self.rows]
+
+
+def select_layers(catalog: LayerCatalog, roles: Sequence[str] = DEFAULT_STUDY_ROLES, last_n: int | None = 4) -> list[str]:
+    """Pick the layers of the given roles; for the many-layer roles (``merge``, ``block_output``, ``conv``)
+    keep only the last ``last_n`` in execution order (``None`` keeps all).
+
+    Example:
+        >>> import torchvision
+        >>> from cnnlens.candidates import candidate_layers
+        >>> select_layers(candidate_layers(torchvision.models.resnet18(), (3, 64, 64)), last_n=2)
+        ['layer4.0', 'layer4.1.conv2', 'layer4.1', 'layer4']
+    """
+    many = {"merge", "block_output", "conv"}
+    chosen: set[str] = set()
+    for role in roles:
+        names = catalog.with_role(role)
+        if role in many and last_n is not None:
+            names = names[-last_n:]
+        chosen.update(names)
+    return [layer.name for layer in catalog.layers if layer.name in chosen]
+
+
+def recommend(rows: Sequence[LayerRow]) -> dict[str, str]:
+    """Apply :data:`RULE` to the rows of each method; sets each row's ``rank`` and returns method -> layer."""
+    out: dict[str, str] = {}
+    methods = list(dict.fromkeys(r.method for r in rows))
+    for method in methods:
+        mine = [r for r in rows if r.method == method]
+        valid = [r for r in mine if r.degenerate <= 0.5]
+        if not valid:
+            continue
+
+        def ranks(key: Any, reverse: bool) -> dict[str, float]:
+            ordered = sorted(valid, key=key, reverse=reverse)
+            # average ranks for ties
+            result: dict[str, float] = {}
+            i = 0
+            while i < len(ordered):
+                j = i
+                while j + 1 < len(ordered) and key(ordered[j + 1]) == key(ordered[i]):
+                    j += 1
+                for k in range(i, j + 1):
+                    result[ordered[k].layer] = (i + j) / 2 + 1
+                i = j + 1
+            return result
+
+        r_drop = ranks(lambda r: r.average_drop, False)
+        r_del = ranks(lambda r: r.deletion_auc, False)
+        r_ins = ranks(lambda r: r.insertion_auc, True)
+        for r in valid:
+            r.rank = (r_drop[r.layer] + r_del[r.layer] + r_ins[r.layer]) / 3
+        order = {r.layer: k for k, r in enumerate(mine)}
+        best = min(valid, key=lambda r: (r.rank, -r.insertion_auc, -order[r.layer]))
+        out[method] = best.layer
+    return out
+
+
+def _model_parts(model: nn.Module | LoadedModel) -> tuple[nn.Module, LoadedModel | None]:
+    if isinstance(model, LoadedModel):
+        return model.module, model
+    return model, None
+
+
+def compare_layers(
+    model: nn.Module | LoadedModel,
+    inputs: torch.Tensor,
+    *,
+    methods: Sequence[str] = ("gradcam", "gradcampp"),
+    layers: Sequence[str] | None = None,
+    roles: Sequence[str] = DEFAULT_STUDY_ROLES,
+    last_n: int | None = 4,
+    targets: TargetSpec = None,
+    steps: int = 16,
+    image_names: Sequence[str] | None = None,
+    catalog: LayerCatalog | None = None,
+) -> LayerStudy:
+    """Compare target layers: one capture for every layer and method, every map measured.
+
+    Args:
+        model: The network (a LoadedModel gives Average Drop in pixel space, the authors' protocol; a plain
+            module uses the normalised-tensor space of pytorch-grad-cam/torchcam).
+        inputs: ``(B, C, H, W)`` preprocessed images.
+        methods: Method ids.
+        layers: Explicit layer names; default: :func:`select_layers` over the candidate catalogue.
+        roles: Roles to study when ``layers`` is None.
+        last_n: How many of the last merges/block outputs to keep.
+        targets: What to explain (default: each image's top class).
+        steps: Deletion/insertion steps (step = H*W/steps pixels). RISE used H*W/224; AUCs at different
+            steps are not comparable.
+        image_names: Names for reports.
+        catalog: A precomputed :func:`cnnlens.candidates.candidate_layers` result.
+
+    Returns:
+        A :class:`LayerStudy` with the table, the recommendation and the maps.
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(num_classes=5).eval()
+        >>> study = compare_layers(net, torch.randn(2, 3, 64, 64), methods=["gradcam"], last_n=1, steps=4)
+        >>> sorted(study.recommended) == ["gradcam"]
+        True
+    """
+    module, loaded = _model_parts(model)
+    if inputs.ndim != 4:
+        raise LayerError(f"compare_layers needs a batch (B, C, H, W), got shape {tuple(inputs.shape)}.")
+    size = (int(inputs.shape[1]), int(inputs.shape[2]), int(inputs.shape[3]))
+    catalog = catalog if catalog is not None else candidate_layers(module, size)
+    names = list(layers) if layers is not None else select_layers(catalog, roles, last_n)
+    if not names:
+        raise LayerError("no candidate layer matched; pass layers=[...] explicitly (see `cnnlens layers`).")
+    info = {c.name: c for c in catalog.layers}
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = explain(model, inputs, methods=list(methods), layers=names, targets=targets, image_names=image_names)
+    for w in caught:
+        text = str(w.message).split(":")[0] if "Grad-CAM++" in str(w.message) else str(w.message)
+        if text not in notes:
+            notes.append(text)
+    space = "pixel" if loaded is not None else "normalized"
+    pixels = int(inputs.shape[-2] * inputs.shape[-1])
+    step = max(1, math.ceil(pixels / steps))
+    rows: list[LayerRow] = []
+    curves: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for exp in result:
+        rows.append(_measure(model, inputs, exp, info, space, step, curves))
+    recommended = recommend(rows)
+    return LayerStudy(
+        rows=rows,
+        recommended=recommended,
+        rule=RULE,
+        explanations=result,
+        curves=curves,
+        catalog=catalog,
+        notes=notes,
+        step=step,
+    )
+
+
+def _measure(
+    model: nn.Module | LoadedModel,
+    inputs: torch.Tensor,
+    exp: Explanation,
+    info: dict[str, Any],
+    space: str,
+    step: int,
+    curves: dict[tuple[str, str], dict[str, list[float]]],
+) -> LayerRow:
+    drop = average_drop(model, inputs, exp, space=space)  # type: ignore[arg-type]
+    dele, ins = deletion_insertion(model, inputs, exp, step=step)
+    curves[(exp.method, exp.layer)] = {
+        "fractions": dele.fractions.tolist(),
+        "deletion": dele.mean_curve.tolist(),
+        "insertion": ins.mean_curve.tolist(),
+    }
+    cand = info.get(exp.layer)
+    shape = tuple(int(v) for v in exp.raw.shape[-2:])
+    return LayerRow(
+        layer=exp.layer,
+        roles=cand.roles if cand is not None else (),
+        shape=cand.shape if cand is not None else shape,
+        stride=cand.stride if cand is not None else None,
+        method=exp.method,
+        average_drop=drop.average_drop,
+        increase=drop.increase_in_confidence,
+        deletion_auc=dele.mean_auc,
+        insertion_auc=ins.mean_auc,
+        degenerate=float(exp.degenerate[:, 0].double().mean()),
+        per_image={
+            "drop": (100.0 * drop.drop).tolist(),
+            "deletion": dele.auc.tolist(),
+            "insertion": ins.auc.tolist(),
+        },
+    )
