@@ -145,13 +145,20 @@ def test_listing_commands(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_demo_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert str((out / "index.html").resolve()) in printed.replace("\n", "")
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "explain" / "manifest.json").read_text())
     assert len(manifest["predictions"]) >= 5
     chelsea = next(p for p in manifest["predictions"] if p["image"] == "chelsea")
     assert {t["class"] for t in chelsea["top"][:3]} == {281, 282, 285}
+    study = json.loads((out / "study.json").read_text())
+    assert set(study["layer_studies"]["efficientnet_lite0"]["recommended"]) == {"gradcam", "gradcampp"}
+    assert {r["model"] for r in study["model_study"]} == {"efficientnet_lite0", "efficientnet_lite1"}
+    html = (out / "index.html").read_text()
+    assert "Part 1" in html and "Target layers" in html and "Models, each at its best layer" in html
+    for src in __import__("re").findall(r'src="([^"]+)"', html):
+        assert (out / src).is_file(), src
 
 
 def test_resolve_class() -> None:

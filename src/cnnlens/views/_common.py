@@ -82,8 +82,7 @@ def to_input(
     x = image.unsqueeze(0) if image.ndim == 3 else image
     if x.ndim != 4 or x.shape[0] != 1:
         raise InputShapeError(
-            f"one image is expected, as (C, H, W) or (1, C, H, W); got shape {tuple(image.shape)}. Call once per "
-            "image."
+            f"one image is expected, as (C, H, W) or (1, C, H, W); got shape {tuple(image.shape)}. Call once per image."
         )
     return x.detach()
 

@@ -200,9 +200,9 @@ def feature_maps(
                 f"layer {key!r} outputs shape {tuple(act.shape)}, not a feature map (B, C, h, w); choose a "
                 "convolutional layer or block (see `cnnlens layers`)."
             )
-        a = act[0].detach().float().cpu()
+        a = torch.nan_to_num(act[0].detach().float().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
         if gradcam:
-            grad = rec.gradients[key][0, 0].detach().cpu()
+            grad = torch.nan_to_num(rec.gradients[key][0, 0].detach().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
             values_all = grad.double().mean(dim=(1, 2))  # Grad-CAM: w_k = mean_ij dS/dA_k,ij
         else:
             values_all = a.double().mean(dim=(1, 2))

@@ -116,7 +116,7 @@ def first_conv(model: nn.Module) -> str:
     """
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
-            return name
+            return str(name)
     raise LayerNotFoundError(f"{type(model).__name__} has no nn.Conv2d; filters() shows convolution kernels.")
 
 

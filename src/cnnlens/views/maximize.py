@@ -196,7 +196,9 @@ def optimize(
     if not key_list:
         raise TargetError("give at least one image key (a channel or class index).")
     if not isinstance(objective, Objective):
-        raise TargetError(f"objective must be an Objective (see cnnlens.views.objectives); got {type(objective).__name__}.")
+        raise TargetError(
+            f"objective must be an Objective (see cnnlens.views.objectives); got {type(objective).__name__}."
+        )
     if labels is not None and len(labels) != len(key_list):
         raise TargetError(f"got {len(labels)} labels for {len(key_list)} images.")
     for name in objective.layers:
@@ -217,7 +219,7 @@ def optimize(
     started = time.perf_counter()
 
     def scores_of(images: torch.Tensor, view: torch.Tensor, cap: DifferentiableCapture) -> torch.Tensor:
-        rec = cap.run((view - mean_t) / std_t)
+        rec = cap.run_graph((view - mean_t) / std_t)
         values = objective(ObjectiveInputs(rec.activations, rec.logits, images))
         if values.shape != (batch,):
             raise TargetError(
@@ -378,9 +380,7 @@ def maximize(
         base: Objective = build(ref.key, part)
         return base + extra if extra is not None else base
 
-    describe = (
-        f"{objective} {ref.key}:{parse_channels(channels)}" + (f" + {extra.name}" if extra is not None else "")
-    )
+    describe = f"{objective} {ref.key}:{parse_channels(channels)}" + (f" + {extra.name}" if extra is not None else "")
     return _chunked(
         model,
         keys,

@@ -256,9 +256,7 @@ class ClassLogitObjective(Objective):
         if logits is None or logits.ndim != 2:
             raise TargetError("a class-logit objective needs (B, K) logits from the full forward.")
         if max(self.classes) >= logits.shape[1]:
-            raise TargetError(
-                f"class {max(self.classes)} is out of range for a model with {logits.shape[1]} classes."
-            )
+            raise TargetError(f"class {max(self.classes)} is out of range for a model with {logits.shape[1]} classes.")
         idx = _per_image(self.classes, int(logits.shape[0]), "class").to(logits.device)
         return logits[torch.arange(logits.shape[0], device=logits.device), idx]
 
@@ -414,7 +412,7 @@ def class_logit(classes: int | Sequence[int]) -> ClassLogitObjective:
 
 
 def total_variation() -> TotalVariationPenalty:
-    """Total variation of the image in ``[0, 1]`` (a penalty: subtract it, e.g. ``obj - 0.05 * total_variation()``).
+    """Total variation of the image in ``[0, 1]``, a penalty to subtract (e.g. ``obj - 0.05 * tv``).
 
     Formula: ``TV_b = mean |I[:, y+1, x] - I[:, y, x]| + mean |I[:, y, x+1] - I[:, y, x]|`` (Mahendran &
     Vedaldi, CVPR 2015).

@@ -51,7 +51,8 @@ COLOR_CORRELATION_SQRT: tuple[tuple[float, float, float], ...] = (
 def _color_matrix(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     c = torch.tensor(COLOR_CORRELATION_SQRT, dtype=torch.float64)
     c = c / c.norm(dim=0).max()
-    return c.to(device=device, dtype=dtype)
+    out: torch.Tensor = c.to(device=device, dtype=dtype)
+    return out
 
 
 def decorrelate_colors(x: torch.Tensor) -> torch.Tensor:

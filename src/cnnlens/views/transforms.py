@@ -195,7 +195,7 @@ class compose:  # noqa: N801 - used like a function: compose(pad(12), jitter(8))
 
 
 def standard_transforms(size: int = 224) -> compose:
-    """lucid's ``standard_transforms``, with pixel amounts scaled to the image size (224 px reference).
+    """The transforms of lucid's ``standard_transforms``, pixel amounts scaled to the size (224 px reference).
 
     ``pad(12), jitter(8), random_scale(1 + (i - 5) / 50 for i in 0..10), random_rotate(-10..10 degrees),
     jitter(4)`` at 224 px; pad and jitter shrink proportionally for smaller images.
