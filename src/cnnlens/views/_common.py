@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -12,7 +13,15 @@ from cnnlens.errors import InputShapeError, LayerError, ModelConfigError
 from cnnlens.models import LoadedModel, Preprocessing
 from cnnlens.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["Normalization", "model_device", "normalization_of", "parse_channels", "to_input", "unwrap"]
+__all__ = [
+    "Normalization",
+    "intra_op_threads",
+    "model_device",
+    "normalization_of",
+    "parse_channels",
+    "to_input",
+    "unwrap",
+]
 
 Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
 """``(mean, std)`` of the model's input normalisation, per RGB channel."""
@@ -135,3 +144,26 @@ def parse_channels(spec: str | int | Sequence[int], limit: int | None = None) ->
         if bad:
             raise LayerError(f"channel {bad[0]} is out of range: the layer has {limit} channels (0..{limit - 1}).")
     return out
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with ``torch.set_num_threads(threads)``, restoring the previous count afterwards.
+
+    ``None`` leaves torch's setting alone. One thread helps loops of many small CPU ops on a machine shared
+    with other jobs, where every OpenMP barrier waits for preempted threads.
+
+    Raises:
+        LayerError: ``threads`` is not a positive integer.
+    """
+    if threads is None:
+        yield
+        return
+    if not isinstance(threads, int) or threads < 1:
+        raise LayerError(f"threads must be a positive integer (or None for torch's default); got {threads!r}.")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

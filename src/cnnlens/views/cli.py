@@ -119,6 +119,12 @@ def add_views_commands(subparsers: Any) -> None:
     mx.add_argument("--param", choices=["fourier", "pixels"], default="fourier", help="image parameterisation")
     mx.add_argument("--no-transforms", action="store_true", help="no jitter/scale/rotate robustness transforms")
     mx.add_argument("--max-batch", type=int, default=32, metavar="N", help="images per batch (default 32)")
+    mx.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch intra-op threads while optimising (default: torch's); 1 is often faster on a busy machine",
+    )
     mx.add_argument("--out", default="cnnlens-maximize", metavar="DIR", help="output folder (default cnnlens-maximize)")
 
 
@@ -282,6 +288,7 @@ def cmd_maximize(args: argparse.Namespace) -> int:
         "param": fourier() if args.param == "fourier" else pixels(),
         "transforms": None if args.no_transforms else "standard",
         "max_batch": args.max_batch,
+        "threads": args.threads,
     }
     with base._progress() as bar:
         task = bar.add_task("optimising", total=None)
