@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 import torchvision
+from tests.nets import hook_count
 from torch import nn
 
 from cnnlens.candidates import candidate_layers, find_merges
-from tests.nets import hook_count
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from tests.nets import GapHead, seeded
 
 import cnnlens
 from cnnlens.methods.eigen import principal_projection
-from tests.nets import GapHead, seeded
 
 
 def _explicit(features: np.ndarray) -> np.ndarray:
@@ -60,7 +60,6 @@ pgc = pytest.importorskip("pytorch_grad_cam")
 def test_matches_pytorch_grad_cam_up_to_sign(method: str) -> None:
     from pytorch_grad_cam import EigenCAM, EigenGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     from tests.test_peers import pgc_postprocess
 
     torch.manual_seed(0)

@@ -12,9 +12,10 @@ depends on the model and the machine. This module holds the one shared answer:
    library-internal scratch space are not seen, hence the safety factor of :func:`chunk_size`).
 3. **The largest chunk that fits** (:func:`chunk_size`): ``budget // (factor * per_item)``.
 4. **A throughput tuner** (:class:`ChunkTuner`): within that cap, the first chunks of a run double in size
-   (4, 8, 16, ...) while the time per item keeps falling by at least 5 %; the best size is then kept for
-   the rest of the run and remembered (per model, input shape, dtype, device and budget) for later calls.
-   Tuning chunks do real work: nothing is computed twice.
+   (4, 8, 16, ...) until one is clearly slower per item than the best (by 10 %) or the cap is reached; the
+   largest size within 3 % of the best time per item is then kept for the rest of the run and remembered
+   (per model, input shape, dtype, device and budget) for later calls. Tuning chunks do real work: nothing
+   is computed twice.
 5. **The loop** (:func:`run_in_chunks`): builds each chunk lazily with ``make_batch(start, stop)``, so at
    most one chunk of perturbed inputs exists at a time, and returns the per-chunk results in order.
 
@@ -204,29 +205,33 @@ def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str | No
 class ChunkTuner:
     """Chooses chunk sizes within a memory cap by measured throughput (see the module docstring).
 
-    The first chunks grow 4, 8, 16, ... (never beyond ``max_chunk``) while the time per item falls by at
-    least ``min_gain``; then the best size is fixed. A size fixed once is reused by later runs that share the
-    tuner (see :func:`tuner_for`).
+    The first chunks grow 4, 8, 16, ... up to ``max_chunk`` and each is timed; growth stops once a size is
+    clearly slower per item than the best so far (by more than ``worse``), since the time per item rarely
+    improves again beyond that point. The size kept is the largest whose time per item is within ``tie``
+    of the best: on a flat curve larger chunks amortise per-call costs (weights read once per call,
+    Python overhead). A size fixed once is reused by later runs that share the tuner (see
+    :func:`tuner_for`).
 
     Example:
-        >>> tuner = ChunkTuner(max_chunk=6)
-        >>> tuner.next_size(100)
-        4
-        >>> tuner.report(4, 0.4); tuner.next_size(100)
-        6
-        >>> tuner.report(6, 0.9); tuner.best
-        4
+        >>> tuner = ChunkTuner(max_chunk=20)
+        >>> sizes = []
+        >>> while tuner.best is None:
+        ...     size = tuner.next_size(1000)
+        ...     sizes.append(size)
+        ...     tuner.report(size, size * {4: 0.3, 8: 0.2, 16: 0.29}[size])
+        >>> sizes, tuner.best
+        ([4, 8, 16], 8)
     """
 
-    def __init__(self, max_chunk: int, *, start: int = 4, min_gain: float = 0.05) -> None:
+    def __init__(self, max_chunk: int, *, start: int = 4, worse: float = 0.10, tie: float = 0.03) -> None:
         if max_chunk < 1:
             raise MethodError(f"max_chunk must be at least 1, got {max_chunk}.")
         self.max_chunk = int(max_chunk)
-        self.min_gain = float(min_gain)
+        self.worse = float(worse)
+        self.tie = float(tie)
         self.best: int | None = None
+        self.rates: dict[int, float] = {}
         self._trial = min(max(1, start), self.max_chunk)
-        self._best_rate = math.inf
-        self._best_size = self._trial
         if self._trial == self.max_chunk:
             self.best = self.max_chunk
 
@@ -240,14 +245,12 @@ class ChunkTuner:
         if self.best is not None or size != self._trial:
             return  # a fixed tuner, or a short trailing chunk: nothing to learn
         rate = seconds / size
-        if rate < self._best_rate * (1.0 - self.min_gain):
-            self._best_rate, self._best_size = rate, size
-            if size >= self.max_chunk:
-                self.best = size
-            else:
-                self._trial = min(size * 2, self.max_chunk)
+        self.rates[size] = rate
+        fastest = min(self.rates.values())
+        if rate > fastest * (1.0 + self.worse) or size >= self.max_chunk:
+            self.best = max(s for s, r in self.rates.items() if r <= fastest * (1.0 + self.tie))
         else:
-            self.best = self._best_size
+            self._trial = min(size * 2, self.max_chunk)
 
 
 _TUNERS: weakref.WeakKeyDictionary[Any, dict[Hashable, ChunkTuner]] = weakref.WeakKeyDictionary()

@@ -169,7 +169,7 @@ def _source_merges(model: nn.Module) -> list[_Merge]:
 
 
 def find_merges(
-    model: nn.Module, traced: tuple[list[_Merge], fx.Graph] | None | bool = True
+    model: nn.Module, traced: tuple[list[_Merge], fx.Graph] | bool | None = True
 ) -> tuple[list[str], str, list[str]]:
     """Modules whose forward joins paths (residual adds, concatenations), and how they were found.
 
@@ -181,14 +181,13 @@ def find_merges(
     Returns:
         ``(module names in graph order without repeats, "fx" or "source", notes)``.
     """
-    if traced is True:
-        traced = _fx_merges(model)
+    trace = _fx_merges(model) if traced is True else (traced or None)
     notes: list[str] = []
-    if traced is None:
+    if trace is None:
         merges = _source_merges(model)
         method = "source"
     else:
-        merges = traced[0]
+        merges = trace[0]
         method = "fx"
         top = [m for m in merges if not m.module]
         if top:
@@ -211,7 +210,9 @@ def _last_branch_convs(model: nn.Module, block: str, traced: tuple[list[_Merge],
         found: list[str] = []
         for merge in chosen:
             assert merge.node is not None  # filtered above
-            stack: list[Any] = list(merge.node.args[0]) if merge.kind == "cat" else list(merge.node.args)
+            first = merge.node.args[0]
+            is_cat = merge.kind == "cat" and isinstance(first, (list, tuple))
+            stack: list[Any] = list(first) if is_cat else list(merge.node.args)  # type: ignore[arg-type]
             seen: set[fx.Node] = set()
             while stack:
                 node = stack.pop(0)

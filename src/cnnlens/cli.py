@@ -38,11 +38,11 @@ from cnnlens.explanation import ExplanationSet, write_manifest
 from cnnlens.methods import iter_methods, method_ids
 from cnnlens.models import DEFAULT_MODEL, LoadedModel, available_models, get_spec, load_model, weights_status
 from cnnlens.report import render_explain_report
+from cnnlens.report.methods_doc import methods_markdown
 from cnnlens.report.study import render_study_report
 from cnnlens.studies import compare_layers, compare_models
 from cnnlens.views.cli import add_views_commands, cmd_features, cmd_filters, cmd_maximize
 from cnnlens.views.demo import demo_section
-from cnnlens.report.methods_doc import methods_markdown
 
 __all__ = ["main"]
 

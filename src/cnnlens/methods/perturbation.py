@@ -295,7 +295,8 @@ def scorecam(
         channels_last: Run the masked forwards in channels-last memory format.
         batch_budget_mb: Memory budget of one chunk of masked forwards in MiB (None: 512 MiB on CPU, half
             the free memory on CUDA).
-        chunk_size: A fixed number of masked inputs per forward (None: chosen within the budget).
+        chunk_size: A fixed number of masked inputs per forward, still capped by the budget (None: tuned
+            within the budget).
 
     Returns:
         :class:`MethodOutput` with the ``(B, h, w)`` raw map (float64) and the per-sample extra
@@ -361,10 +362,21 @@ def _ablated_logits(
     live = act.flatten(2).ne(0).any(dim=2)
     pair_b, pair_k = live.nonzero(as_tuple=True)
 
+    buffer: list[torch.Tensor] = []  # one allocation reused by every chunk (the replay owns each chunk)
+
     def make_rows(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         b, k = pair_b[start:stop], pair_k[start:stop]
-        rows = act.index_select(0, b).clone()
-        rows[torch.arange(rows.shape[0], device=rows.device), k] = 0
+        n = stop - start
+        if not buffer or buffer[0].shape[0] < n:
+            buffer[:] = [torch.empty((n, *act.shape[1:]), dtype=act.dtype, device=act.device)]
+        rows = buffer[0][:n]
+        # pairs are ordered by sample: copy each sample's run of rows with one broadcast (no gather)
+        samples, counts = torch.unique_consecutive(b, return_counts=True)
+        offset = 0
+        for sample, count in zip(samples.tolist(), counts.tolist(), strict=True):
+            rows[offset : offset + count].copy_(act[sample].expand(count, *act.shape[1:]))
+            offset += count
+        rows[torch.arange(n, device=rows.device), k] = 0
         return rows, b
 
     logits = probe.replay_rows(
@@ -413,7 +425,8 @@ def ablationcam(
         view: The captured activation of one layer for one target, with its probe.
         eps: Smallest ``|y|`` used as denominator.
         batch_budget_mb: Memory budget of one chunk of ablations in MiB (None: device default).
-        chunk_size: A fixed number of ablations per pass (None: chosen within the budget).
+        chunk_size: A fixed number of ablations per pass, still capped by the budget (None: tuned within
+            the budget).
 
     Returns:
         :class:`MethodOutput` with the ``(B, h, w)`` raw map (float64) and per-sample extras

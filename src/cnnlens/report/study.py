@@ -19,7 +19,7 @@ from cnnlens.imaging import overlay
 from cnnlens.report import _env
 from cnnlens.studies import LayerStudy, ModelStudy
 
-__all__ = ["layer_grid", "curves_figure", "render_study_report", "study_section"]
+__all__ = ["curves_figure", "layer_grid", "render_study_report", "study_section"]
 
 
 def layer_grid(study: LayerStudy, method: str, path: Path, *, max_images: int = 6) -> Path:
@@ -135,19 +135,25 @@ def render_study_report(
     doc = {
         **(manifest or {}),
         "versions": environment_versions(),
-        "layer_studies": {n: {"rows": s.table(), "recommended": s.recommended, "rule": s.rule, "step": s.step}
-                          for n, s in (layer_studies or {}).items()},
+        "layer_studies": {
+            n: {"rows": s.table(), "recommended": s.recommended, "rule": s.rule, "step": s.step}
+            for n, s in (layer_studies or {}).items()
+        },
         "model_study": model_study.table() if model_study is not None else None,
     }
     (out / "study.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
-    html = _env().get_template("study.html").render(
-        title=title,
-        intro=intro,
-        sections=sections,
-        models=models_ctx,
-        extra_sections=list(extra_sections),
-        random_weights=random_weights or bool(model_study and any(r.random_weights for r in model_study.rows)),
-        versions=doc["versions"],
+    html = (
+        _env()
+        .get_template("study.html")
+        .render(
+            title=title,
+            intro=intro,
+            sections=sections,
+            models=models_ctx,
+            extra_sections=list(extra_sections),
+            random_weights=random_weights or bool(model_study and any(r.random_weights for r in model_study.rows)),
+            versions=doc["versions"],
+        )
     )
     path = out / "index.html"
     path.write_text(html, encoding="utf-8")

@@ -115,9 +115,13 @@ class LayerStudy:
         return [r.as_dict() for r in self.rows]
 
 
-def select_layers(catalog: LayerCatalog, roles: Sequence[str] = DEFAULT_STUDY_ROLES, last_n: int | None = 4) -> list[str]:
-    """Pick the layers of the given roles; for the many-layer roles (``merge``, ``block_output``, ``conv``)
-    keep only the last ``last_n`` in execution order (``None`` keeps all).
+def select_layers(
+    catalog: LayerCatalog, roles: Sequence[str] = DEFAULT_STUDY_ROLES, last_n: int | None = 4
+) -> list[str]:
+    """Pick the layers of the given roles.
+
+    For the many-layer roles (``merge``, ``block_output``, ``conv``) only the last ``last_n`` in execution
+    order are kept (``None`` keeps all).
 
     Example:
         >>> import torchvision
@@ -145,7 +149,7 @@ def recommend(rows: Sequence[LayerRow]) -> dict[str, str]:
         if not valid:
             continue
 
-        def ranks(key: Any, reverse: bool) -> dict[str, float]:
+        def ranks(key: Any, reverse: bool, valid: list[LayerRow] = valid) -> dict[str, float]:
             ordered = sorted(valid, key=key, reverse=reverse)
             # average ranks for ties
             result: dict[str, float] = {}
