@@ -40,6 +40,7 @@ from cnnlens.models import DEFAULT_MODEL, LoadedModel, available_models, get_spe
 from cnnlens.report import render_explain_report
 from cnnlens.report.methods_doc import methods_markdown
 from cnnlens.report.study import render_study_report
+from cnnlens.runs.cli import add_run_commands, cmd_report, cmd_run
 from cnnlens.studies import compare_layers, compare_models
 from cnnlens.views.cli import add_views_commands, cmd_features, cmd_filters, cmd_maximize
 from cnnlens.views.demo import demo_section
@@ -170,6 +171,7 @@ def _build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--out", default="cnnlens-models", metavar="DIR")
 
     add_views_commands(sub)
+    add_run_commands(sub)
 
     demo = sub.add_parser("demo", help="run the seed study on the embedded models and sample photos (HTML report)")
     demo.add_argument("--out", default="cnnlens-demo", metavar="DIR", help="output folder (default cnnlens-demo)")
@@ -673,6 +675,8 @@ COMMANDS = {
     "filters": cmd_filters,
     "features": cmd_features,
     "maximize": cmd_maximize,
+    "run": cmd_run,
+    "report": cmd_report,
     "demo": cmd_demo,
 }
 
