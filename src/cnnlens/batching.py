@@ -12,10 +12,10 @@ depends on the model and the machine. This module holds the one shared answer:
    library-internal scratch space are not seen, hence the safety factor of :func:`chunk_size`).
 3. **The largest chunk that fits** (:func:`chunk_size`): ``budget // (factor * per_item)``.
 4. **A throughput tuner** (:class:`ChunkTuner`): within that cap, the first chunks of a run double in size
-   (4, 8, 16, ...) until one is clearly slower per item than the best (by 10 %) or the cap is reached; the
-   largest size within 3 % of the best time per item is then kept for the rest of the run and remembered
-   (per model, input shape, dtype, device and budget) for later calls. Tuning chunks do real work: nothing
-   is computed twice.
+   (from ``max(4, cap // 16)``) until one is clearly slower per item than the best (by 10 %) or the cap is
+   reached; the largest size within 3 % of the best time per item is then kept for the rest of the run and
+   remembered (per model, input shape, dtype, device and budget) for later calls. Tuning chunks do real
+   work: nothing is computed twice.
 5. **The loop** (:func:`run_in_chunks`): builds each chunk lazily with ``make_batch(start, stop)``, so at
    most one chunk of perturbed inputs exists at a time, and returns the per-chunk results in order.
 
@@ -205,7 +205,8 @@ def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str | No
 class ChunkTuner:
     """Chooses chunk sizes within a memory cap by measured throughput (see the module docstring).
 
-    The first chunks grow 4, 8, 16, ... up to ``max_chunk`` and each is timed; growth stops once a size is
+    The first chunks grow from ``start`` (default ``max(4, max_chunk // 16)``: at most five doublings to the
+    cap) by doubling up to ``max_chunk``, and each is timed; growth stops once a size is
     clearly slower per item than the best so far (by more than ``worse``), since the time per item rarely
     improves again beyond that point. The size kept is the largest whose time per item is within ``tie``
     of the best: on a flat curve larger chunks amortise per-call costs (weights read once per call,
@@ -223,7 +224,7 @@ class ChunkTuner:
         ([4, 8, 16], 8)
     """
 
-    def __init__(self, max_chunk: int, *, start: int = 4, worse: float = 0.10, tie: float = 0.03) -> None:
+    def __init__(self, max_chunk: int, *, start: int | None = None, worse: float = 0.10, tie: float = 0.03) -> None:
         if max_chunk < 1:
             raise MethodError(f"max_chunk must be at least 1, got {max_chunk}.")
         self.max_chunk = int(max_chunk)
@@ -231,7 +232,8 @@ class ChunkTuner:
         self.tie = float(tie)
         self.best: int | None = None
         self.rates: dict[int, float] = {}
-        self._trial = min(max(1, start), self.max_chunk)
+        first = max(4, self.max_chunk // 16) if start is None else start
+        self._trial = min(max(1, first), self.max_chunk)
         if self._trial == self.max_chunk:
             self.best = self.max_chunk
 

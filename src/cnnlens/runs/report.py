@@ -1,0 +1,353 @@
+"""The error-analysis report of a run: ``RUN_DIR/report/index.html`` and ``report.json``.
+
+Contents: accuracy and the confusion matrix, per-class accuracy, the most confused (true → predicted) pairs,
+a gallery of misclassified images with the predicted-class and true-class maps side by side (most confident
+mistakes first), per-class mean maps (the true-class map of every image of the class, averaged), and, when
+the dataset has boxes, the share of map energy inside the box and the pointing accuracy for correct versus
+wrong predictions. Error rows are listed with their reasons.
+
+The report folder is self-contained: the pictures it shows are copied into it, so it opens from disk (and can
+be zipped and sent) on its own; it links only files that exist. ``report.json`` holds the same numbers for
+programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from cnnlens.imaging import colorize, save_png
+from cnnlens.runs.batch import Pair
+from cnnlens.runs.errors import RunConfigError
+from cnnlens.runs.store import atomic_write, derive_maps
+
+__all__ = ["confusion", "render_run_report"]
+
+
+def _env() -> Environment:
+    return Environment(loader=PackageLoader("cnnlens.runs", "templates"), autoescape=select_autoescape(["html"]))
+
+
+def confusion(labels: Sequence[int], predictions: Sequence[int], classes: Sequence[int]) -> np.ndarray:
+    """Confusion counts ``(len(classes), len(classes))``: row = true class, column = predicted class.
+
+    Pairs whose classes are not in ``classes`` are left out.
+
+    Example:
+        >>> confusion([0, 0, 1], [0, 1, 1], [0, 1]).tolist()
+        [[1, 1], [0, 1]]
+    """
+    pos = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    for t, p in zip(labels, predictions, strict=True):
+        if t in pos and p in pos:
+            matrix[pos[t], pos[p]] += 1
+    return matrix
+
+
+def _load(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+    run_json, results = run_dir / "run.json", run_dir / "results.parquet"
+    if not run_json.is_file():
+        raise RunConfigError(
+            f"{str(run_dir)!r} is not a cnnlens run folder (no run.json); give the --out of `cnnlens run`."
+        )
+    if not results.is_file():
+        raise RunConfigError(
+            f"{str(run_dir)!r} has no results.parquet yet: the run has not finished. Run the same `cnnlens run` "
+            "command again to complete it."
+        )
+    meta = json.loads(run_json.read_text("utf-8"))
+    rows: list[dict[str, Any]] = pq.read_table(results).to_pylist()
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text("utf-8")) if summary_path.is_file() else {}
+    return meta, rows, summary
+
+
+def _confusion_png(matrix: np.ndarray, names: Sequence[str], path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(names)
+    size = min(16.0, max(4.0, 0.35 * n + 2.0))
+    fig = Figure(figsize=(size, size), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, np.where(rows > 0, rows, 1), dtype=np.float64)
+    ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    ticks = list(range(n))
+    labels = [s if len(s) <= 18 else s[:17] + "…" for s in names]
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=7 if n > 20 else 9)
+    ax.set_yticks(ticks, labels, fontsize=7 if n > 20 else 9)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png")
+    return path
+
+
+def _mean_of(values: Sequence[Any]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _copy(run_dir: Path, rel: str | None, out: Path, sub: str) -> str | None:
+    """Copy ``run_dir/rel`` into ``out/sub/`` and return its path relative to ``out`` (None if missing)."""
+    if not rel:
+        return None
+    src = run_dir / rel
+    if not src.is_file():
+        return None
+    dest = out / sub / rel.replace("/", "_")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return dest.relative_to(out).as_posix()
+
+
+def _mean_maps(
+    run_dir: Path,
+    rows: Sequence[Mapping[str, Any]],
+    pairs: Sequence[Pair],
+    classes: Sequence[int],
+    size: tuple[int, int],
+) -> dict[str, dict[int, tuple[np.ndarray, int]]]:
+    """Per pair and class: the mean true-class map (slot 0 where right, slot 1 where wrong) and the count."""
+    wanted = set(classes)
+    by_shard: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["status"] == "ok" and row["label"] in wanted:
+            by_shard[int(row["shard"])].append(row)
+    out: dict[str, dict[int, tuple[np.ndarray, int]]] = {}
+    for pair in pairs:
+        sums: dict[int, np.ndarray] = {}
+        counts: Counter[int] = Counter()
+        for _shard, members in sorted(by_shard.items()):
+            rel = members[0].get(pair.col("maps_file"))
+            if not rel or not (run_dir / rel).is_file():
+                continue
+            raw = np.load(run_dir / rel, allow_pickle=False)
+            pick = np.stack([raw[int(r["maps_row"]), 0 if r["correct"] else 1] for r in members])
+            maps, _ = derive_maps(torch.from_numpy(pick), pair.variant, size)
+            arr = maps.numpy().astype(np.float64)
+            for r, m in zip(members, arr, strict=True):
+                label = int(r["label"])
+                if label in sums:
+                    sums[label] += m
+                else:
+                    sums[label] = m.copy()
+                counts[label] += 1
+        out[pair.key] = {c: (sums[c] / counts[c], counts[c]) for c in sums}
+    return out
+
+
+def render_run_report(
+    run_dir: str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str] | None = None,
+    gallery: int = 48,
+    max_classes: int = 40,
+    cmap: str = "jet",
+) -> Path:
+    """Write the error-analysis report of a finished run.
+
+    Args:
+        run_dir: The run folder (``cnnlens run --out``).
+        out: Where the report goes (default ``RUN_DIR/report``); a previous report there is replaced, any other
+            non-empty folder is refused.
+        gallery: How many misclassified images to show (most confident mistakes first).
+        max_classes: Classes shown in the per-class tables, mean maps and the matrix (the most frequent ones).
+        cmap: Colour map of the mean maps.
+
+    Returns:
+        The path of ``index.html``.
+
+    Raises:
+        RunConfigError: Not a run folder, or the run has not finished.
+    """
+    root = Path(run_dir)
+    meta, rows, summary = _load(root)
+    names: list[str] = list(meta.get("class_names", []))
+    pairs = [Pair(p["method"], p["layer"], p.get("variant", {}), p["key"]) for p in meta.get("pairs", [])]
+    size = tuple(int(v) for v in meta.get("input_size", [224, 224]))
+    target = Path(out) if out is not None else root / "report"
+    if target.exists():
+        previous = target.is_dir() and (target / "report.json").is_file()
+        if not previous and (not target.is_dir() or any(target.iterdir())):
+            raise RunConfigError(
+                f"report folder {str(target)!r} exists and is not a cnnlens report; give a new or empty --out folder."
+            )
+        shutil.rmtree(target)  # a previous report: replaced as a whole, so no stale picture stays linked
+    target.mkdir(parents=True)
+
+    def name(c: int) -> str:
+        return names[c] if 0 <= c < len(names) else str(c)
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    wrong = [r for r in ok if not r["correct"]]
+    errors = [r for r in rows if r["status"] != "ok"]
+    accuracy = (len(ok) - len(wrong)) / len(ok) if ok else None
+
+    label_counts = Counter(int(r["label"]) for r in ok)
+    frequent = [c for c, _ in sorted(label_counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    predicted = Counter(int(r["prediction"]) for r in ok)
+    shown_classes = sorted(frequent[:max_classes])
+    extra_pred = [c for c, _ in predicted.most_common() if c not in shown_classes]
+    matrix_classes = sorted(shown_classes + extra_pred[: max(0, max_classes - len(shown_classes))])
+    matrix = confusion([int(r["label"]) for r in ok], [int(r["prediction"]) for r in ok], matrix_classes)
+    confusion_png = None
+    if matrix_classes:
+        confusion_png = _confusion_png(matrix, [name(c) for c in matrix_classes], target / "confusion.png")
+
+    per_class = []
+    for c in shown_classes:
+        members = [r for r in ok if int(r["label"]) == c]
+        mistakes = Counter(int(r["prediction"]) for r in members if not r["correct"])
+        top_wrong = mistakes.most_common(1)
+        per_class.append(
+            {
+                "class": c,
+                "name": name(c),
+                "n": len(members),
+                "correct": sum(1 for r in members if r["correct"]),
+                "accuracy": sum(1 for r in members if r["correct"]) / len(members),
+                "most_confused_with": name(top_wrong[0][0]) if top_wrong else None,
+                "most_confused_count": top_wrong[0][1] if top_wrong else 0,
+            }
+        )
+
+    pair_counts = Counter((int(r["label"]), int(r["prediction"])) for r in wrong)
+    confused_pairs = [
+        {
+            "true": t,
+            "true_name": name(t),
+            "predicted": p,
+            "predicted_name": name(p),
+            "count": n,
+            "share_of_true": n / label_counts[t] if label_counts[t] else 0.0,
+        }
+        for (t, p), n in sorted(pair_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:15]
+    ]
+
+    gallery_rows = sorted(wrong, key=lambda r: (-float(r["prob_prediction"] or 0.0), int(r["index"])))[
+        : max(0, gallery)
+    ]
+    gallery_items = []
+    for r in gallery_rows:
+        maps = []
+        for pair in pairs:
+            maps.append(
+                {
+                    "method": pair.method,
+                    "layer": pair.layer,
+                    "pred": _copy(root, r.get(pair.col("overlay_pred")), target, "gallery"),
+                    "true": _copy(root, r.get(pair.col("overlay_true")), target, "gallery"),
+                    "avg_drop_pred": r.get(pair.col("avg_drop_pred")),
+                    "avg_drop_true": r.get(pair.col("avg_drop_true")),
+                    "energy_pred": r.get(pair.col("energy_in_box_pred")),
+                    "energy_true": r.get(pair.col("energy_in_box_true")),
+                }
+            )
+        gallery_items.append(
+            {
+                "index": int(r["index"]),
+                "path": r["path"],
+                "label_name": r["label_name"],
+                "prediction_name": r["prediction_name"],
+                "prob_prediction": float(r["prob_prediction"]),
+                "prob_label": float(r["prob_label"]),
+                "image": _copy(root, r.get("image_file"), target, "gallery"),
+                "maps": maps,
+            }
+        )
+
+    mean_maps = _mean_maps(root, rows, pairs, shown_classes, (size[0], size[-1]))
+    class_maps = []
+    for pair in pairs:
+        cells = []
+        for c in shown_classes:
+            if c not in mean_maps.get(pair.key, {}):
+                continue
+            mean, count = mean_maps[pair.key][c]
+            rel = f"classes/{pair.key}/class-{c:05d}.png"
+            save_png(target / rel, colorize(np.clip(mean, 0.0, 1.0), cmap))
+            cells.append({"class": c, "name": name(c), "count": count, "file": rel})
+        class_maps.append({"method": pair.method, "layer": pair.layer, "cells": cells})
+
+    box_rows = []
+    if any(r.get("box") is not None for r in ok):
+        for pair in pairs:
+            right = [r for r in ok if r["correct"]]
+            box_rows.append(
+                {
+                    "method": pair.method,
+                    "layer": pair.layer,
+                    "n_correct": sum(1 for r in right if r.get(pair.col("energy_in_box_pred")) is not None),
+                    "n_wrong": sum(1 for r in wrong if r.get(pair.col("energy_in_box_pred")) is not None),
+                    "energy_correct": _mean_of([r.get(pair.col("energy_in_box_pred")) for r in right]),
+                    "energy_wrong_pred": _mean_of([r.get(pair.col("energy_in_box_pred")) for r in wrong]),
+                    "energy_wrong_true": _mean_of([r.get(pair.col("energy_in_box_true")) for r in wrong]),
+                    "pointing_correct": _mean_of([r.get(pair.col("pointing_pred")) for r in right]),
+                    "pointing_wrong_pred": _mean_of([r.get(pair.col("pointing_pred")) for r in wrong]),
+                }
+            )
+
+    data = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(root),
+        "total": len(rows),
+        "ok": len(ok),
+        "errors": len(errors),
+        "correct": len(ok) - len(wrong),
+        "accuracy": accuracy,
+        "confusion": {"classes": matrix_classes, "names": [name(c) for c in matrix_classes], "matrix": matrix.tolist()},
+        "per_class": per_class,
+        "confused_pairs": confused_pairs,
+        "box_energy": box_rows,
+        "gallery": gallery_items,
+        "error_rows": [{"path": r["path"], "reason": r["error"]} for r in errors],
+        "pairs": [{"method": p.method, "layer": p.layer} for p in pairs],
+    }
+    with atomic_write(target / "report.json", "w") as fh:
+        fh.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+    model = meta.get("model", {})
+    html = (
+        _env()
+        .get_template("run_report.html")
+        .render(
+            data=data,
+            model=model,
+            random_weights=bool(model.get("random_weights")),
+            summary=summary,
+            source=meta.get("dataset_source", ""),
+            confusion_png="confusion.png" if confusion_png is not None else None,
+            matrix_table=len(matrix_classes) <= 20,
+            class_maps=class_maps,
+            total_wrong=len(wrong),
+            small=max(size) < 96,
+        )
+    )
+    index = target / "index.html"
+    with atomic_write(index, "w") as fh:
+        fh.write(html)
+    return index

@@ -1,0 +1,452 @@
+"""Resumable dataset runs: configuration fingerprint, shard scheduling, worker decoding, summary.
+
+A run explains every image of a labelled dataset and writes the results into a run folder (layout in
+:mod:`cnnlens.runs.store`). Work is committed a shard (``shard_size`` consecutive images) at a time; a
+run killed at any moment (SIGKILL included) and started again with the same configuration skips the
+committed shards and redoes the rest, so the finished ``results.parquet`` holds every image exactly once.
+
+The configuration (dataset sample list, model weights and preprocessing, methods, layers, options,
+metrics, shard size) is hashed into a fingerprint kept in ``run.json``. Starting a run in a folder whose
+fingerprint differs is refused with the list of what changed; ``overwrite=True`` starts over. Runtime knobs
+(batch size, workers, device) are not part of it.
+
+Example:
+    >>> model = load_run_model("efficientnet_lite0")  # doctest: +SKIP
+    >>> dataset = read_dataset("photos/", model.class_names)  # doctest: +SKIP
+    >>> summary = run_dataset("runs/photos", dataset, model, RunSettings(methods=("gradcam",)))  # doctest: +SKIP
+    >>> summary.accuracy  # doctest: +SKIP
+    0.83
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from cnnlens.explanation import environment_versions
+from cnnlens.models import LoadedModel
+from cnnlens.runs.batch import BatchResult, Pair, RunSettings, process_batch, row_columns
+from cnnlens.runs.dataset import Dataset
+from cnnlens.runs.decode import make_loader, shard_batches
+from cnnlens.runs.errors import RunConfigError, RunError
+from cnnlens.runs.store import OWNED_ENTRIES, RunLock, RunStore, atomic_write_json
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DatasetRun",
+    "RunSummary",
+    "default_workers",
+    "model_fingerprint",
+    "run_dataset",
+]
+
+FORMAT_VERSION = 1
+"""Version of the run-folder layout, stored in ``run.json``."""
+
+ProgressFn = Callable[[int, int], None]
+"""``progress(completed, total)``: called once at the start and after every batch."""
+
+
+def default_workers() -> int:
+    """Decoding processes by default: one per spare core, at most 4 (0 on a single core)."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def model_fingerprint(model: LoadedModel) -> dict[str, Any]:
+    """What identifies a model's behaviour: provenance, a sha256 of every parameter and buffer, class names."""
+    digest = hashlib.sha256()
+    for name, tensor in list(model.module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    names = hashlib.sha256("\n".join(model.class_names).encode("utf-8")).hexdigest()
+    return {
+        "name": model.spec.name,
+        "family": model.spec.family,
+        "source": model.spec.source,
+        "num_classes": model.spec.num_classes,
+        "random_weights": model.random_weights,
+        "preprocessing": model.spec.preprocessing.as_dict(),
+        "state_sha256": digest.hexdigest(),
+        "class_names_sha256": names,
+    }
+
+
+def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(doc, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in doc.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: doc}
+
+
+def _describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            before, after = json.dumps(a.get(key), default=str), json.dumps(b.get(key), default=str)
+            lines.append(f"  {key}: {before[:80]} -> {after[:80]}")
+    return "\n".join(lines[:8]) + (f"\n  ... and {len(lines) - 8} more" if len(lines) > 8 else "")
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a run (also written to ``summary.json``).
+
+    Attributes:
+        run_dir: The run folder.
+        total: Images in the run.
+        ok: Images decoded and explained.
+        errors: Images that could not be read (error rows).
+        correct: Correct predictions.
+        accuracy: ``correct / ok``, or None when no image was explained.
+        processed: Images processed by this session (0 when everything was done before).
+        skipped: Images of shards committed by earlier sessions.
+        elapsed_s: Wall time of this session (decoding, explaining, writing).
+        images_per_s: ``processed / elapsed_s`` of this session (None when nothing was processed).
+        compute_s: Wall time recorded by every session's shards.
+        results: Path of ``results.parquet``.
+        metrics: Per ``method/layer``: mean Average Drop % (predicted class), Increase in Confidence %,
+            degenerate maps, and with boxes mean energy in box and pointing accuracy, correct vs wrong.
+    """
+
+    run_dir: str
+    total: int
+    ok: int
+    errors: int
+    correct: int
+    accuracy: float | None
+    processed: int
+    skipped: int
+    elapsed_s: float
+    images_per_s: float | None
+    compute_s: float
+    results: str
+    metrics: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _pair_metrics(table: Any, pairs: Sequence[Pair]) -> dict[str, dict[str, float | int | None]]:
+    correct = table.column("correct").to_pylist()
+    out: dict[str, dict[str, float | int | None]] = {}
+    for pair in pairs:
+        drop = table.column(pair.col("avg_drop_pred")).to_pylist()
+        inc = table.column(pair.col("increase_pred")).to_pylist()
+        deg = table.column(pair.col("degenerate_pred")).to_pylist()
+        energy = table.column(pair.col("energy_in_box_pred")).to_pylist()
+        energy_true = table.column(pair.col("energy_in_box_true")).to_pylist()
+        hit = table.column(pair.col("pointing_pred")).to_pylist()
+        mean_drop = _mean(drop)
+        mean_inc = _mean([None if v is None else float(v) for v in inc])
+        entry: dict[str, float | int | None] = {
+            "average_drop_pct": None if mean_drop is None else 100.0 * mean_drop,
+            "increase_in_confidence_pct": None if mean_inc is None else 100.0 * mean_inc,
+            "degenerate_pred": sum(1 for v in deg if v),
+        }
+        if any(v is not None for v in energy):
+            ok_c = [e for e, c in zip(energy, correct, strict=True) if c is True]
+            ok_w = [e for e, c in zip(energy, correct, strict=True) if c is False]
+            hits = [None if h is None else float(h) for h in hit]
+            entry.update(
+                energy_in_box_correct=_mean(ok_c),
+                energy_in_box_wrong=_mean(ok_w),
+                energy_in_box_true_class_wrong=_mean(energy_true),
+                pointing_accuracy=_mean(hits),
+            )
+        out[f"{pair.method}/{pair.layer}"] = entry
+    return out
+
+
+class DatasetRun:
+    """One run folder, opened for work: holds the folder lock, knows what is done, runs what is not.
+
+    Use it as a context manager (the lock is held inside); :func:`run_dataset` does it all in one call.
+
+    Args:
+        run_dir: The run folder (created if missing).
+        dataset: The samples (see :func:`cnnlens.runs.read_dataset`), already limited if wanted.
+        model: The model.
+        settings: Methods, layers, metrics (resolved against the model here).
+        shard_size: Images per committed shard (part of the configuration).
+        overwrite: Delete a previous run in the folder and start over.
+        extra: JSON-serialisable notes stored in ``run.json`` and the manifest (e.g. the command line); not
+            part of the fingerprint.
+
+    Raises:
+        RunConfigError: The folder holds a run with another configuration, holds foreign files, or is in use.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        dataset: Dataset,
+        model: LoadedModel,
+        settings: RunSettings | None = None,
+        *,
+        shard_size: int = 256,
+        overwrite: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        if shard_size < 1:
+            raise RunError(f"--shard-size must be at least 1, got {shard_size}.")
+        if len(dataset) == 0:
+            raise RunError("the dataset has no samples.")
+        self.root = Path(run_dir)
+        self.dataset = dataset
+        self.model = model
+        self.settings = (settings or RunSettings()).resolve(model)
+        self.pairs = self.settings.pairs()
+        self.shard_size = int(shard_size)
+        self.overwrite = overwrite
+        self.extra = dict(extra or {})
+        self.store = RunStore(self.root, self.pairs, self.shard_size, len(dataset))
+        self.config = self._config()
+        self.fingerprint = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode("utf-8")).hexdigest()
+        self._lock = RunLock(self.root)
+        self._done: set[int] = set()
+        self._entered = False
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "dataset": {
+                "kind": self.dataset.kind,
+                "samples": len(self.dataset),
+                "samples_sha256": self.dataset.fingerprint(),
+            },
+            "model": model_fingerprint(self.model),
+            "settings": self.settings.as_dict(),
+            "shard_size": self.shard_size,
+        }
+
+    # -- opening ---------------------------------------------------------------------------------------
+    def __enter__(self) -> DatasetRun:
+        if self.root.exists() and not self.root.is_dir():
+            raise RunConfigError(f"--out {str(self.root)!r} is a file; give a folder for the run.")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock.__enter__()
+        try:
+            self._prepare()
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        self._entered = True
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._entered = False
+        self._lock.__exit__(exc_type, exc, tb)
+
+    def _prepare(self) -> None:
+        run_json = self.root / "run.json"
+        if self.overwrite:
+            self.store.remove_owned()
+        elif run_json.is_file():
+            try:
+                old = json.loads(run_json.read_text("utf-8"))
+            except (OSError, ValueError) as exc:
+                raise RunConfigError(f"{str(run_json)!r} cannot be read ({exc}); start over with --overwrite.") from exc
+            if old.get("fingerprint") != self.fingerprint:
+                raise RunConfigError(
+                    f"{str(self.root)!r} holds a run with a different configuration:\n"
+                    f"{_describe_changes(old.get('config', {}), self.config)}\n"
+                    "Run the same command as before to continue it, pass --overwrite to start over, or choose "
+                    "another --out folder."
+                )
+        else:
+            foreign = sorted(
+                p.name for p in self.root.iterdir() if p.name not in OWNED_ENTRIES and not p.name.startswith(".")
+            )
+            if foreign:
+                raise RunConfigError(
+                    f"{str(self.root)!r} is not empty and holds no cnnlens run ({', '.join(foreign[:5])}"
+                    f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty --out folder."
+                )
+            self.store.remove_owned()  # leftovers of an interrupted --overwrite: not trustworthy
+        self.store.clean_temporary()
+        if not run_json.is_file():
+            atomic_write_json(
+                run_json,
+                {
+                    "fingerprint": self.fingerprint,
+                    "config": self.config,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "dataset_source": self.dataset.source,
+                    "class_names": list(self.model.class_names),
+                    "input_size": list(self.model.spec.preprocessing.input_size),
+                    "pairs": [
+                        {"method": p.method, "layer": p.layer, "variant": dict(p.variant), "key": p.key}
+                        for p in self.pairs
+                    ],
+                    "model": self.model.manifest(),
+                    "extra": self.extra,
+                },
+            )
+        self._done = self.store.committed()
+
+    # -- state -------------------------------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        """Images in the run."""
+        return len(self.dataset)
+
+    @property
+    def completed(self) -> int:
+        """Images in shards committed before this session's work."""
+        return sum(len(self.store.shard_range(s)) for s in self._done)
+
+    # -- work ----------------------------------------------------------------------------------------------
+    def execute(
+        self, *, batch_size: int = 16, workers: int | None = None, progress: ProgressFn | None = None
+    ) -> RunSummary:
+        """Process every shard not yet committed, then assemble ``results.parquet`` and write the summary.
+
+        Args:
+            batch_size: Images per forward/backward.
+            workers: Decoding processes (default :func:`default_workers`; 0 decodes in this process).
+            progress: ``progress(completed, total)`` after every batch.
+
+        Returns:
+            The :class:`RunSummary`.
+        """
+        if not self._entered:
+            raise RunError("DatasetRun.execute() needs the run opened: use `with DatasetRun(...) as run:`.")
+        if batch_size < 1:
+            raise RunError(f"--batch-size must be at least 1, got {batch_size}.")
+        workers = default_workers() if workers is None else workers
+        if workers < 0:
+            raise RunError(f"--workers must be 0 or more, got {workers}.")
+        pending = [s for s in range(self.store.num_shards) if s not in self._done]
+        done_before = self.completed
+        completed = done_before
+        if progress is not None:
+            progress(completed, self.total)
+        started = time.perf_counter()
+        processed = 0
+        if pending:
+            batches = shard_batches([self.store.shard_range(s) for s in pending], batch_size)
+            param = next(self.model.module.parameters(), None)
+            cuda = param is not None and param.device.type == "cuda"
+            loader = make_loader(
+                self.dataset.samples, batches, self.model.spec.preprocessing, workers=workers, pin_memory=cuda
+            )
+            parts: list[BatchResult] = []
+            count = 0
+            mark = time.perf_counter()
+            for batch in loader:
+                shard = batch.samples[0].index // self.shard_size
+                parts.append(process_batch(self.model, batch, self.settings))
+                count += len(batch.samples)
+                if count == len(self.store.shard_range(shard)):
+                    now = time.perf_counter()
+                    self.store.commit(shard, parts, now - mark)
+                    mark = time.perf_counter()
+                    parts, count = [], 0
+                processed += len(batch.samples)
+                completed += len(batch.samples)
+                if progress is not None:
+                    progress(completed, self.total)
+        elapsed = time.perf_counter() - started
+        return self._finish(processed, done_before, elapsed)
+
+    def _finish(self, processed: int, skipped: int, elapsed: float) -> RunSummary:
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+        path = self.store.assemble({"cnnlens.fingerprint": self.fingerprint, "cnnlens.format": str(FORMAT_VERSION)})
+        table = pq.read_table(path)
+        status = table.column("status").to_pylist()
+        correct = table.column("correct").to_pylist()
+        ok = sum(1 for s in status if s == "ok")
+        right = sum(1 for c in correct if c is True)
+        summary = RunSummary(
+            run_dir=str(self.root),
+            total=self.total,
+            ok=ok,
+            errors=self.total - ok,
+            correct=right,
+            accuracy=right / ok if ok else None,
+            processed=processed,
+            skipped=skipped,
+            elapsed_s=elapsed,
+            images_per_s=processed / elapsed if processed and elapsed > 0 else None,
+            compute_s=self.store.shard_seconds(),
+            results=str(path),
+            metrics=_pair_metrics(table, self.pairs),
+        )
+        atomic_write_json(self.root / "summary.json", summary.as_dict())
+        self._write_manifest(summary)
+        return summary
+
+    def _write_manifest(self, summary: RunSummary) -> None:
+        columns = [*row_columns(self.pairs), "shard", "maps_row", "image_file"]
+        for pair in self.pairs:
+            columns += [pair.col(c) for c in ("maps_file", "overlay_pred", "overlay_true")]
+        doc = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "run",
+            "fingerprint": self.fingerprint,
+            "format": FORMAT_VERSION,
+            "model": self.model.manifest(),
+            "dataset": {"source": self.dataset.source, "kind": self.dataset.kind, "samples": len(self.dataset)},
+            "settings": self.settings.as_dict(),
+            "shard_size": self.shard_size,
+            "pairs": [
+                {"method": p.method, "layer": p.layer, "variant": dict(p.variant), "key": p.key} for p in self.pairs
+            ],
+            "files": {
+                "results": "results.parquet",
+                "summary": "summary.json",
+                "config": "run.json",
+                "maps": "maps/<method>@<layer>/shard-NNNNNN.npy: float32 (rows, 2, h, w) raw maps; row = maps_row",
+                "overlays": "overlays/NNNNNN/<index>.image.png, <index>.<method>@<layer>.pred.png / .true.png",
+            },
+            "columns": columns,
+            "summary": summary.as_dict(),
+            "versions": environment_versions(),
+            "extra": self.extra,
+        }
+        atomic_write_json(self.root / "manifest.json", doc)
+
+
+def run_dataset(
+    run_dir: str | os.PathLike[str],
+    dataset: Dataset,
+    model: LoadedModel,
+    settings: RunSettings | None = None,
+    *,
+    shard_size: int = 256,
+    batch_size: int = 16,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> RunSummary:
+    """Run (or continue) a dataset run in ``run_dir``; see :class:`DatasetRun` for the arguments.
+
+    Returns:
+        The :class:`RunSummary`, also written to ``run_dir/summary.json``.
+    """
+    with DatasetRun(run_dir, dataset, model, settings, shard_size=shard_size, overwrite=overwrite, extra=extra) as run:
+        return run.execute(batch_size=batch_size, workers=workers, progress=progress)
