@@ -49,15 +49,15 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _make_consoles() -> None:
     """(Re)create the consoles: a real terminal sets the width, a pipe or file gets a wide fixed one."""
     global console, err_console
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=True)
+    err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -598,7 +598,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model = load_model(args.model, device=device)
     photos = sample_images()
-    items = list(photos.items())
+    items = list(photos.items())[: 3 if args.quick else None]
     out = Path(args.out)
     # Part 1: every photo explained at two layers, plus the forward views of one photo.
     c, (h, w) = 3, model.spec.preprocessing.input_size
@@ -615,7 +615,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     render_explain_report(out / "explain", title="cnnlens demo: every photo", subtitle=model.spec.name)
     views_html = ""
     with err_console.status("forward views: filters, feature maps, activation maximisation..."):
-        section = demo_section(model, photos["chelsea"], out, steps=20 if args.quick else 60)
+        if args.quick:
+            section = demo_section(model, photos["chelsea"], out, steps=6, size=64, channels=2)
+        else:
+            section = demo_section(model, photos["chelsea"], out, steps=60)
     views_html = f"<h3>{section['title']}</h3><p>{section['intro']}</p>" + "".join(
         f'<figure><img src="{f["path"]}" alt="{html.escape(f["alt"])}"><figcaption>{f["caption"]}</figcaption></figure>'
         for f in section["figures"]
@@ -640,17 +643,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Part 2.1: target layers of the default model; part 2.2: the embedded models compared.
     study_names = ["chelsea", "coffee"] if args.quick else ["chelsea", "coffee", "astronaut", "rocket"]
     study_images = [photos[n] for n in study_names]
-    steps = 8 if args.quick else 16
+    steps = 4 if args.quick else 16
     x = torch.stack([model.spec.preprocessing.to_tensor(img) for img in study_images])
     with err_console.status("part 2.1: target layers..."):
-        layer_study = compare_layers(model, x, last_n=2 if args.quick else 3, steps=steps, image_names=study_names)
+        layer_study = compare_layers(model, x, last_n=1 if args.quick else 3, steps=steps, image_names=study_names)
     _print_layer_table(layer_study)
     others = [m for m in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")]
     if args.quick:
         others = others[:2]
     models = [model if n == model.spec.name else load_model(n, device=device) for n in others]
     with err_console.status("part 2.2: models at their best layers..."):
-        model_study = compare_models(models, study_images, image_names=study_names, steps=steps, last_n=2)
+        given = {m.spec.name: m.spec.default_layer for m in models} if args.quick else None
+        model_study = compare_models(models, study_images, layers=given, image_names=study_names, steps=steps, last_n=2)
     report = render_study_report(
         out,
         title="cnnlens demo: the seed study on the embedded models",
