@@ -224,7 +224,7 @@ def time_round_robin(
     *,
     warmup: int,
     repeats: int,
-    max_retakes: int = 3,
+    max_retakes: int = 6,
     budget: WaitBudget | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Timing]:
@@ -260,7 +260,7 @@ def time_round_robin(
                     timing.contended_kept += 1
                     break
                 timing.retaken += 1
-                budget.spent += wait_for_quiet(monitor, min(budget.left, 20.0))
+                budget.spent += wait_for_quiet(monitor, min(budget.left, 30.0))
             timing.samples.append(wall)
     return timings
 

@@ -25,7 +25,7 @@ interleaved round by round (warm-up first) and the median of ``--repeats`` round
 inter-quartile range. ``torch.set_num_threads`` is left at its default and reported. On a shared machine an
 OpenMP forward whose threads get preempted runs several times slower, so a call during which other processes
 used more than a quarter of a core (``/proc/stat`` minus this process) is retaken after waiting for a quiet
-moment (at most 3 times per call, ``--max-wait`` seconds of waiting per run); the table counts retaken calls
+moment (at most 6 times per call, ``--max-wait`` seconds of waiting per run); the table counts retaken calls
 and contended samples that had to be kept.
 
 Extra peak memory: every (model, batch, row) runs in a fresh subprocess of this script (``--_memory-worker``)

@@ -201,11 +201,13 @@ class BatchResult:
         maps: Per pair: ``(n, 2, h, w)`` float32 raw maps (``[:, 0]`` predicted class, ``[:, 1]`` true class,
             zeros where not computed), or None when no image of the batch could be decoded.
         pictures: Overlays of misclassified images.
+        staged: Set by the store once the pictures are named in the rows and written (or being written).
     """
 
     rows: list[dict[str, Any]]
     maps: list[np.ndarray | None]
     pictures: list[Picture]
+    staged: bool = False
 
 
 def row_columns(pairs: list[Pair]) -> list[str]:

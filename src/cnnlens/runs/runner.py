@@ -25,6 +25,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -353,21 +354,32 @@ class DatasetRun:
                 self.dataset.samples, batches, self.model.spec.preprocessing, workers=workers, pin_memory=cuda
             )
             parts: list[BatchResult] = []
+            writes: list[Future[None]] = []
             count = 0
             mark = time.perf_counter()
-            for batch in loader:
-                shard = batch.samples[0].index // self.shard_size
-                parts.append(process_batch(self.model, batch, self.settings))
-                count += len(batch.samples)
-                if count == len(self.store.shard_range(shard)):
-                    now = time.perf_counter()
-                    self.store.commit(shard, parts, now - mark)
-                    mark = time.perf_counter()
-                    parts, count = [], 0
-                processed += len(batch.samples)
-                completed += len(batch.samples)
-                if progress is not None:
-                    progress(completed, self.total)
+            # Overlay PNGs are encoded and written by one background thread (zlib releases the GIL) while the
+            # model works on the next batch; a shard's rows are committed only after its pictures are on disk.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlens-overlays") as pool:
+                try:
+                    for batch in loader:
+                        shard = batch.samples[0].index // self.shard_size
+                        result = process_batch(self.model, batch, self.settings)
+                        writes += self.store.stage_pictures(shard, result, pool.submit)
+                        parts.append(result)
+                        count += len(batch.samples)
+                        if count == len(self.store.shard_range(shard)):
+                            for future in writes:
+                                future.result()
+                            self.store.commit(shard, parts, time.perf_counter() - mark)
+                            mark = time.perf_counter()
+                            parts, writes, count = [], [], 0
+                        processed += len(batch.samples)
+                        completed += len(batch.samples)
+                        if progress is not None:
+                            progress(completed, self.total)
+                finally:
+                    for future in writes:
+                        future.cancel()
         elapsed = time.perf_counter() - started
         return self._finish(processed, done_before, elapsed)
 

@@ -14,9 +14,10 @@ Layout of ``RUN_DIR``::
     summary.json, manifest.json       totals; provenance, versions, columns and files
     .lock                             locked (lockf) while a process works on the folder
 
-Every file is written to a temporary name in its folder, flushed, fsync-ed and renamed over its final name
+Every file is written to a temporary name in its folder, flushed and renamed over its final name
 (``os.replace``), so a reader (or a restarted run) sees either the old file or the new one, never half of
-one. A shard counts as done only when its rows file exists with the expected number of rows; its maps and
+one; rows, maps and the run's JSON files are also fsync-ed before the rename (overlay pictures are not: the
+report shows a picture only when it exists). A shard counts as done only when its rows file exists with the expected number of rows; its maps and
 overlays are written *before* it, under deterministic names, so a shard redone after a crash simply
 overwrites whatever the crash left. Maps are stored raw (what :class:`cnnlens.Explanation` keeps as ``raw``);
 :func:`derive_maps` turns them into the displayed ``[0, 1]`` maps exactly as :func:`cnnlens.explain` does
@@ -29,7 +30,9 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -73,20 +76,23 @@ _TMP_MARK = ".tmp-"
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path``; on success flush, fsync and rename it over ``path``.
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *, durable: bool = True) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; on success flush (and fsync) it and rename it over ``path``.
 
     On an exception the temporary file is removed and ``path`` is untouched. A process killed inside the
-    block leaves only a ``.<name>.tmp-<pid>`` file, which :meth:`RunStore.clean_temporary` removes.
+    block leaves only a ``.<name>.tmp-<pid>-<thread>`` file, which :meth:`RunStore.clean_temporary` removes.
+    ``durable=False`` skips the fsync: the rename is still atomic for readers and survives the process being
+    killed, only not a power cut (used for overlay pictures, which the report shows only when present).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}{_TMP_MARK}{os.getpid()}"
+    tmp = final.parent / f".{final.name}{_TMP_MARK}{os.getpid()}-{threading.get_ident()}"
     try:
         with open(tmp, mode) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -110,12 +116,14 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _write_png(fh: IO[bytes], pixels: np.ndarray, source: str) -> None:
-    """A PNG at zlib level 1: several times faster to write than the default level, about 15 % larger."""
+def _save_picture(path: Path, pixels: np.ndarray, source: str) -> None:
+    """An overlay PNG at zlib level 1 (several times faster to write than the default, ~15 % larger), atomically."""
     info = PngInfo()
     info.add_text("Software", "cnnlens")
     info.add_text("cnnlens:source", source)
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(fh, format="PNG", pnginfo=info, compress_level=1)
+    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    with atomic_write(path, durable=False) as fh:
+        image.save(fh, format="PNG", pnginfo=info, compress_level=1)
 
 
 class RunLock:
@@ -296,6 +304,34 @@ class RunStore:
         return done
 
     # -- writing ---------------------------------------------------------------------------------------
+    def stage_pictures(
+        self,
+        shard: int,
+        result: BatchResult,
+        submit: Callable[..., Future[None]] | None = None,
+    ) -> list[Future[None]]:
+        """Name the overlay pictures of a batch of ``shard``, record the names in its rows, and write them.
+
+        With ``submit`` (e.g. a thread pool's ``submit``) the writes run in the background and their futures are
+        returned: the caller must wait for them before :meth:`commit` of the shard (pictures are written before
+        the rows that name them). Without it they are written here.
+        """
+        futures: list[Future[None]] = []
+        for picture in result.pictures:
+            row = result.rows[picture.row]
+            owner = None if picture.pair is None else self.pairs[picture.pair]
+            rel = self.overlay_rel(shard, int(row["index"]), owner, picture.which)
+            if owner is None:
+                row["image_file"] = rel
+            else:
+                row[owner.col(f"overlay_{picture.which}")] = rel
+            if submit is None:
+                _save_picture(self.root / rel, picture.pixels, str(row["path"]))
+            else:
+                futures.append(submit(_save_picture, self.root / rel, picture.pixels, str(row["path"])))
+        result.staged = True
+        return futures
+
     def commit(self, shard: int, results: Sequence[BatchResult], seconds: float) -> list[dict[str, Any]]:
         """Write one finished shard: maps, overlays, then the rows file (the commit). Returns the rows.
 
@@ -304,6 +340,9 @@ class RunStore:
             results: The batch results covering exactly the shard's samples, in order.
             seconds: Compute time spent on the shard (stored in the rows file's metadata).
         """
+        for result in results:
+            if not result.staged:
+                self.stage_pictures(shard, result)
         rows = [dict(row) for result in results for row in result.rows]
         expected = list(self.shard_range(shard))
         if [r["index"] for r in rows] != expected:
@@ -330,19 +369,6 @@ class RunStore:
             for row in rows:
                 if row["status"] == "ok":
                     row[pair.col("maps_file")] = rel
-        offset = 0
-        for result in results:
-            for picture in result.pictures:
-                row = rows[offset + picture.row]
-                owner = None if picture.pair is None else self.pairs[picture.pair]
-                rel = self.overlay_rel(shard, int(row["index"]), owner, picture.which)
-                with atomic_write(self.root / rel) as fh:
-                    _write_png(fh, picture.pixels, str(row["path"]))
-                if owner is None:
-                    row["image_file"] = rel
-                else:
-                    row[owner.col(f"overlay_{picture.which}")] = rel
-            offset += len(result.rows)
         table = pa.Table.from_pylist(rows, schema=self.schema)
         table = table.replace_schema_metadata({"cnnlens.shard": str(shard), "cnnlens.seconds": f"{seconds:.6f}"})
         with atomic_write(self.rows_path(shard)) as fh:
