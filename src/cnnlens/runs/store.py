@@ -15,13 +15,14 @@ Layout of ``RUN_DIR``::
     .lock                             locked (lockf) while a process works on the folder
 
 Every file is written to a temporary name in its folder, flushed and renamed over its final name
-(``os.replace``), so a reader (or a restarted run) sees either the old file or the new one, never half of
-one; rows, maps and the run's JSON files are also fsync-ed before the rename (overlay pictures are not: the
-report shows a picture only when it exists). A shard counts as done only when its rows file exists with
-the expected number of rows; its maps and overlays are written *before* it, under deterministic names,
-so a shard redone after a crash simply overwrites whatever the crash left. Maps are stored raw (what :class:`cnnlens.Explanation` keeps as ``raw``);
-:func:`derive_maps` turns them into the displayed ``[0, 1]`` maps exactly as :func:`cnnlens.explain` does
-(display rule, bilinear upsampling, per-map min-max), so nothing is stored twice.
+(``os.replace``), so a reader (or a restarted run) sees either the old file or the new one, never half of one;
+rows, maps and the run's JSON files are also fsync-ed before the rename (overlay pictures are not: the report
+shows a picture only when it exists). A shard counts as done only when its rows file exists with the expected
+number of rows; its maps and overlays are written *before* it, under deterministic names, so a shard redone
+after a crash simply overwrites whatever the crash left. Maps are stored raw (what
+:class:`cnnlens.Explanation` keeps as ``raw``); :func:`derive_maps` turns them into the displayed ``[0, 1]``
+maps exactly as :func:`cnnlens.explain` does (display rule, bilinear upsampling, per-map min-max), so nothing
+is stored twice.
 """
 
 from __future__ import annotations
