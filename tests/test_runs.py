@@ -425,7 +425,7 @@ def test_crash_between_any_two_writes_then_resume(
     )  # fmt: skip
     data = read_dataset(planted.small, model.class_names)
     data = data.limit(18)
-    settings = RunSettings(methods=("gradcam", "gradcampp"), overlays=True)
+    settings = RunSettings(methods=("gradcam", "gradcampp"), overlay_format="png")
     reference = tmp_path / "reference"
     real_replace = os.replace
     calls: list[str] = []
@@ -460,6 +460,8 @@ def test_crash_between_any_two_writes_then_resume(
         summary = run_dataset(out, data, model, settings, shard_size=8, batch_size=4, workers=0)
         assert summary.total == 18
         _assert_same_rows(reference, out)
+    overlays = list(reference.rglob("overlays/*/*"))
+    assert overlays and all(p.suffix == ".png" for p in overlays)
 
 
 # -- configuration ------------------------------------------------------------------------------------------
@@ -532,6 +534,7 @@ def test_process_batch_is_a_pure_function_of_model_and_batch(planted: Planted) -
     assert len(first.rows[0]["top_k_classes"]) == 4  # capped at the number of classes
     wrong = [i for i, r in enumerate(first.rows) if r["correct"] is False]
     assert {p.row for p in first.pictures} == set(wrong)
+    assert all(p.render().shape == (32, 32, 3) for p in first.pictures)
     for i, row in enumerate(first.rows[:6]):
         assert row["box_input"] == row["box"]  # 32x32 in, 32x32 model input: same pixels
         assert (first.maps[0][i, 1].any()) == (i in wrong)

@@ -103,6 +103,9 @@ def add_run_commands(subparsers: Any) -> None:
     work.add_argument("--no-average-drop", action="store_true", help="skip Average Drop (saves one forward per map)")
     work.add_argument("--no-overlays", action="store_true", help="write no overlay pictures of misclassified images")
     work.add_argument("--cmap", default="jet", help="colour map of overlays (default jet)")
+    work.add_argument(
+        "--overlay-format", choices=["jpeg", "png"], default="jpeg", help="overlay pictures (default jpeg, quality 90)"
+    )
     run_opts = run.add_argument_group("running")
     run_opts.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward (default 16)")
     run_opts.add_argument(
@@ -167,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         average_drop=not args.no_average_drop,
         overlays=not args.no_overlays,
         cmap=args.cmap,
+        overlay_format=args.overlay_format,
     )
     with DatasetRun(
         args.out,

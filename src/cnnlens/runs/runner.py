@@ -220,7 +220,9 @@ class DatasetRun:
         self.shard_size = int(shard_size)
         self.overwrite = overwrite
         self.extra = dict(extra or {})
-        self.store = RunStore(self.root, self.pairs, self.shard_size, len(dataset))
+        self.store = RunStore(
+            self.root, self.pairs, self.shard_size, len(dataset), overlay_format=self.settings.overlay_format
+        )
         self.config = self._config()
         self.fingerprint = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode("utf-8")).hexdigest()
         self._lock = RunLock(self.root)
@@ -432,7 +434,8 @@ class DatasetRun:
                 "summary": "summary.json",
                 "config": "run.json",
                 "maps": "maps/<method>@<layer>/shard-NNNNNN.npy: float32 (rows, 2, h, w) raw maps; row = maps_row",
-                "overlays": "overlays/NNNNNN/<index>.image.png, <index>.<method>@<layer>.pred.png / .true.png",
+                "overlays": f"overlays/NNNNNN/<index>.image.{self.store.picture_suffix}, "
+                f"<index>.<method>@<layer>.pred.{self.store.picture_suffix} / .true.{self.store.picture_suffix}",
             },
             "columns": columns,
             "summary": summary.as_dict(),

@@ -7,9 +7,11 @@ Layout of ``RUN_DIR``::
     maps/<method>@<layer>/shard-000012.npy
                                       float32 (n, 2, h, w): raw signed maps at layer resolution of the n rows of
                                       shard 12 ([:, 0] predicted class, [:, 1] true class where wrong, else 0)
-    overlays/000012/0000345.image.png the model-input image of a misclassified row (index 345)
-    overlays/000012/0000345.<method>@<layer>.pred.png / .true.png
-                                      predicted-class and true-class map over it
+    overlays/000012/0000345.image.jpg the model-input image of a misclassified row (index 345)
+    overlays/000012/0000345.<method>@<layer>.pred.jpg / .true.jpg
+                                      predicted-class and true-class map over it (JPEG quality 90 by
+                                      default: 20x faster to encode and 8x smaller than PNG; .png with
+                                      overlay_format="png")
     results.parquet                   every row, sorted by index (assembled from the shards at the end)
     summary.json, manifest.json       totals; provenance, versions, columns and files
     .lock                             locked (lockf) while a process works on the folder
@@ -47,7 +49,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from cnnlens.maps import finite_or_zero, normalize, upsample
 from cnnlens.methods.registry import apply_display, display_mode
-from cnnlens.runs.batch import PAIR_METRICS, BatchResult, Pair, row_columns
+from cnnlens.runs.batch import PAIR_METRICS, BatchResult, Pair, Picture, row_columns
 from cnnlens.runs.errors import RunConfigError
 
 __all__ = [
@@ -117,14 +119,21 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _save_picture(path: Path, pixels: np.ndarray, source: str) -> None:
-    """An overlay PNG at zlib level 1 (several times faster to write than the default, ~15 % larger), atomically."""
-    info = PngInfo()
-    info.add_text("Software", "cnnlens")
-    info.add_text("cnnlens:source", source)
-    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+def _save_picture(path: Path, picture: Picture, source: str) -> None:
+    """Write an overlay picture atomically; the source image path goes into its comment/text metadata.
+
+    ``.jpg``: JPEG quality 90 (about 0.3 ms and 10 KB at 224x224); otherwise PNG at zlib level 1 (about 6 ms and
+    80 KB; the default level 6 takes 20 ms).
+    """
+    image = Image.fromarray(np.ascontiguousarray(picture.render(), dtype=np.uint8))
     with atomic_write(path, durable=False) as fh:
-        image.save(fh, format="PNG", pnginfo=info, compress_level=1)
+        if path.suffix == ".jpg":
+            image.save(fh, format="JPEG", quality=90, comment=f"cnnlens overlay of {source}".encode())
+        else:
+            info = PngInfo()
+            info.add_text("Software", "cnnlens")
+            info.add_text("cnnlens:source", source)
+            image.save(fh, format="PNG", pnginfo=info, compress_level=1)
 
 
 class RunLock:
@@ -237,10 +246,20 @@ class RunStore:
         pairs: The run's (method, layer) pairs.
         shard_size: Rows per shard (the last shard may be shorter).
         total: Number of samples of the run.
+        overlay_format: ``"jpeg"`` (default) or ``"png"`` for the overlay pictures.
     """
 
-    def __init__(self, root: str | os.PathLike[str], pairs: Sequence[Pair], shard_size: int, total: int) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        pairs: Sequence[Pair],
+        shard_size: int,
+        total: int,
+        *,
+        overlay_format: str = "jpeg",
+    ) -> None:
         self.root = Path(root)
+        self.picture_suffix = "png" if overlay_format == "png" else "jpg"
         self.pairs = list(pairs)
         self.shard_size = int(shard_size)
         self.total = int(total)
@@ -267,7 +286,11 @@ class RunStore:
     def overlay_rel(self, shard: int, index: int, pair: Pair | None, which: str) -> str:
         """An overlay picture's path relative to the run folder."""
         stem = f"overlays/{shard:06d}/{index:07d}"
-        return f"{stem}.image.png" if pair is None else f"{stem}.{pair.key}.{which}.png"
+        return (
+            f"{stem}.image.{self.picture_suffix}"
+            if pair is None
+            else f"{stem}.{pair.key}.{which}.{self.picture_suffix}"
+        )
 
     # -- state ---------------------------------------------------------------------------------------
     def clean_temporary(self) -> int:
@@ -327,9 +350,9 @@ class RunStore:
             else:
                 row[owner.col(f"overlay_{picture.which}")] = rel
             if submit is None:
-                _save_picture(self.root / rel, picture.pixels, str(row["path"]))
+                _save_picture(self.root / rel, picture, str(row["path"]))
             else:
-                futures.append(submit(_save_picture, self.root / rel, picture.pixels, str(row["path"])))
+                futures.append(submit(_save_picture, self.root / rel, picture, str(row["path"])))
         result.staged = True
         return futures
 
