@@ -301,7 +301,7 @@ def measure_memory(
         for task, result in zip(tasks, pool.map(one, tasks), strict=True):
             results[task] = result
             if "extra_mib" in result:
-                text = f"+{result['extra_first_mib']:.0f} / +{result['extra_repeat_mib']:.0f} MiB"
+                text = f"+{_mib(result['extra_first_mib'])} / +{_mib(result['extra_repeat_mib'])} MiB"
             else:
                 text = result.get("error", "?")
             log(f"  memory {task[0]} b{task[1]} {task[2]}: {text}")
@@ -389,9 +389,98 @@ def agreement(subject: Subject, x: torch.Tensor) -> dict[str, Any]:
     return out
 
 
+# -- breakdown ----------------------------------------------------------------------------------------
+def breakdown_calls(subject: Subject, x: torch.Tensor) -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
+    """The pieces of one ``cnnlens.explain`` call, timed on their own (``--breakdown``).
+
+    Uses cnnlens internals (``capture``, ``display_images``, ``maps``) so that a change to them shows up here.
+    """
+    import cnnlens
+    from cnnlens.capture import capture
+    from cnnlens.explain import display_images
+    from cnnlens.maps import normalize, upsample
+
+    net, layer, batch = subject.module, subject.layer, int(x.shape[0])
+    cap = capture(net, [layer])
+    cap.__enter__()
+    rec = cap.run(x)
+    raw = torch.rand(batch, 1, *rec.activations[layer].shape[-2:], generator=torch.Generator().manual_seed(SEED))
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    loaded = subject.explain_model if subject.explain_model is not subject.module else None
+
+    def inference() -> object:
+        with torch.inference_mode():
+            return net(x)
+
+    def no_grad() -> object:
+        with torch.no_grad():
+            return net(x)
+
+    def setup_teardown() -> None:
+        with capture(net, [layer]):
+            pass
+
+    calls: dict[str, Callable[[], object]] = {
+        "inference forward": inference,
+        "no_grad forward": no_grad,
+        "capture() + enter + exit, no forward": setup_teardown,
+        "cap.run(x, gradients=False) in an open capture": lambda: cap.run(x, gradients=False),
+        "cap.run(x) in an open capture": lambda: cap.run(x),
+        "cnnlens.record(...)": lambda: cnnlens.record(net, x, layer),
+        "explain(gradcam)": lambda: cnnlens.explain(subject.explain_model, x, methods=["gradcam"], layers=[layer]),
+        "explain(gradcampp)": lambda: cnnlens.explain(subject.explain_model, x, methods=["gradcampp"], layers=[layer]),
+        "upsample + normalize, float64, .float()": lambda: normalize(upsample(raw.double(), size))[0].float(),
+        "upsample + normalize, float32": lambda: normalize(upsample(raw, size)),
+        "display_images (uint8 overlays)": lambda: display_images(rec.inputs, loaded),
+    }
+    return calls, lambda: cap.__exit__(None, None, None)
+
+
+def run_breakdown(
+    subjects: dict[str, Subject],
+    configs: Sequence[tuple[str, int]],
+    warmup: int,
+    repeats: int,
+    budget: WaitBudget,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Time the pieces of ``cnnlens.explain`` for every (model, batch) and print one table each."""
+    out: dict[str, Any] = {}
+    for model, batch in configs:
+        subject = subjects[model]
+        x = make_input(subject, batch)
+        log(f"breakdown {model} batch {batch}")
+        calls, close = breakdown_calls(subject, x)
+        try:
+            timings = time_round_robin(calls, warmup=warmup, repeats=repeats, budget=budget, progress=log)
+        finally:
+            close()
+        base = timings["inference forward"].median
+        rows = [
+            [
+                name,
+                fmt_seconds(t.median),
+                fmt_seconds(t.minimum),
+                _ratio(t.median, base),
+                f"{t.retaken} / {t.contended_kept}",
+            ]
+            for name, t in timings.items()
+        ]
+        print(f"## Breakdown: {model} (layer `{subject.layer}`), batch {batch}\n")
+        print(format_table(["piece", "median", "min", "x inference fwd", "retaken / contended kept"], rows))
+        print()
+        out[f"{model}/b{batch}"] = {name: t.as_dict() for name, t in timings.items()}
+    return out
+
+
 # -- report -------------------------------------------------------------------------------------------
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else "-"
+
+
+def _mib(value: float) -> str:
+    """Whole MiB; a rounding-level negative (the method needed less than the forward's transients) shows as 0."""
+    return str(max(0, round(value)))
 
 
 def _mem(memory: dict[tuple[str, int, str], dict[str, Any]] | None, key: tuple[str, int, str]) -> str:
@@ -402,7 +491,7 @@ def _mem(memory: dict[tuple[str, int, str], dict[str, Any]] | None, key: tuple[s
         return "-"
     if "extra_mib" not in result:
         return "err"
-    return f"{result['extra_first_mib']:.0f} / {result['extra_repeat_mib']:.0f}"
+    return f"{_mib(result['extra_first_mib'])} / {_mib(result['extra_repeat_mib'])}"
 
 
 def config_table(
@@ -493,7 +582,7 @@ def targets_table(checks: Sequence[dict[str, Any]]) -> str:
     for c in checks:
         mem = "-"
         if c.get("extra_mib") is not None and c.get("torchcam_extra_mib") is not None:
-            mem = mark(c["memory_ok"], f"{c['extra_mib']:.0f} vs {c['torchcam_extra_mib']:.0f} MiB")
+            mem = mark(c["memory_ok"], f"{_mib(c['extra_mib'])} vs {_mib(c['torchcam_extra_mib'])} MiB")
         rows.append(
             [
                 f"{c['model']} b{c['batch']} {METHOD_TITLES[c['method']]}",
@@ -572,7 +661,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: resnet50,efficientnet_lite0")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per config (default 5, quick 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per row (default 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per row (default 1, breakdown 2)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -587,6 +676,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
     parser.add_argument("--memory-jobs", type=int, default=2, help="memory subprocesses run at once (default 2)")
     parser.add_argument("--no-both", action="store_true", help="skip the 'cnnlens both methods' row")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead of the comparison, time the pieces of one cnnlens.explain call (15 rounds, quick 3)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write all numbers to this JSON file")
     parser.add_argument("--_memory-worker", nargs=3, metavar=("MODEL", "BATCH", "ROW"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -607,8 +701,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
-    warmup = args.warmup if args.warmup is not None else 1
+    if args.breakdown:
+        repeats = args.repeats if args.repeats is not None else (3 if args.quick else 15)
+        warmup = args.warmup if args.warmup is not None else 2
+    else:
+        repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+        warmup = args.warmup if args.warmup is not None else 1
     rows = [r for r in ROWS if not (args.no_both and r == "cnnlens_both")]
     budget = WaitBudget(args.max_wait if args.max_wait is not None else (20.0 if args.quick else 120.0))
     started = time.perf_counter()
@@ -623,6 +721,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     subjects = {m: load_subject(m) for m in models}
     configs = [(m, b) for m in models for b in batches]
+    if args.breakdown:
+        pieces = run_breakdown(subjects, configs, warmup, repeats, budget, log)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(
+                json.dumps({"machine": info, "command": command.strip(), "breakdown": pieces}, indent=2)
+            )
+        return 0
     all_timings: dict[tuple[str, int], dict[str, Timing]] = {}
     agree: dict[tuple[str, int], dict[str, Any]] = {}
     for model, batch in configs:
