@@ -14,6 +14,9 @@ batch ``--batch-size`` (default 16), on the CPU with torch's default thread coun
 
 Rows (interleaved round by round, median of ``--repeats`` rounds; each round processes every image once):
 
+Each row reports its median wall time, its median CPU time (user + system, this process and the decoding
+workers) and every round's wall time, so a round disturbed by other processes on a shared machine shows.
+
 * ``inference forward``: ``model(x)`` under ``torch.inference_mode()`` on pre-decoded tensors (context only).
 * ``forward + backward-to-layer`` (the **baseline**): on pre-decoded, preprocessed tensors, per batch:
   ``model(x)`` with a forward hook keeping the layer's output, then
@@ -33,6 +36,7 @@ The target the project sets: ``cnnlens run, Grad-CAM`` >= 0.85x the baseline's i
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import statistics
 import sys
@@ -130,9 +134,16 @@ def run_call(
         out = work / f"run-{'ad' if average_drop else 'cam'}"
         if out.exists():
             shutil.rmtree(out)
-        return run_dataset(out, dataset, model, settings, batch_size=batch, workers=workers, shard_size=64)
+        return run_dataset(out, dataset, model, settings, batch_size=batch, workers=workers)
 
     return call
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the decoding workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -181,20 +192,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     for fn in baseline_calls(model, tensors[: args.batch_size], args.batch_size).values():
         fn()  # warm-up: one batch of each pre-decoded row (allocator, kernels)
     seconds: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
     accuracy = None
     for r in range(repeats):
         for name, fn in calls.items():
+            c0 = cpu_seconds()
             t0 = time.perf_counter()
             result = fn()
             seconds[name].append(time.perf_counter() - t0)
+            cpu[name].append(cpu_seconds() - c0)
             if hasattr(result, "accuracy"):
                 accuracy = result.accuracy
-            print(f"round {r + 1}/{repeats} {name}: {seconds[name][-1]:.2f} s", flush=True)
+            print(f"round {r + 1}/{repeats} {name}: {seconds[name][-1]:.2f} s (CPU {cpu[name][-1]:.2f} s)", flush=True)
     median = {name: statistics.median(v) for name, v in seconds.items()}
+    median_cpu = {name: statistics.median(v) for name, v in cpu.items()}
     rate = {name: images / s for name, s in median.items()}
     base = rate["forward + backward-to-layer"]
-    rows = [[name, f"{median[name]:.2f} s", f"{rate[name]:.1f}", f"{rate[name] / base:.2f}x"] for name in calls]
-    table = format_table(["row", "median time", "images/s", "vs baseline"], rows)
+    rows = [
+        [
+            name,
+            f"{median[name]:.2f} s",
+            f"{median_cpu[name]:.2f} s",
+            f"{rate[name]:.1f}",
+            f"{rate[name] / base:.2f}x",
+            " ".join(f"{v:.2f}" for v in seconds[name]),
+        ]
+        for name in calls
+    ]
+    table = format_table(["row", "median time", "median CPU", "images/s", "vs baseline", "all rounds (s)"], rows)
     ratio = rate["cnnlens run, Grad-CAM"] / base
     met = "met" if ratio >= TARGET else "NOT met"
     verdict = f"cnnlens run, Grad-CAM: {ratio:.2f}x the baseline (target >= {TARGET}x): {met}"

@@ -51,8 +51,8 @@ _SCORES = ("probability", "logit")
 def _solve_one(image: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     """Noise-free linear imputation of one ``(C, H, W)`` image (float64, CPU) where ``removed`` (H, W) is True."""
     import numpy as np
-    from scipy.sparse import csc_matrix  # type: ignore[import-untyped]
-    from scipy.sparse.linalg import spsolve  # type: ignore[import-untyped]
+    from scipy.sparse import csc_matrix
+    from scipy.sparse.linalg import spsolve
 
     channels, height, width = (int(v) for v in image.shape)
     flat_removed = removed.reshape(-1)

@@ -437,10 +437,10 @@ def process_batch(model: LoadedModel, batch: Batch, settings: RunSettings) -> Ba
         if table is not None:
             if images is None and exp.images is not None:
                 images = exp.images.cpu().numpy()
-                pictures += [Picture(ok[j], None, "image", images[j]) for j in wrong_list]
+                pictures += [Picture(ok[j], None, "image", images[j].copy()) for j in wrong_list]
             if images is not None:
                 for j in wrong_list:
                     for t, which in ((0, "pred"), (1, "true")):
-                        heat = maps[j, t].numpy()
-                        pictures.append(Picture(ok[j], p_index, which, images[j], heat, table, settings.alpha))
+                        heat = maps[j, t].numpy().copy()  # copies: a picture does not keep the batch's arrays alive
+                        pictures.append(Picture(ok[j], p_index, which, images[j].copy(), heat, table, settings.alpha))
     return BatchResult(rows, maps_out, pictures)

@@ -222,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"{key}: {shown}", highlight=False)
     console.print(f"results: {summary.results}; report: cnnlens report {args.out}", highlight=False)
     if summary.errors:
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow.parquet as pq
 
         rows = pq.read_table(summary.results, columns=["path", "status", "error"]).to_pylist()
         bad = [r for r in rows if r["status"] != "ok"]

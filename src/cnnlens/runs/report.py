@@ -56,7 +56,7 @@ def confusion(labels: Sequence[int], predictions: Sequence[int], classes: Sequen
 
 
 def _load(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq
 
     run_json, results = run_dir / "run.json", run_dir / "results.parquet"
     if not run_json.is_file():

@@ -92,7 +92,7 @@ def open_results(run_dir: str | os.PathLike[str]) -> RunResults:
     Raises:
         RunConfigError: Not a run folder, or the run has not finished (no ``results.parquet``).
     """
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq
 
     root = Path(run_dir)
     if not (root / "run.json").is_file():

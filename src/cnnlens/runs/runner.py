@@ -386,7 +386,7 @@ class DatasetRun:
         return self._finish(processed, done_before, elapsed)
 
     def _finish(self, processed: int, skipped: int, elapsed: float) -> RunSummary:
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow.parquet as pq
 
         path = self.store.assemble({"cnnlens.fingerprint": self.fingerprint, "cnnlens.format": str(FORMAT_VERSION)})
         table = pq.read_table(path)

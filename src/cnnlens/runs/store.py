@@ -41,8 +41,8 @@ from types import TracebackType
 from typing import IO, Any
 
 import numpy as np
-import pyarrow as pa  # type: ignore[import-untyped]
-import pyarrow.parquet as pq  # type: ignore[import-untyped]
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
