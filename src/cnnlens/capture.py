@@ -74,13 +74,14 @@ class LayerRef:
         return self.name if self.call is None else f"{self.name}@{self.call}"
 
 
-def resolve_layer(model: nn.Module, layer: LayerSpec) -> LayerRef:
+def resolve_layer(model: nn.Module, layer: LayerSpec, *, modules: dict[str, nn.Module] | None = None) -> LayerRef:
     """Resolve a dotted ``named_modules()`` path (optionally ``@k``) or a module to a :class:`LayerRef`.
 
     Args:
         model: The network.
         layer: A dotted name such as ``"layer4.2.conv3"``, ``"features.28"``, ``"blocks.3@1"`` (second
             call of a shared module), or a module object that belongs to ``model``.
+        modules: ``dict(model.named_modules())`` when the caller already has it (resolving many layers).
 
     Returns:
         The resolved layer.
@@ -93,14 +94,16 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> LayerRef:
         >>> resolve_layer(net, "0").name
         '0'
     """
-    names = {module: name for name, module in model.named_modules()}
+    if modules is None:
+        modules = dict(model.named_modules())
     if isinstance(layer, nn.Module):
-        if layer not in names:
-            raise LayerNotFoundError(
-                f"the module {type(layer).__name__} passed as a layer is not part of the model; pass a module "
-                "from model.named_modules() or its dotted name."
-            )
-        return LayerRef(names[layer], layer)
+        for found, module in modules.items():
+            if module is layer:
+                return LayerRef(found, layer)
+        raise LayerNotFoundError(
+            f"the module {type(layer).__name__} passed as a layer is not part of the model; pass a module "
+            "from model.named_modules() or its dotted name."
+        )
     if not isinstance(layer, str):
         raise LayerNotFoundError(f"a layer is a dotted name or a module, got {type(layer).__name__}.")
     call: int | None = None
@@ -108,7 +111,6 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> LayerRef:
     match = _CALL_RE.match(layer)
     if match:
         name, call = match["name"], int(match["call"])
-    modules = dict(model.named_modules())
     if name == "" or name not in modules:
         candidates = [n for n in modules if n]
         close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
@@ -229,7 +231,8 @@ class Capture:
         output_selector: OutputSelector | None = None,
     ) -> None:
         self.model = model
-        refs = [resolve_layer(model, layer) for layer in layers]
+        self._modules = dict(model.named_modules())  # one traversal serves resolution and the flag check
+        refs = [resolve_layer(model, layer, modules=self._modules) for layer in layers]
         seen: set[str] = set()
         self.refs: list[LayerRef] = []
         for ref in refs:
@@ -253,10 +256,13 @@ class Capture:
     def __enter__(self) -> Capture:
         if self._entered:
             raise LayerError("this capture is already active; open a new capture() instead of re-entering it.")
-        self._training = {m: m.training for m in self.model.modules()}
-        self._requires_grad = {p: p.requires_grad for p in self.model.parameters()}
+        # Only a model with modules in training mode is switched (and snapshotted): eval() rewrites the flag
+        # of every module through nn.Module.__setattr__, a millisecond on a model of a few hundred modules.
+        if any(m.training for m in self._modules.values()):
+            self._training = {m: m.training for m in self._modules.values()}
         try:
-            self.model.eval()
+            if self._training:
+                self.model.eval()
             by_module: dict[nn.Module, list[LayerRef]] = {}
             for ref in self.refs:
                 by_module.setdefault(ref.module, []).append(ref)
@@ -283,10 +289,13 @@ class Capture:
         finally:
             self._handles.clear()
             for module, flag in self._training.items():
-                module.training = flag
+                if module.training != flag:
+                    module.training = flag
             for param, flag in self._requires_grad.items():
                 if param.requires_grad != flag:
                     param.requires_grad_(flag)
+            self._training = {}
+            self._requires_grad = {}
             self._clear()
             self._entered = False
 
@@ -1312,6 +1321,7 @@ class DifferentiableCapture(Capture):
     def __enter__(self) -> DifferentiableCapture:
         super().__enter__()
         try:
+            self._requires_grad = {p: p.requires_grad for p in self.model.parameters()}
             for param in self.model.parameters():
                 param.requires_grad_(False)
         except BaseException:

@@ -49,17 +49,23 @@ def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None =
     to [0, 255] (per image, so images do not influence each other).
     """
     x = inputs.detach().float()
-    if isinstance(model, LoadedModel):
-        x = model.spec.preprocessing.denormalize(x)
+    if x.ndim != 4:
+        raise InputShapeError(f"display_images needs a batch (B, C, H, W), got shape {tuple(x.shape)}.")
+    if isinstance(model, LoadedModel) and x.shape[1] == 3:
+        # denormalize, scale to [0, 255] and round, in one affine pass: x * 255 std + (255 mean + 0.5).
+        prep = model.spec.preprocessing
+        scale = torch.tensor(prep.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255
+        shift = torch.tensor(prep.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255 + 0.5
+        pixels = torch.addcmul(shift, x, scale)
     else:
-        flat = x.flatten(1)
-        lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
-        hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
-        x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    x = x[:, :3]
-    return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        lo, hi = torch.aminmax(x.flatten(1), dim=1)
+        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi)).view(-1, 1, 1, 1)
+        pixels = (x - lo.view(-1, 1, 1, 1)).mul_(255 / span).add_(0.5)
+    # +0.5 then truncation rounds to nearest; clamping after the shift is the same as clamping x to [0, 1].
+    out = pixels[:, :3].clamp_(0, 255).to(torch.uint8)
+    if out.shape[1] == 1:
+        out = out.expand(-1, 3, -1, -1)
+    return out.permute(0, 2, 3, 1).cpu()
 
 
 def explain(
@@ -167,7 +173,8 @@ def explain(
                         extras.setdefault(key, []).append(value.detach())
                 raw, bad = finite_or_zero(torch.stack(per_target, dim=1).to(raw_dtype))
                 shown = apply_display(raw, display_mode(variant))
-                maps, degenerate = normalize(upsample(shown.double(), size))
+                # raw is finite (finite_or_zero above), so is its bilinear upsampling: no second check.
+                maps, degenerate = normalize(upsample(shown.double(), size), dtype=torch.float32, assume_finite=True)
                 results.append(
                     Explanation(
                         method=spec.id,
@@ -175,7 +182,7 @@ def explain(
                         layer=layer,
                         variant=dict(variant),
                         raw=raw,
-                        maps=maps.float(),
+                        maps=maps,
                         degenerate=degenerate | bad,
                         target_classes=rec.target_classes,
                         target_names=list(rec.target_names),

@@ -51,11 +51,24 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return flat.reshape(*lead, *size)
 
 
-def normalize(maps: torch.Tensor, rtol: float = DEGENERATE_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize(
+    maps: torch.Tensor,
+    rtol: float = DEGENERATE_RTOL,
+    *,
+    dtype: torch.dtype | None = None,
+    assume_finite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max normalise each map ``(..., H, W)`` to [0, 1] on its own.
 
     Formula: ``(M - min M) / (max M - min M)``. A map with ``max - min <= rtol * max|M|`` (flat, all zero)
     or with non-finite values becomes all zeros and is flagged degenerate.
+
+    Args:
+        maps: ``(..., H, W)`` maps, in any floating dtype (the arithmetic runs in it).
+        rtol: Relative flatness below which a map is degenerate.
+        dtype: The dtype of the result (default: that of ``maps``); the cast is fused into the last step.
+        assume_finite: Skip the NaN/inf check when the caller guarantees finite maps (e.g. upsampled from
+            maps already passed through :func:`finite_or_zero`).
 
     Returns:
         ``(normalised, degenerate)``; ``degenerate`` has shape ``maps.shape[:-2]``.
@@ -65,14 +78,15 @@ def normalize(maps: torch.Tensor, rtol: float = DEGENERATE_RTOL) -> tuple[torch.
         >>> m[0].tolist(), d.tolist()
         ([[0.0, 0.5], [0.25, 1.0]], [False, True])
     """
-    maps, bad = finite_or_zero(maps)
-    flat = maps.flatten(-2)
-    lo = flat.min(dim=-1).values
-    hi = flat.max(dim=-1).values
+    if assume_finite:
+        bad = torch.zeros(maps.shape[:-2], dtype=torch.bool, device=maps.device)
+    else:
+        maps, bad = finite_or_zero(maps)
+    lo, hi = torch.aminmax(maps.flatten(-2), dim=-1)
     span = hi - lo
-    scale = flat.abs().max(dim=-1).values
+    scale = torch.maximum(lo.abs(), hi.abs())
     degenerate = bad | (span <= rtol * scale) | (scale == 0)
-    safe_span = torch.where(degenerate, torch.ones_like(span), span)
-    out = (maps - lo[..., None, None]) / safe_span[..., None, None]
-    out = torch.where(degenerate[..., None, None], torch.zeros_like(out), out)
-    return out.clamp_(0.0, 1.0), degenerate
+    # A degenerate map is divided by +inf: (M - min) is finite, so the result is exactly zero.
+    span = span.masked_fill(degenerate, float("inf"))
+    out = (maps - lo[..., None, None]).div_(span[..., None, None]).clamp_(0.0, 1.0)
+    return (out if dtype is None else out.to(dtype)), degenerate

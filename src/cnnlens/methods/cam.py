@@ -101,7 +101,9 @@ def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
     ``alpha_ij = g_ij^2 / (2 g_ij^2 + sum_ab(A_ab) g_ij^3)``, ``alpha = 0`` where ``g = 0`` or the
     denominator vanishes, and ``w_k = sum_ij alpha_ij relu(g_ij)``. The common factor ``exp(S)`` cancels and is
     never computed (it overflows). No epsilon is added to the denominator (pytorch-grad-cam adds 1e-6,
-    which biases alpha when ``|g|`` is below about 1e-3).
+    which biases alpha when ``|g|`` is below about 1e-3). For non-negative activations (post-ReLU layers, the
+    usual case) the same value is computed as ``alpha_ij relu(g_ij) = relu(g_ij) / (2 + sum_ab(A_ab) relu(g_ij))``,
+    which has no pole and no powers of ``g`` that could underflow.
 
     Variant ``alpha_normalize=True`` reproduces the authors' TF code: alpha is divided, per channel, by its
     sum over the positions where ``g > 0`` (a step not in the paper's equations). The default ``False`` is the
@@ -130,21 +132,28 @@ def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
     dtype = precise_dtype(grad)
     g = grad.to(dtype)
     act = view.activation.to(dtype)
-    if bool((act < 0).any()):
-        warnings.warn(
-            f"Grad-CAM++ on layer {view.layer!r} whose activations take negative values: alpha has a pole "
-            "at g = -2/sum(A), which then falls on positive gradients and can blow up the weights. Prefer a "
-            "post-ReLU layer (e.g. the block output after its activation).",
-            CnnlensWarning,
-            stacklevel=3,
-        )
+    sum_a = act.sum(dim=(2, 3), keepdim=True)
+    positive = torch.relu(g)
+    if bool(view.activation.amin() >= 0):
+        # sum(A) >= 0: where g > 0, alpha = g^2 / (g^2 (2 + sum(A) g)) = 1 / (2 + sum(A) g) exactly, and the
+        # denominator is at least 2. No powers of g (nothing underflows), no pole, no masking needed.
+        alpha = (sum_a * positive).add_(2).reciprocal_()
+        if alpha_normalize:
+            norm = (alpha * (g > 0)).sum(dim=(2, 3), keepdim=True)
+            alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
+        return weighted_sum((alpha * positive).sum(dim=(2, 3)), act)
+    warnings.warn(
+        f"Grad-CAM++ on layer {view.layer!r} whose activations take negative values: alpha has a pole "
+        "at g = -2/sum(A), which then falls on positive gradients and can blow up the weights. Prefer a "
+        "post-ReLU layer (e.g. the block output after its activation).",
+        CnnlensWarning,
+        stacklevel=3,
+    )
     g2 = g * g
     g3 = g2 * g
-    sum_a = act.sum(dim=(2, 3), keepdim=True)
     denom = 2 * g2 + sum_a * g3
     ok = (g != 0) & (denom.abs() > torch.finfo(dtype).tiny)
     alpha = torch.where(ok, g2 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(g))
-    positive = torch.relu(g)
     if alpha_normalize:
         norm = (alpha * (g > 0)).sum(dim=(2, 3), keepdim=True)
         alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
