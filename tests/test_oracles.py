@@ -192,3 +192,40 @@ def test_vgg_style_fc_head_gradcam_differs_from_cam_identity() -> None:
     hires = (g * a).sum(1)
     e = cnnlens.explain(net, x, methods=["gradcam"], layers=["features.3"], targets=0)["gradcam", "features.3"]
     assert not torch.allclose(e.raw[:, 0].double(), hires, atol=1e-4)
+
+
+def _gradcampp_powers(act: torch.Tensor, g: torch.Tensor, alpha_normalize: bool) -> torch.Tensor:
+    """The paper's closed form with explicit powers of g (reference for the pole-free evaluation)."""
+    sum_a = act.sum(dim=(2, 3), keepdim=True)
+    denom = 2 * g**2 + sum_a * g**3
+    alpha = torch.where(g != 0, g**2 / torch.where(g != 0, denom, torch.ones_like(denom)), torch.zeros_like(g))
+    if alpha_normalize:
+        alpha = alpha / (alpha * (g > 0)).sum(dim=(2, 3), keepdim=True)
+    weights = (alpha * torch.relu(g)).sum(dim=(2, 3))
+    return torch.einsum("bc,bchw->bhw", weights, act)
+
+
+@pytest.mark.parametrize("alpha_normalize", [False, True])
+def test_gradcampp_pole_free_form_equals_powers_form_on_non_negative_activations(alpha_normalize: bool) -> None:
+    from cnnlens.methods.cam import gradcampp
+    from cnnlens.methods.registry import LayerView
+
+    gen = torch.Generator().manual_seed(3)
+    act = torch.relu(torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=gen))
+    g = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=gen) * 10.0 ** torch.randint(-4, 2, (2, 5, 1, 1))
+    g[0, 0, 0, :] = 0.0  # zero gradients get alpha 0
+    view = LayerView("x", act, g, act, None, torch.zeros(2), torch.zeros(2, dtype=torch.long))
+    got = gradcampp(view, alpha_normalize=alpha_normalize)
+    torch.testing.assert_close(got, _gradcampp_powers(act, g, alpha_normalize), rtol=1e-12, atol=1e-300)
+
+
+def test_gradcampp_tiny_gradients_do_not_underflow_to_zero() -> None:
+    # g = 1e-170: g^2 and g^3 underflow in float64, yet alpha * relu(g) = g / (2 + sum(A) g) ~ g / 2.
+    from cnnlens.methods.cam import gradcampp
+    from cnnlens.methods.registry import LayerView
+
+    act = torch.ones(1, 1, 2, 2, dtype=torch.float64)
+    g = torch.full((1, 1, 2, 2), 1e-170, dtype=torch.float64)
+    view = LayerView("x", act, g, act, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    got = gradcampp(view)
+    torch.testing.assert_close(got, torch.full((1, 2, 2), 4 * 1e-170 / 2, dtype=torch.float64), rtol=1e-12, atol=0)
