@@ -229,3 +229,22 @@ def test_gradcampp_tiny_gradients_do_not_underflow_to_zero() -> None:
     view = LayerView("x", act, g, act, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
     got = gradcampp(view)
     torch.testing.assert_close(got, torch.full((1, 2, 2), 4 * 1e-170 / 2, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_upsample_normalize_matches_float64_one_map_at_a_time() -> None:
+    from cnnlens.maps import upsample_normalize
+
+    gen = torch.Generator().manual_seed(5)
+    maps = [
+        torch.relu(torch.randn(2, 3, 7, 7, generator=gen)),  # typical ReLU'd maps
+        torch.randn(1, 2, 14, 14, generator=gen),  # signed
+        1000.0 + 1e-2 * torch.rand(1, 1, 7, 7, generator=gen),  # large offset: float32 would cancel
+        torch.full((1, 1, 7, 7), 3.0),  # flat: degenerate
+    ]
+    got = upsample_normalize(maps, (28, 28), max_elements=28 * 28 * 3)  # forces several chunks
+    for m, (norm, degenerate) in zip(maps, got, strict=True):
+        ref, ref_degenerate = normalize(upsample(m.double(), (28, 28)))
+        assert norm.dtype == torch.float32 and norm.shape == (*m.shape[:-2], 28, 28)
+        assert torch.equal(degenerate, ref_degenerate)
+        torch.testing.assert_close(norm.double(), ref, rtol=0, atol=2e-6)
+    assert got[3][1].all() and not got[2][1].any()

@@ -442,8 +442,8 @@ class Capture:
                 inputs=x.detach(),
                 logits=logits.detach(),
                 activations=dict(self._acts),
-                gradients={k: torch.stack(v) for k, v in grads.items()},
-                input_gradients=torch.stack(in_grads) if input_gradients else None,
+                gradients={k: _stack(v) for k, v in grads.items()},
+                input_gradients=_stack(in_grads) if input_gradients else None,
                 scores=torch.stack([s.detach() for s in score_list], dim=1),
                 target_classes=torch.stack(classes, dim=1),
                 target_names=[t.name for t in target_list],
@@ -680,6 +680,11 @@ def _fix_target(target: Target, recording: Recording, t: int) -> Target:
 
 def _is_target_list(targets: object) -> TypeGuard[list[Target]]:
     return isinstance(targets, list) and bool(targets) and all(isinstance(t, Target) for t in targets)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` along a new dim 0, without copying when there is one tensor (a view then)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _grad(score: torch.Tensor, wrt: list[torch.Tensor], *, retain: bool) -> list[torch.Tensor]:

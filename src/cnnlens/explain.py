@@ -11,7 +11,7 @@ from torch import nn
 from cnnlens.capture import LayerSpec, Probe, capture
 from cnnlens.errors import InputShapeError, LayerNotFoundError
 from cnnlens.explanation import Explanation, ExplanationSet
-from cnnlens.maps import finite_or_zero, normalize, upsample
+from cnnlens.maps import finite_or_zero, upsample_normalize
 from cnnlens.methods.registry import LayerView, MethodSpec, apply_display, display_mode, resolve_methods
 from cnnlens.models import LoadedModel
 from cnnlens.outputs import OutputSelector
@@ -148,7 +148,7 @@ def explain(
             raise InputShapeError(f"got {len(image_names)} image names for a batch of {batch} images.")
         manifest: dict[str, Any] = {"model": loaded.manifest() if loaded else {"class": type(module).__name__}}
         probe = Probe(cap, rec, rec.targets)
-        results: list[Explanation] = []
+        computed: list[tuple[MethodSpec, str, dict[str, Any], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
         for spec in specs:
             variant = variants[spec.id]
             for layer in rec.layers:
@@ -171,27 +171,35 @@ def explain(
                     per_target.append(out.raw)
                     for key, value in out.extras.items():
                         extras.setdefault(key, []).append(value.detach())
-                raw, bad = finite_or_zero(torch.stack(per_target, dim=1).to(raw_dtype))
-                shown = apply_display(raw, display_mode(variant))
-                # raw is finite (finite_or_zero above), so is its bilinear upsampling: no second check.
-                maps, degenerate = normalize(upsample(shown.double(), size), dtype=torch.float32, assume_finite=True)
-                results.append(
-                    Explanation(
-                        method=spec.id,
-                        title=spec.title,
-                        layer=layer,
-                        variant=dict(variant),
-                        raw=raw,
-                        maps=maps,
-                        degenerate=degenerate | bad,
-                        target_classes=rec.target_classes,
-                        target_names=list(rec.target_names),
-                        scores=rec.scores.float(),
-                        images=images,
-                        image_names=list(image_names) if image_names is not None else [],
-                        class_names=names,
-                        manifest=manifest,
-                        extras={k: torch.stack(v, dim=1) for k, v in extras.items()},
-                    )
-                )
+                joined = per_target[0].unsqueeze(1) if len(per_target) == 1 else torch.stack(per_target, dim=1)
+                raw, bad = finite_or_zero(joined.to(raw_dtype))
+                stacked = {k: torch.stack(v, dim=1) for k, v in extras.items()}
+                computed.append((spec, layer, variant, raw, bad, stacked))
+        # raw maps are finite (finite_or_zero above), so are their bilinear upsamplings: no second check. All
+        # (method, layer) maps go through upsampling and normalisation together, grouped by resolution.
+        shown = [apply_display(raw, display_mode(variant)) for _, _, variant, raw, _, _ in computed]
+        rendered = upsample_normalize(shown, size, dtype=torch.float32, assume_finite=True)
+        scores = rec.scores.float()
+        results = [
+            Explanation(
+                method=spec.id,
+                title=spec.title,
+                layer=layer,
+                variant=dict(variant),
+                raw=raw,
+                maps=maps,
+                degenerate=degenerate | bad,
+                target_classes=rec.target_classes,
+                target_names=list(rec.target_names),
+                scores=scores,
+                images=images,
+                image_names=list(image_names) if image_names is not None else [],
+                class_names=names,
+                manifest=manifest,
+                extras=extras_stacked,
+            )
+            for (spec, layer, variant, raw, bad, extras_stacked), (maps, degenerate) in zip(
+                computed, rendered, strict=True
+            )
+        ]
     return ExplanationSet(results, logits=rec.logits, manifest=manifest)

@@ -8,10 +8,12 @@ zero, or holding non-finite values) becomes zeros with ``degenerate=True``: no N
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEGENERATE_RTOL", "finite_or_zero", "normalize", "precise_dtype", "upsample"]
+__all__ = ["DEGENERATE_RTOL", "finite_or_zero", "normalize", "precise_dtype", "upsample", "upsample_normalize"]
 
 DEGENERATE_RTOL = 1e-6
 """A map whose ``max - min`` is at most this fraction of ``max |value|`` is degenerate (flat)."""
@@ -82,11 +84,107 @@ def normalize(
         bad = torch.zeros(maps.shape[:-2], dtype=torch.bool, device=maps.device)
     else:
         maps, bad = finite_or_zero(maps)
+    out, degenerate, _ = _min_max(maps, bad, rtol)
+    return (out if dtype is None else out.to(dtype)), degenerate
+
+
+def _min_max(maps: torch.Tensor, bad: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The normalisation itself on finite maps: ``(normalised, degenerate, span / max|M|)``."""
     lo, hi = torch.aminmax(maps.flatten(-2), dim=-1)
     span = hi - lo
     scale = torch.maximum(lo.abs(), hi.abs())
     degenerate = bad | (span <= rtol * scale) | (scale == 0)
+    relative_span = span / scale.masked_fill(scale == 0, 1.0)
     # A degenerate map is divided by +inf: (M - min) is finite, so the result is exactly zero.
     span = span.masked_fill(degenerate, float("inf"))
     out = (maps - lo[..., None, None]).div_(span[..., None, None]).clamp_(0.0, 1.0)
-    return (out if dtype is None else out.to(dtype)), degenerate
+    return out, degenerate, relative_span
+
+
+FLOAT32_SAFE_SPAN = 0.5
+"""Float32 normalisation is used for a map whose ``(max - min) / max|M|`` is at least this: its rounding error
+is then below about 1e-6 of the [0, 1] range. Flatter maps (a large offset under a small variation) are
+recomputed in float64, where the subtraction does not cancel."""
+
+
+def upsample_normalize(
+    maps: Sequence[torch.Tensor],
+    size: tuple[int, int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    assume_finite: bool = False,
+    max_elements: int = 1 << 24,
+    rtol: float = DEGENERATE_RTOL,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``normalize(upsample(m, size))`` for many map tensors at once.
+
+    Float64 maps are processed in float64. Other maps are upsampled and normalised in float32, except those
+    whose range is small against their magnitude (``FLOAT32_SAFE_SPAN``), which are redone in float64: the
+    result agrees with the float64 computation to about 1e-6 (tested).
+
+    Maps of the same layer resolution are concatenated and go through one upsampling and one normalisation
+    (in chunks of at most ``max_elements`` upsampled values), so a sweep over dozens of layers pays the
+    per-operation overhead a few times instead of once per layer. Every map is still normalised on its own:
+    the results equal the one-tensor-at-a-time computation exactly.
+
+    Args:
+        maps: Tensors ``(..., h, w)``; the leading shapes and the resolutions may differ.
+        size: The output ``(H, W)``.
+        dtype: The dtype of the normalised maps.
+        assume_finite: As for :func:`normalize`.
+        max_elements: Upsampled values processed at once (bounds the temporaries).
+        rtol: As for :func:`normalize`.
+
+    Returns:
+        One ``(normalised (..., H, W), degenerate (...))`` pair per input, in input order.
+
+    Example:
+        >>> out = upsample_normalize([torch.rand(2, 7, 7), torch.rand(3, 14, 14), torch.ones(1, 7, 7)], (28, 28))
+        >>> [tuple(m.shape) for m, _ in out], out[2][1].tolist()
+        ([(2, 28, 28), (3, 28, 28), (1, 28, 28)], [True])
+    """
+    results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(maps)
+    groups: dict[tuple[int, int, torch.device], list[int]] = {}
+    for i, m in enumerate(maps):
+        groups.setdefault((int(m.shape[-2]), int(m.shape[-1]), m.device), []).append(i)
+    per_map = max(1, size[0] * size[1])
+
+    def run(chunk: list[int]) -> None:
+        flat = [maps[i].reshape(-1, *maps[i].shape[-2:]) for i in chunk]
+        joined = torch.cat(flat) if len(flat) > 1 else flat[0]
+        bad = torch.zeros(joined.shape[:1], dtype=torch.bool, device=joined.device)
+        if not assume_finite:
+            joined, bad = finite_or_zero(joined)
+        if joined.dtype == torch.float64 or precise_dtype(joined) == torch.float32:
+            normed, degenerate, _ = _min_max(upsample(joined.to(precise_dtype(joined)), size), bad, rtol)
+        else:
+            # float32 first (half the memory traffic of float64); maps whose offset is large against their
+            # range, where float32 cancellation could show, are redone in float64.
+            normed, degenerate, relative_span = _min_max(upsample(joined.float(), size), bad, rtol)
+            redo = (~degenerate & (relative_span < FLOAT32_SAFE_SPAN)).nonzero().flatten()
+            if redo.numel():
+                precise, _, _ = _min_max(upsample(joined[redo].double(), size), bad[redo], rtol)
+                normed[redo] = precise.to(normed.dtype)
+        normed = normed.to(dtype)
+        start = 0
+        for i, f in zip(chunk, flat, strict=True):
+            lead = maps[i].shape[:-2]
+            stop = start + int(f.shape[0])
+            results[i] = (normed[start:stop].reshape(*lead, *size), degenerate[start:stop].reshape(lead))
+            start = stop
+
+    for members in groups.values():
+        chunk: list[int] = []
+        count = 0
+        for i in members:
+            n = max(1, maps[i].numel() // max(1, maps[i].shape[-2] * maps[i].shape[-1])) * per_map
+            if chunk and count + n > max_elements:
+                run(chunk)
+                chunk, count = [], 0
+            chunk.append(i)
+            count += n
+        if chunk:
+            run(chunk)
+    done = [r for r in results if r is not None]
+    assert len(done) == len(maps)  # every input index belongs to exactly one group
+    return done

@@ -2,8 +2,9 @@
 
 Each method returns the raw, signed map ``sum_k w_k A_k`` at layer resolution; the ReLU (CAM convention),
 upsampling and normalisation are applied afterwards by :func:`cnnlens.explain.explain`, so the raw map is
-always available. Weights are computed in float64 (float32 on MPS) whatever the model's dtype, so float16
-and bfloat16 models do not underflow.
+always available. Arithmetic over whole feature maps runs in float64 for float64 models and in float32
+otherwise (float16/bfloat16 upcast first, so nothing underflows; see :func:`map_dtype`); Grad-CAM++'s powers
+of the gradient, used only for signed activations, run in float64 (float32 on MPS).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "gradcampp",
     "hirescam",
     "layercam",
+    "map_dtype",
     "weighted_sum",
     "xgradcam",
 ]
@@ -40,9 +42,24 @@ def _check_feature_map(view: LayerView, method: str) -> None:
         )
 
 
+def map_dtype(activation: torch.Tensor) -> torch.dtype:
+    """The dtype of full-size map arithmetic: float64 for float64 activations, float32 otherwise.
+
+    Per-channel quantities (weights, alphas) are computed in :func:`cnnlens.maps.precise_dtype`; sums over
+    whole feature maps run in the activation's own precision, upcast from float16/bfloat16 to float32. A
+    float64 copy of every activation would cost more than the CAM itself on large early layers (an 800k
+    element conversion per layer) and changes no float32 result beyond rounding.
+    """
+    return torch.float64 if activation.dtype == torch.float64 else torch.float32
+
+
 def weighted_sum(weights: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
-    """``sum_k w_k A_k``: channel weights ``(B, C)`` times activations ``(B, C, h, w)`` -> ``(B, h, w)``."""
-    return torch.einsum("bc,bchw->bhw", weights, activation.to(weights.dtype))
+    """``sum_k w_k A_k``: channel weights ``(B, C)`` times activations ``(B, C, h, w)`` -> ``(B, h, w)``.
+
+    Computed in :func:`map_dtype` of the activation (float64 for float64 models, float32 otherwise).
+    """
+    dtype = map_dtype(activation)
+    return torch.einsum("bc,bchw->bhw", weights.to(dtype), activation.to(dtype))
 
 
 @register(
@@ -65,7 +82,7 @@ def gradcam(view: LayerView) -> torch.Tensor:
         view: The captured activation and gradient of one layer for one target.
 
     Returns:
-        ``(B, h, w)`` raw map in float64 (float32 on MPS).
+        ``(B, h, w)`` raw map, float64 for float64 models and float32 otherwise.
 
     Example:
         >>> import torch
@@ -77,8 +94,7 @@ def gradcam(view: LayerView) -> torch.Tensor:
     """
     _check_feature_map(view, "gradcam")
     grad = view.require_gradient("gradcam")
-    dtype = precise_dtype(grad)
-    weights = grad.to(dtype).mean(dim=(2, 3))
+    weights = grad.to(map_dtype(grad)).mean(dim=(2, 3))  # pairwise summation: accurate in float32 too
     return weighted_sum(weights, view.activation)
 
 
@@ -117,7 +133,7 @@ def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
         alpha_normalize: Use the authors' per-channel alpha renormalisation.
 
     Returns:
-        ``(B, h, w)`` raw map in float64 (float32 on MPS).
+        ``(B, h, w)`` raw map, float64 for float64 models and float32 otherwise.
 
     Example:
         >>> import torch
@@ -129,19 +145,17 @@ def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
     """
     _check_feature_map(view, "gradcampp")
     grad = view.require_gradient("gradcampp")
-    dtype = precise_dtype(grad)
-    g = grad.to(dtype)
-    act = view.activation.to(dtype)
-    sum_a = act.sum(dim=(2, 3), keepdim=True)
-    positive = torch.relu(g)
     if bool(view.activation.amin() >= 0):
         # sum(A) >= 0: where g > 0, alpha = g^2 / (g^2 (2 + sum(A) g)) = 1 / (2 + sum(A) g) exactly, and the
-        # denominator is at least 2. No powers of g (nothing underflows), no pole, no masking needed.
+        # denominator is at least 2. No powers of g (nothing underflows), no pole, no masking: float32 is safe.
+        dtype = map_dtype(grad)
+        positive = torch.relu(grad.to(dtype))
+        sum_a = view.activation.to(dtype).sum(dim=(2, 3), keepdim=True)
         alpha = (sum_a * positive).add_(2).reciprocal_()
         if alpha_normalize:
-            norm = (alpha * (g > 0)).sum(dim=(2, 3), keepdim=True)
+            norm = (alpha * (positive > 0)).sum(dim=(2, 3), keepdim=True)
             alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
-        return weighted_sum((alpha * positive).sum(dim=(2, 3)), act)
+        return weighted_sum((alpha * positive).sum(dim=(2, 3)), view.activation)
     warnings.warn(
         f"Grad-CAM++ on layer {view.layer!r} whose activations take negative values: alpha has a pole "
         "at g = -2/sum(A), which then falls on positive gradients and can blow up the weights. Prefer a "
@@ -149,6 +163,11 @@ def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
         CnnlensWarning,
         stacklevel=3,
     )
+    dtype = precise_dtype(grad)  # the powers of g below underflow early in float32
+    g = grad.to(dtype)
+    act = view.activation.to(dtype)
+    sum_a = act.sum(dim=(2, 3), keepdim=True)
+    positive = torch.relu(g)
     g2 = g * g
     g3 = g2 * g
     denom = 2 * g2 + sum_a * g3
@@ -158,7 +177,7 @@ def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
         norm = (alpha * (g > 0)).sum(dim=(2, 3), keepdim=True)
         alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
     weights = (alpha * positive).sum(dim=(2, 3))
-    return weighted_sum(weights, act)
+    return weighted_sum(weights, view.activation)
 
 
 @register(
@@ -187,7 +206,7 @@ def xgradcam(view: LayerView) -> torch.Tensor:
     """
     _check_feature_map(view, "xgradcam")
     grad = view.require_gradient("xgradcam")
-    dtype = precise_dtype(grad)
+    dtype = map_dtype(grad)
     act = view.activation.to(dtype)
     total = act.sum(dim=(2, 3))
     numer = (act * grad.to(dtype)).sum(dim=(2, 3))
@@ -222,7 +241,7 @@ def hirescam(view: LayerView) -> torch.Tensor:
     """
     _check_feature_map(view, "hirescam")
     grad = view.require_gradient("hirescam")
-    dtype = precise_dtype(grad)
+    dtype = map_dtype(grad)
     return (grad.to(dtype) * view.activation.to(dtype)).sum(dim=1)
 
 
@@ -249,7 +268,7 @@ def gradcam_elementwise(view: LayerView) -> torch.Tensor:
     """
     _check_feature_map(view, "gradcam_elementwise")
     grad = view.require_gradient("gradcam_elementwise")
-    dtype = precise_dtype(grad)
+    dtype = map_dtype(grad)
     return torch.relu(grad.to(dtype) * view.activation.to(dtype)).sum(dim=1)
 
 
@@ -277,5 +296,5 @@ def layercam(view: LayerView) -> torch.Tensor:
     """
     _check_feature_map(view, "layercam")
     grad = view.require_gradient("layercam")
-    dtype = precise_dtype(grad)
+    dtype = map_dtype(grad)
     return (torch.relu(grad.to(dtype)) * view.activation.to(dtype)).sum(dim=1)
