@@ -10,7 +10,9 @@ scaled to 320-480 px, JPEG quality 90. Each photo's label is the embedded model'
 photo (folders named by class index), so the run has a realistic mix of right and wrong predictions.
 
 Subject: the embedded default model (``efficientnet_lite0``, ImageNet weights, its ``spec.default_layer``),
-batch ``--batch-size`` (default 16), on the CPU with torch's default thread count.
+batch ``--batch-size`` (default 16), on the CPU with torch's default thread count. Like the ``cnnlens`` command,
+the script first calls :func:`cnnlens.allocator.keep_freed_memory` (glibc keeps freed memory for reuse), which
+applies to every row; ``--default-malloc`` skips it.
 
 Rows (interleaved round by round, median of ``--repeats`` rounds; each round processes every image once):
 
@@ -155,11 +157,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="40 images, 1 round, no Average Drop row")
     parser.add_argument("--keep", metavar="DIR", help="write the photos and runs here and keep them")
     parser.add_argument("--append-doc", metavar="MD", help="append the results as a section to this Markdown file")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="do not call cnnlens.allocator.keep_freed_memory() first (the cnnlens command does; see its docs)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.default_malloc:
+        from cnnlens.allocator import keep_freed_memory
+
+        # What `cnnlens run` does at start; it applies to every row of this process alike.
+        print(f"glibc allocator keeps freed memory: {keep_freed_memory()}", flush=True)
     from cnnlens.models import DEFAULT_MODEL, load_model
     from cnnlens.runs import read_dataset
     from cnnlens.runs.runner import default_workers

@@ -729,3 +729,17 @@ def test_write_sample_images(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError):
         write_sample_images(tmp_path / "other", names=["nope"])
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("cmap", ["jet", "viridis", "gray", "RdBu_r", "inferno", "tab10"])
+def test_colorize_lookup_equals_matplotlib_colours(cmap: str) -> None:
+    from matplotlib import colormaps
+
+    from cnnlens.imaging import colorize, to_uint8
+
+    rng = np.random.default_rng(1)
+    values = np.concatenate(
+        [rng.random(4000), [0.0, 1.0, np.nextafter(1.0, 0.0), 0.5, 1 / 256, np.nextafter(1 / 256, 0.0), -0.2, 1.3]]
+    ).reshape(-1, 8)
+    expected = to_uint8(np.asarray(colormaps[cmap](np.clip(values, 0.0, 1.0)))[..., :3])
+    np.testing.assert_array_equal(colorize(values, cmap), expected)

@@ -540,20 +540,6 @@ def test_process_batch_is_a_pure_function_of_model_and_batch(planted: Planted) -
         assert (first.maps[0][i, 1].any()) == (i in wrong)
 
 
-def test_fast_overlay_matches_the_imaging_overlay() -> None:
-    from cnnlens.imaging import overlay
-    from cnnlens.runs.batch import _color_table, _overlay
-
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (20, 30, 3)).astype(np.uint8)
-    heat = rng.random((20, 30)).astype(np.float32)
-    heat[0, :3] = [0.0, 1.0, 0.5]
-    for cmap, alpha in (("jet", 0.5), ("viridis", 0.3), ("tab10", 0.7)):
-        np.testing.assert_array_equal(
-            _overlay(image, heat, _color_table(cmap), alpha), overlay(image, heat, alpha=alpha, cmap=cmap)
-        )
-
-
 # -- datasets and models ---------------------------------------------------------------------------------------
 def test_read_dataset_tree_tables_and_label_forms(tmp_path: Path) -> None:
     names = ["cat", "dog", "bird"]

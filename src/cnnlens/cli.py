@@ -29,6 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cnnlens.allocator import keep_freed_memory_unless_disabled
 from cnnlens.candidates import candidate_layers
 from cnnlens.capture import probe_layers
 from cnnlens.data import ImageFailure, expand_paths, load_image, sample_images
@@ -687,6 +688,7 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cnnlens`` command; returns the exit code."""
+    keep_freed_memory_unless_disabled()  # up to 1.6x faster CPU forwards; see cnnlens.allocator
     _make_consoles()
     parser = _build_parser()
     args = parser.parse_args(argv)

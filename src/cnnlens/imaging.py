@@ -6,6 +6,7 @@ layers can use it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,15 +27,31 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def _lut(cmap: str) -> np.ndarray:
+    """The colour map's lookup table as uint8 ``(N, 3)``: row ``i`` is the colour of bin ``i``."""
+    cm = colormaps[cmap]
+    table: np.ndarray = to_uint8(np.asarray(cm(np.arange(cm.N)))[:, :3])
+    table.setflags(write=False)
+    return table
+
+
 def colorize(map01: np.ndarray, cmap: str = "jet") -> np.ndarray:
     """Colour a map in [0, 1] (H, W) with a matplotlib colour map; returns uint8 (H, W, 3).
+
+    A lookup in the colour map's own table, with matplotlib's binning (``bin = floor(x * N)``, 1.0 in the last
+    bin): the same colours as ``to_uint8(colormaps[cmap](x)[..., :3])``, without the float RGBA image.
 
     Example:
         >>> colorize(np.zeros((2, 2)), "gray")[0, 0].tolist()
         [0, 0, 0]
     """
-    rgba: np.ndarray = np.asarray(colormaps[cmap](np.clip(np.asarray(map01, dtype=np.float64), 0.0, 1.0)))
-    return to_uint8(rgba[..., :3])
+    table = _lut(cmap)
+    n = table.shape[0]
+    values = np.nan_to_num(np.asarray(map01, dtype=np.float64), nan=0.0)
+    index = np.clip(values * n, 0, n - 1).astype(np.intp)
+    out: np.ndarray = table[index]
+    return out
 
 
 def overlay(image: np.ndarray, map01: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
