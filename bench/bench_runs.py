@@ -152,7 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=300, help="photos in the folder (default 300)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: spare cores, <= 4)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: cnnlens')")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (median reported; default 3)")
     parser.add_argument("--quick", action="store_true", help="40 images, 1 round, no Average Drop row")
     parser.add_argument("--keep", metavar="DIR", help="write the photos and runs here and keep them")
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(photos)
     started = time.perf_counter()
     make_photos(photos, images, model)
-    print(f"wrote {images} photos to {photos} in {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"wrote {images} photos to {photos} in {time.perf_counter() - started:.1f} s; workers {workers}", flush=True)
     dataset = read_dataset(photos, model.class_names)
     from cnnlens.data import load_image
 

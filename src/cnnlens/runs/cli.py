@@ -109,7 +109,10 @@ def add_run_commands(subparsers: Any) -> None:
     run_opts = run.add_argument_group("running")
     run_opts.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward (default 16)")
     run_opts.add_argument(
-        "--workers", type=int, metavar="N", help="decoding processes (default: spare cores, at most 4; 0 = none)"
+        "--workers",
+        type=int,
+        metavar="N",
+        help="decoding processes (default: cores the model's threads leave free, at most 4; 0: inline)",
     )
     run_opts.add_argument("--limit", type=int, metavar="N", help="only the first N images of the dataset")
     run_opts.add_argument(

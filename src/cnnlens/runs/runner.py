@@ -58,9 +58,20 @@ ProgressFn = Callable[[int, int], None]
 """``progress(completed, total)``: called once at the start and after every batch."""
 
 
-def default_workers() -> int:
-    """Decoding processes by default: one per spare core, at most 4 (0 on a single core)."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(device: str = "cpu") -> int:
+    """Decoding processes by default: one per core the model leaves free, at most 4.
+
+    On a GPU the model leaves all but one core free. On the CPU torch's intra-op threads
+    (``torch.get_num_threads()``) already occupy the cores: a decoding process on top of them slows the
+    forward more than it saves (measured on 2 cores, EfficientNet-Lite0, 300 photos: 8.8 s with one worker,
+    7.9 s decoding in the main process), so only cores beyond torch's threads are used.
+
+    Args:
+        device: The model's device type (``"cpu"``, ``"cuda"``, ``"mps"``...).
+    """
+    cores = os.cpu_count() or 1
+    busy = 1 if device != "cpu" else torch.get_num_threads()
+    return max(0, min(4, cores - busy))
 
 
 def model_fingerprint(model: LoadedModel) -> dict[str, Any]:
@@ -338,7 +349,9 @@ class DatasetRun:
             raise RunError("DatasetRun.execute() needs the run opened: use `with DatasetRun(...) as run:`.")
         if batch_size < 1:
             raise RunError(f"--batch-size must be at least 1, got {batch_size}.")
-        workers = default_workers() if workers is None else workers
+        param = next(self.model.module.parameters(), None)
+        device = param.device.type if param is not None else "cpu"
+        workers = default_workers(device) if workers is None else workers
         if workers < 0:
             raise RunError(f"--workers must be 0 or more, got {workers}.")
         pending = [s for s in range(self.store.num_shards) if s not in self._done]
@@ -350,8 +363,7 @@ class DatasetRun:
         processed = 0
         if pending:
             batches = shard_batches([self.store.shard_range(s) for s in pending], batch_size)
-            param = next(self.model.module.parameters(), None)
-            cuda = param is not None and param.device.type == "cuda"
+            cuda = device == "cuda"
             loader = make_loader(
                 self.dataset.samples, batches, self.model.spec.preprocessing, workers=workers, pin_memory=cuda
             )
