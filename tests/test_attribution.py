@@ -139,6 +139,7 @@ def test_resnet18_float32_matches_captum() -> None:
         layers=["layer4"],
         targets=targets,
         options={"integrated_gradients": {"steps": 6}},
+        memory_format="preserve",  # captum runs the input as given; see the channels-last test below
     )
     refs = {
         "saliency": Saliency(net).attribute(x, target=targets, abs=False),
@@ -150,6 +151,52 @@ def test_resnet18_float32_matches_captum() -> None:
         expected = ref.sum(1)
         got = res[method, "layer4"].raw[:, 0]
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), method
+
+
+def test_channels_last_forward_agrees_with_the_input_format_to_float32_rounding() -> None:
+    # memory_format="auto" runs CPU forwards channels-last (faster); the maps must not change beyond float32
+    # rounding: CAMs to 1e-5 of their range, input gradients (18 layers of backprop) to 5e-3 of their maximum.
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    methods = ["gradcam", "gradcampp", "layercam", "saliency", "integrated_gradients"]
+    kwargs: dict[str, Any] = {"methods": methods, "layers": ["layer3", "layer4"], "targets": [1, 7]}
+    fast = cnnlens.explain(net, x, memory_format="auto", **kwargs)
+    plain = cnnlens.explain(net, x, memory_format="preserve", **kwargs)
+    for a, b in zip(fast, plain, strict=True):
+        assert a.raw.is_contiguous() and a.maps.is_contiguous()
+        tol = 5e-3 if a.method in ("saliency", "integrated_gradients") else 1e-5
+        assert (a.raw - b.raw).abs().max() <= tol * b.raw.abs().max(), (a.method, a.layer)
+    with cnnlens.capture(net, ["layer4"]) as cap:
+        rec = cap.run(x, targets=1, input_gradients=True)
+    assert rec.activations["layer4"].is_contiguous() and rec.gradients["layer4"].is_contiguous()
+    assert rec.input_gradients is not None and rec.input_gradients.is_contiguous()
+
+
+class ViewHead(nn.Module):
+    """A model that only works on contiguous feature maps (``.view`` of a conv output), like many old nets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).view(x.shape[0], -1))
+
+
+def test_model_that_rejects_channels_last_falls_back_and_is_remembered() -> None:
+    from cnnlens.capture import _NO_CHANNELS_LAST
+
+    net = ViewHead().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError):
+        net(x.contiguous(memory_format=torch.channels_last))  # the premise: channels-last breaks this model
+    res = cnnlens.explain(net, x, methods=["gradcam"], layers=["conv"], targets=0)
+    ref = cnnlens.explain(net, x, methods=["gradcam"], layers=["conv"], targets=0, memory_format="preserve")
+    assert net in _NO_CHANNELS_LAST
+    torch.testing.assert_close(res["gradcam", "conv"].raw, ref["gradcam", "conv"].raw)
 
 
 # -- Integrated Gradients: completeness and the reported delta ---------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlens.capture import LayerSpec, Probe, capture
+from cnnlens.capture import LayerSpec, MemoryFormat, Probe, capture
 from cnnlens.errors import InputShapeError, LayerNotFoundError
 from cnnlens.explanation import Explanation, ExplanationSet
 from cnnlens.maps import finite_or_zero, upsample_normalize
@@ -80,6 +80,7 @@ def explain(
     output_selector: OutputSelector | None = None,
     image_names: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> ExplanationSet:
     """Explain a batch with several methods at several layers from a single forward and backward.
 
@@ -97,6 +98,9 @@ def explain(
         output_selector: Picks the logits from unusual model outputs.
         image_names: One name per image, used for file names when saving.
         class_names: Overrides the class names used in labels.
+        memory_format: ``"auto"`` runs CPU forwards in channels-last format when the model takes it (1.2-1.6x
+            faster; results agree with ``"preserve"`` to float32 rounding, which can flip a ReLU gate at an
+            input near zero); ``"preserve"`` feeds the input in its own format.
 
     Returns:
         An :class:`ExplanationSet` with one :class:`Explanation` per (method, layer).
@@ -127,7 +131,7 @@ def explain(
     else:
         layer_list = list(layers)
     needs = set().union(*(spec.needs for spec in specs))
-    with capture(module, layer_list, output_selector=output_selector) as cap:
+    with capture(module, layer_list, output_selector=output_selector, memory_format=memory_format) as cap:
         rec = cap.run(
             inputs,
             targets,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from cnnlens.batching import chunk_size as fit_chunk
 from cnnlens.batching import measure_peak_bytes, resolve_budget, run_in_chunks, tuner_for
-from cnnlens.capture import Probe
+from cnnlens.capture import MemoryFormat, Probe
 from cnnlens.errors import MethodError
 from cnnlens.maps import precise_dtype
 from cnnlens.methods.cam import weighted_sum
@@ -127,14 +127,14 @@ class _MaskedLogits:
 _FOOTPRINT: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], int]] = weakref.WeakKeyDictionary()
 
 
-def _forward_footprint(probe: Probe, example: torch.Tensor) -> int:
+def _forward_footprint(probe: Probe, example: torch.Tensor, layout: MemoryFormat) -> int:
     """Measured peak bytes of one masked forward (remembered per model, shape, dtype, memory format)."""
     model = probe.cap.model
-    key = (tuple(example.shape[1:]), example.dtype, str(example.device), example.is_contiguous())
+    key = (tuple(example.shape[1:]), example.dtype, str(example.device), layout)
     known = _FOOTPRINT.setdefault(model, {})
     if key not in known:
         with torch.inference_mode():
-            known[key] = measure_peak_bytes(lambda: probe.logits(example), example.device)
+            known[key] = measure_peak_bytes(lambda: probe.logits(example, memory_format=layout), example.device)
     return known[key]
 
 
@@ -191,10 +191,7 @@ def _masked_logits(
             masks[real] = channel_masks(
                 act[s[real], k[real]].to(device=device, dtype=mask_dtype), size, align_corners=align_corners
             )
-        x = (inputs.index_select(0, s.to(device)).to(mask_dtype) * masks[:, None]).to(inputs.dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return (inputs.index_select(0, s.to(device)).to(mask_dtype) * masks[:, None]).to(inputs.dtype)
 
     distinct = torch.tensor(
         [float(torch.unique(row_of[b][row_of[b] >= 0]).numel()) for b in range(batch)], device=act.device
@@ -204,14 +201,19 @@ def _masked_logits(
     with torch.no_grad():
         example = make_batch(0, 1)
         item_bytes = example.nelement() * example.element_size() * 2 + int(size[0] * size[1]) * 8
-        per_item = _forward_footprint(probe, example) + item_bytes
+        layout: MemoryFormat = "auto" if channels_last else "preserve"
+        per_item = _forward_footprint(probe, example, layout) + item_bytes
         budget = resolve_budget(batch_budget_mb, device)
         cap = fit_chunk(per_item, budget)
         key = ("scorecam", tuple(inputs.shape[1:]), inputs.dtype, str(device), channels_last, budget)
         tuner = tuner_for(probe.cap.model, key, cap)
         sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return probe.logits(x, memory_format=layout)
+
         parts = run_in_chunks(
-            probe.logits, count, make_batch, max_chunk=min(cap, count), chunk=chunk_size, tuner=tuner, sync=sync
+            forward, count, make_batch, max_chunk=min(cap, count), chunk=chunk_size, tuner=tuner, sync=sync
         )
     return _MaskedLogits(row_of, torch.cat(parts), distinct)
 

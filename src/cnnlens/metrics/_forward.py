@@ -19,7 +19,7 @@ from torch import nn
 
 from cnnlens.batching import chunk_size as fit_chunk
 from cnnlens.batching import measure_peak_bytes, resolve_budget, run_in_chunks, tuner_for
-from cnnlens.capture import Capture
+from cnnlens.capture import Capture, MemoryFormat
 from cnnlens.errors import TargetError
 from cnnlens.metrics._common import MetricError
 
@@ -58,9 +58,9 @@ def _footprint(cap: Capture, example: torch.Tensor, channels_last: bool) -> int:
     except TypeError:  # a model that cannot be weakly referenced: measure every time
         known = {}
     if key not in known:
-        x = example.contiguous(memory_format=torch.channels_last) if channels_last else example
+        layout: MemoryFormat = "auto" if channels_last else "preserve"
         with torch.inference_mode():
-            known[key] = measure_peak_bytes(lambda: cap.forward(x), example.device)
+            known[key] = measure_peak_bytes(lambda: cap.forward(example, memory_format=layout), example.device)
     return known[key]
 
 
@@ -106,9 +106,7 @@ def batched_logits(
         return inputs[start:stop]
 
     def work(x: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return cap.forward(x)
+        return cap.forward(x, memory_format="auto" if channels_last else "preserve")
 
     parts = _run(
         cap,
@@ -149,7 +147,8 @@ def batched_scores(
         extra_item_bytes: Bytes ``make_batch`` needs per item besides the image (masks, ranks...).
         batch_budget_mb: Memory budget of one chunk in MiB (None: :func:`cnnlens.batching.resolve_budget`).
         chunk_size: A fixed number of images per forward (None: the largest that fits, tuned for throughput).
-        channels_last: Run the forwards in channels-last memory format (often faster on CPU).
+        channels_last: Run CPU forwards in channels-last memory format where the model takes it (faster; see
+            :meth:`cnnlens.capture.Capture.forward`).
         key: Names the work for the throughput tuner.
 
     Returns:
@@ -161,9 +160,7 @@ def batched_scores(
 
     def work(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, classes = batch
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = cap.forward(x)
+        logits = cap.forward(x, memory_format="auto" if channels_last else "preserve")
         return class_scores(logits, classes, score), logits.argmax(dim=1)
 
     parts = _run(
