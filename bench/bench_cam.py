@@ -19,6 +19,11 @@ Rows, each called exactly the way its library documents (targets = the top class
 * ``torchcam ...``: extractor constructed once (its hooks stay on), then per call ``scores = model(x)``
   with grad enabled and ``extractor(class_idx, scores)``: normalised maps at layer resolution (torchcam
   does not upsample, so it does slightly less work than the two others).
+* Context rows (timed, no memory probe): ``inference forward, channels-last input`` (the same forward with
+  ``x.contiguous(memory_format=torch.channels_last)``) and ``cnnlens Grad-CAM, memory_format='preserve'``
+  (explain without its default channels-last CPU forward). cnnlens' default runs CPU forwards channels-last,
+  which is faster than the contiguous forward the targets refer to; these two rows separate that gain from
+  cnnlens' own overhead (``preserve`` vs the contiguous forward, default vs the channels-last forward).
 
 Peers get their own ``copy.deepcopy`` of the model so their hooks never run inside another row; calls are
 interleaved round by round (warm-up first) and the median of ``--repeats`` rounds is reported, with the
@@ -115,7 +120,12 @@ ROWS: dict[str, str] = {
     "pgc_gradcampp": "pytorch-grad-cam GradCAMPlusPlus",
     "torchcam_gradcampp": "torchcam GradCAMpp",
     "cnnlens_both": "cnnlens Grad-CAM + Grad-CAM++ (one call)",
+    "forward_cl": "inference forward, channels-last input",
+    "cnnlens_gradcam_preserve": "cnnlens Grad-CAM, memory_format='preserve'",
 }
+# Context rows: timed, not memory-measured. cnnlens runs CPU forwards channels-last by default (faster
+# convolutions); these two rows separate that gain from cnnlens' own overhead.
+CONTEXT_ROWS = ("forward_cl", "cnnlens_gradcam_preserve")
 METHODS = ("gradcam", "gradcampp")
 METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++"}
 
@@ -208,13 +218,27 @@ def make_row(row: str, subject: Subject, x: torch.Tensor, *, own_copy: bool) -> 
 
         return Row(forward_backward)
 
+    if row == "forward_cl":
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+
+        def forward_cl() -> object:
+            with torch.inference_mode():
+                return module(x_cl)
+
+        return Row(forward_cl)
+
     if row.startswith("cnnlens_"):
         import cnnlens
 
-        methods = list(METHODS) if row == "cnnlens_both" else [row.removeprefix("cnnlens_")]
+        preserve = row.endswith("_preserve")
+        name = row.removeprefix("cnnlens_").removesuffix("_preserve")
+        methods = list(METHODS) if name == "both" else [name]
+        layout = "preserve" if preserve else "auto"
 
         def explain() -> object:
-            return cnnlens.explain(subject.explain_model, x, methods=methods, layers=[subject.layer])
+            return cnnlens.explain(
+                subject.explain_model, x, methods=methods, layers=[subject.layer], memory_format=layout
+            )
 
         return Row(explain)
 
@@ -757,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("memory: one fresh process per (model, batch, row)")
         smallest = min(batches)
         mem_configs = [(m, b) for m, b in configs if b == smallest] if args.quick else configs
-        memory = measure_memory(mem_configs, rows, args.memory_jobs, log)
+        memory = measure_memory(mem_configs, [r for r in rows if r not in CONTEXT_ROWS], args.memory_jobs, log)
 
     checks: list[dict[str, Any]] = []
     for model, batch in configs:
