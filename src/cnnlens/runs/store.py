@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from cnnlens.maps import finite_or_zero, normalize, upsample
+from cnnlens.maps import finite_or_zero, upsample_normalize
 from cnnlens.methods.registry import apply_display, display_mode
 from cnnlens.runs.batch import PAIR_METRICS, BatchResult, Pair, Picture, row_columns
 from cnnlens.runs.errors import RunConfigError
@@ -222,7 +222,8 @@ def derive_maps(
     """The displayed ``[0, 1]`` maps of stored raw maps, exactly as :func:`cnnlens.explain` computes them.
 
     Formula: ``normalize(upsample(display(raw), size))`` with the method variant's display rule (ReLU, abs or
-    signed), bilinear upsampling in float64 and per-map min-max normalisation.
+    signed), bilinear upsampling and per-map min-max normalisation, through the same
+    :func:`cnnlens.maps.upsample_normalize` that :func:`cnnlens.explain` uses.
 
     Args:
         raw: ``(..., h, w)`` raw maps.
@@ -234,8 +235,8 @@ def derive_maps(
     """
     clean, bad = finite_or_zero(raw.float())
     shown = apply_display(clean, display_mode(variant))
-    maps, degenerate = normalize(upsample(shown.double(), size))
-    return maps.float(), degenerate | bad
+    ((maps, degenerate),) = upsample_normalize([shown], size, dtype=torch.float32, assume_finite=True)
+    return maps, degenerate | bad
 
 
 class RunStore:
