@@ -7,7 +7,6 @@ a bad input file never stops the others: it is reported at the end and the exit 
 from __future__ import annotations
 
 import argparse
-import difflib
 import html
 import logging
 import sys
@@ -43,6 +42,7 @@ from cnnlens.report.methods_doc import methods_markdown
 from cnnlens.report.study import render_study_report
 from cnnlens.runs.cli import add_run_commands, cmd_report, cmd_run
 from cnnlens.studies import compare_layers, compare_models
+from cnnlens.targets import class_index
 from cnnlens.views.cli import add_views_commands, cmd_features, cmd_filters, cmd_maximize
 from cnnlens.views.demo import demo_section
 
@@ -236,30 +236,13 @@ def _parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 def resolve_class(spec: str, class_names: Sequence[str]) -> int:
     """Turn ``--class`` (an index or a class name) into a class index.
 
-    Names match case-insensitively, exactly first, then as a unique substring.
+    Names match case-insensitively, exactly first, then as a unique substring (the same rule as
+    ``targets="tiger cat"`` in the API: :func:`cnnlens.targets.class_index`).
 
     Raises:
         TargetError: With close matches when nothing or several classes match.
     """
-    text = spec.strip()
-    if text.lstrip("-").isdigit():
-        index = int(text)
-        if not 0 <= index < len(class_names):
-            raise TargetError(f"--class {index} is out of range: the model has {len(class_names)} classes.")
-        return index
-    low = text.lower()
-    exact = [i for i, n in enumerate(class_names) if n.lower() == low]
-    if exact:
-        return exact[0]
-    partial = [i for i, n in enumerate(class_names) if low in n.lower()]
-    if len(partial) == 1:
-        return partial[0]
-    if partial:
-        shown = ", ".join(f"{i} {class_names[i]!r}" for i in partial[:8])
-        raise TargetError(f"--class {text!r} matches several classes: {shown}; give the index or the full name.")
-    close = difflib.get_close_matches(low, [n.lower() for n in class_names], n=5, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise TargetError(f"no class named {text!r}.{hint}")
+    return class_index(spec, class_names, source="--class")
 
 
 def _progress() -> Progress:

@@ -15,7 +15,7 @@ from cnnlens.maps import finite_or_zero, upsample_normalize
 from cnnlens.methods.registry import LayerView, MethodSpec, apply_display, display_mode, resolve_methods
 from cnnlens.models import LoadedModel
 from cnnlens.outputs import OutputSelector
-from cnnlens.targets import TargetSpec
+from cnnlens.targets import TargetSpec, name_targets
 
 __all__ = ["default_layer", "display_images", "explain"]
 
@@ -90,7 +90,9 @@ def explain(
         inputs: ``(B, C, H, W)`` or ``(C, H, W)`` preprocessed input.
         methods: Method ids (``"gradcam"``, ``"gradcampp"``...), or ``"all"``.
         layers: Layer names or modules; default: :func:`default_layer`.
-        targets: What to explain (int, list of ints per sample, None = top class, callable...).
+        targets: What to explain: an int or a class name (``"tiger cat"``, case-insensitive; needs class
+            names: a zoo model's or ``class_names=``), a list of ints/names (one per sample), None = the top
+            class, a callable... (see :func:`cnnlens.targets.resolve_targets`).
         top_k: Explain the top-k classes of each image (T = k maps per image), without re-running forward.
         options: Per-method options, e.g. ``{"gradcampp": {"alpha_normalize": True}, "gradcam": {"relu":
             False}, "saliency": {"display": "signed"}}``. The display rule (``relu``/``display``) is applied
@@ -131,6 +133,8 @@ def explain(
     else:
         layer_list = list(layers)
     needs = set().union(*(spec.needs for spec in specs))
+    names = list(class_names) if class_names is not None else (loaded.class_names if loaded else None)
+    targets = name_targets(targets, names)
     with capture(module, layer_list, output_selector=output_selector, memory_format=memory_format) as cap:
         rec = cap.run(
             inputs,
@@ -144,7 +148,6 @@ def explain(
         size = (int(rec.inputs.shape[-2]), int(rec.inputs.shape[-1]))
         assert rec.scores is not None  # set by run()
         assert rec.target_classes is not None
-        names = list(class_names) if class_names is not None else (loaded.class_names if loaded else None)
         images = display_images(rec.inputs, loaded)
         batch = int(rec.inputs.shape[0])
         raw_dtype = torch.float64 if rec.inputs.dtype == torch.float64 else torch.float32

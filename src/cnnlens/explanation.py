@@ -23,6 +23,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
+from cnnlens.errors import LayerNotFoundError, MethodNotFoundError
 from cnnlens.imaging import colorize, overlay, save_png
 
 __all__ = ["Explanation", "ExplanationSet", "environment_versions", "write_manifest"]
@@ -45,7 +46,15 @@ def _slug(text: str) -> str:
     return slug[:80] or "x"
 
 
-@dataclass
+def _shape(t: torch.Tensor | None) -> str:
+    return "None" if t is None else "(" + ", ".join(str(int(d)) for d in t.shape) + ")"
+
+
+def _degenerate_count(e: Explanation) -> str:
+    return f"{int(e.degenerate.sum())}/{e.degenerate.numel()}"
+
+
+@dataclass(repr=False)
 class Explanation:
     """One method at one layer, for a batch of B images and T targets per image.
 
@@ -82,6 +91,15 @@ class Explanation:
     class_names: list[str] | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        """A one-line summary (method, layer, shapes, targets, degenerate maps): no tensor dumps."""
+        variant = f"{self.variant}" if self.variant else "{}"
+        return (
+            f"Explanation(method={self.method!r}, layer={self.layer!r}, images={self.batch_size}, "
+            f"targets={self.target_names!r}, raw={_shape(self.raw)}, maps={_shape(self.maps)}, "
+            f"degenerate={_degenerate_count(self)}, variant={variant})"
+        )
 
     @property
     def batch_size(self) -> int:
@@ -126,11 +144,14 @@ class Explanation:
 class ExplanationSet(Sequence[Explanation]):
     """All the results of one :func:`cnnlens.explain` call: one :class:`Explanation` per (method, layer).
 
-    Index it by position, or by ``(method, layer)``; ``logits`` and ``probabilities`` are the model's.
+    Index it by position, by ``(method, layer)`` (one :class:`Explanation`), or by a method id alone
+    (``result["gradcam"]``: a dict layer -> :class:`Explanation` of that method, in the call's layer order);
+    ``logits`` and ``probabilities`` are the model's.
 
     Example:
-        >>> # result = cnnlens.explain(model, x, methods=["gradcam", "gradcampp"], layers=["layer4"])
+        >>> # result = cnnlens.explain(model, x, methods=["gradcam", "gradcampp"], layers=["layer3", "layer4"])
         >>> # result["gradcampp", "layer4"].maps.shape  -> (B, 1, H, W)
+        >>> # result["gradcam"]  -> {"layer3": Explanation(...), "layer4": Explanation(...)}
     """
 
     def __init__(
@@ -156,18 +177,68 @@ class ExplanationSet(Sequence[Explanation]):
     def __getitem__(self, key: slice) -> Sequence[Explanation]: ...
     @overload
     def __getitem__(self, key: tuple[str, str]) -> Explanation: ...
-    def __getitem__(self, key: int | slice | tuple[str, str]) -> Explanation | Sequence[Explanation]:
+    @overload
+    def __getitem__(self, key: str) -> dict[str, Explanation]: ...
+    def __getitem__(
+        self, key: int | slice | tuple[str, str] | str
+    ) -> Explanation | Sequence[Explanation] | dict[str, Explanation]:
         if isinstance(key, tuple):
             return self.get(*key)
+        if isinstance(key, str):
+            return self.by_method(key)
         return self._items[key]
 
+    def __repr__(self) -> str:
+        """A short summary: images, targets, methods, layers, degenerate maps, one line per result."""
+        if not self._items:
+            return "ExplanationSet(empty)"
+        first = self._items[0]
+        degenerate = sum(int(e.degenerate.sum()) for e in self._items)
+        total = sum(e.degenerate.numel() for e in self._items)
+        head = (
+            f"ExplanationSet({len(self._items)} results: {first.batch_size} image(s) x {first.num_targets} "
+            f"target(s) {first.target_names!r}; methods {self.methods}; layers {self.layers}; "
+            f"degenerate maps {degenerate}/{total})"
+        )
+        width = max(len(f"{e.method} @ {e.layer}") for e in self._items)
+        lines = [
+            f"  {f'{e.method} @ {e.layer}':<{width}}  raw {_shape(e.raw)}  degenerate {_degenerate_count(e)}"
+            for e in self._items[:12]
+        ]
+        if len(self._items) > 12:
+            lines.append(f"  ... and {len(self._items) - 12} more")
+        return "\n".join([head, *lines])
+
     def get(self, method: str, layer: str) -> Explanation:
-        """The result of ``method`` at ``layer``."""
+        """The result of ``method`` at ``layer``.
+
+        Raises:
+            MethodNotFoundError: The set holds no result of ``method``.
+            LayerNotFoundError: The set holds ``method`` but not at ``layer``.
+        """
         for item in self._items:
             if item.method == method and item.layer == layer:
                 return item
-        have = ", ".join(f"({e.method!r}, {e.layer!r})" for e in self._items)
-        raise KeyError(f"no result for ({method!r}, {layer!r}); this set holds {have}.")
+        layers = list(self.by_method(method))
+        raise LayerNotFoundError(
+            f"no result for ({method!r}, {layer!r}); {method!r} was computed at layers {layers}: use one of them."
+        )
+
+    def by_method(self, method: str) -> dict[str, Explanation]:
+        """Every layer's result of one method, as a dict layer -> :class:`Explanation` (call order).
+
+        ``result["gradcam"]`` is the same.
+
+        Raises:
+            MethodNotFoundError: The set holds no result of ``method`` (the message lists what it holds).
+        """
+        found = {e.layer: e for e in self._items if e.method == method}
+        if not found:
+            raise MethodNotFoundError(
+                f"no result for method {method!r}; this set holds methods {self.methods}: index with one of "
+                "them, or pass the method to explain(methods=[...])."
+            )
+        return found
 
     @property
     def methods(self) -> list[str]:

@@ -1,13 +1,15 @@
 """Targets: what score a backward view explains.
 
-A target is a callable from logits ``(B, K)`` to one score per sample ``(B,)``. Users pass an int (one class
-for every sample), a sequence of ints (one class per sample), ``None`` (the top class), a ``(B, T)`` index
-tensor (T classes per sample) or their own callable; :func:`resolve_targets` converts these at the edge.
+A target is a callable from logits ``(B, K)`` to one score per sample ``(B,)``. Users pass an int or a class
+name (one class for every sample), a sequence of ints and/or class names (one class per sample), ``None`` (the
+top class), a ``(B, T)`` index tensor (T classes per sample) or their own callable; :func:`resolve_targets`
+converts these at the edge. Class names match the model's names case-insensitively (:func:`class_index`).
 Scores are logits by default: a softmax saturates, and its gradient vanishes for confident predictions.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
@@ -23,6 +25,8 @@ __all__ = [
     "Score",
     "Target",
     "TargetSpec",
+    "class_index",
+    "name_targets",
     "resolve_targets",
 ]
 
@@ -171,19 +175,131 @@ class FunctionTarget:
 
 
 TargetSpec: TypeAlias = (
-    int | Sequence[int] | torch.Tensor | Target | Callable[[torch.Tensor], torch.Tensor] | Sequence[Target] | None
+    int
+    | str
+    | Sequence[int | str]
+    | torch.Tensor
+    | Target
+    | Callable[[torch.Tensor], torch.Tensor]
+    | Sequence[Target]
+    | None
 )
 
 
-def resolve_targets(targets: TargetSpec, *, top_k: int | None = None, score: Score = "logit") -> list[Target]:
+def class_index(spec: str | int, class_names: Sequence[str] | None, *, source: str = "target") -> int:
+    """Turn a class index or a class name into a class index.
+
+    Names match case-insensitively: an exact name first, then a unique substring (``"tabby"`` finds
+    ``"tabby cat"``). A string of digits is an index.
+
+    Args:
+        spec: An index, or a class name.
+        class_names: The model's class names (``LoadedModel.class_names``), or None when it has none.
+        source: How the value was given, for messages (``"target"``, ``"--class"``).
+
+    Returns:
+        The class index.
+
+    Raises:
+        TargetError: The index is out of range, the name is unknown (close matches are listed) or matches
+            several classes, or a name was given for a model without class names.
+
+    Example:
+        >>> class_index("Tiger Cat", ["tabby", "tiger cat", "Persian cat"])
+        1
+    """
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        index = spec
+    elif isinstance(spec, str) and spec.strip().lstrip("-").isdigit():
+        index = int(spec.strip())
+    elif isinstance(spec, str):
+        return _name_index(spec.strip(), class_names, source)
+    else:
+        raise TargetError(f"{source} {spec!r} is a {type(spec).__name__}; give a class index or a class name.")
+    if class_names is not None and not 0 <= index < len(class_names):
+        raise TargetError(
+            f"{source} {index} is out of range: the model has {len(class_names)} classes "
+            f"(valid: 0..{len(class_names) - 1})."
+        )
+    return index
+
+
+def _name_index(text: str, class_names: Sequence[str] | None, source: str) -> int:
+    if class_names is None:
+        raise TargetError(
+            f"{source} {text!r} is a class name, but this model has no class names; give class indices (ints), "
+            "pass class_names=[...] to explain(), or load the model with cnnlens.load_model(..., class_names=FILE)."
+        )
+    low = text.lower()
+    lowered = [n.lower() for n in class_names]
+    exact = [i for i, n in enumerate(lowered) if n == low]
+    if exact:
+        return exact[0]
+    partial = [i for i, n in enumerate(lowered) if low and low in n]
+    if len(partial) == 1:
+        return partial[0]
+    if partial:
+        shown = ", ".join(f"{i} {class_names[i]!r}" for i in partial[:8])
+        more = f" and {len(partial) - 8} more" if len(partial) > 8 else ""
+        raise TargetError(f"{source} {text!r} matches several classes: {shown}{more}; give the index or the full name.")
+    close = difflib.get_close_matches(low, lowered, n=5, cutoff=0.6)
+    hint = (
+        " Did you mean " + ", ".join(f"{lowered.index(c)} {class_names[lowered.index(c)]!r}" for c in close) + "?"
+        if close
+        else " No close match; list the names with model.class_names (or `cnnlens explain IMAGE` for the top-k)."
+    )
+    raise TargetError(f"no class named {text!r} among the model's {len(class_names)} classes.{hint}")
+
+
+def name_targets(targets: TargetSpec, class_names: Sequence[str] | None) -> TargetSpec:
+    """Replace class names in a target specification by class indices; anything else is returned as is.
+
+    A single name stands for one class for every sample (like an int); a list may mix ints and names (one
+    class per sample).
+
+    Raises:
+        TargetError: As :func:`class_index`, for each name.
+
+    Example:
+        >>> name_targets(["tiger cat", 0], ["tabby", "tiger cat"])
+        [1, 0]
+    """
+    if isinstance(targets, str):
+        return class_index(targets, class_names)
+    if (
+        isinstance(targets, Sequence)
+        and not isinstance(targets, (bytes, torch.Tensor))
+        and any(isinstance(v, str) for v in targets)
+    ):
+        indices: list[int | str] = []
+        for v in targets:
+            if isinstance(v, (str, int)) and not isinstance(v, bool):
+                indices.append(class_index(v, class_names))
+            else:
+                raise TargetError(
+                    f"cannot mix class names with {type(v).__name__} in one target list; give class names and "
+                    "ints (one per sample), or a list of Target/callables."
+                )
+        return indices
+    return targets
+
+
+def resolve_targets(
+    targets: TargetSpec,
+    *,
+    top_k: int | None = None,
+    score: Score = "logit",
+    class_names: Sequence[str] | None = None,
+) -> list[Target]:
     """Convert what a user passed into a list of :class:`Target` (one per explained score).
 
     Args:
-        targets: ``None`` (top class), an int, a sequence of ints (one per sample), a 1-D index tensor
-            (one per sample), a 2-D ``(B, T)`` index tensor (T targets per sample), a :class:`Target`, a
-            callable, or a sequence of targets/callables.
+        targets: ``None`` (top class), an int or a class name, a sequence of ints and/or class names (one
+            per sample), a 1-D index tensor (one per sample), a 2-D ``(B, T)`` index tensor (T targets per
+            sample), a :class:`Target`, a callable, or a sequence of targets/callables.
         top_k: Explain the ``top_k`` best classes of each sample (only with ``targets=None``).
         score: Which score class targets use: logits by default.
+        class_names: The model's class names, to resolve names in ``targets`` (case-insensitive).
 
     Returns:
         The list of targets; each produces one explained map per sample.
@@ -201,6 +317,7 @@ def resolve_targets(targets: TargetSpec, *, top_k: int | None = None, score: Sco
         if top_k < 1:
             raise TargetError(f"top_k must be at least 1, got {top_k}.")
         return [RankTarget(rank, score) for rank in range(top_k)]
+    targets = name_targets(targets, class_names)
     if targets is None:
         return [RankTarget(0, score)]
     if isinstance(targets, bool):
