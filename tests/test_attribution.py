@@ -21,7 +21,7 @@ from torch import nn
 
 import cnnlens
 from cnnlens.capture import Capture
-from cnnlens.errors import LayerError, MethodError
+from cnnlens.errors import LayerError, MethodError, TargetError
 from cnnlens.maps import normalize
 from cnnlens.methods import get_method
 from cnnlens.methods.attribution import quadrature
@@ -419,6 +419,21 @@ def test_model_without_relu_gives_a_clear_error(method: str) -> None:
     with pytest.raises(LayerError, match="found no ReLU or ReLU6"):
         cnnlens.explain(net, _x(1), methods=[method], layers=["0"])
     assert hook_count(net) == 0 and _function_modes() == 0
+
+
+def test_invalid_relu_backward_is_refused_before_the_capture_records() -> None:
+    # Capture.run validated relu_backward after switching recording on: the error left the capture recording,
+    # and the next plain forward in the block went through the recording hook, which turns grad mode on.
+    net = seeded(GapHead(), seed=2)
+    x = _x(2)
+    with cnnlens.capture(net, ["body.4"]) as cap, torch.no_grad():
+        with pytest.raises(TargetError, match="relu_backward must be"):
+            cap.run(x, relu_backward="bogus")  # type: ignore[arg-type]
+        out = net(x)
+        assert not torch.is_grad_enabled() and not out.requires_grad
+        rec = cap.run(x, targets=0, relu_backward="guided")  # the capture still works afterwards
+    assert rec.gradients["body.4"].shape == (1, *rec.activations["body.4"].shape)
+    assert hook_count(net) == 0
 
 
 def test_deconvnet_ignores_the_forward_mask() -> None:

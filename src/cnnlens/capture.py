@@ -439,6 +439,8 @@ class Capture:
         """
         if not self._entered:
             raise LayerError("Capture.run() needs an active capture: use `with capture(model, layers) as cap:`.")
+        if relu_backward not in ("normal", "guided", "deconvnet"):
+            raise TargetError(f"relu_backward must be 'normal', 'guided' or 'deconvnet', got {relu_backward!r}.")
         need_grad = gradients or input_gradients
         if need_grad and torch.is_inference_mode_enabled():
             raise TargetError("gradients cannot be computed inside torch.inference_mode(); call cnnlens outside it.")
@@ -450,8 +452,6 @@ class Capture:
         prev_grad = torch.is_grad_enabled()
         self._recording = True
         self._record_graph = gradients and need_grad
-        if relu_backward not in ("normal", "guided", "deconvnet"):
-            raise TargetError(f"relu_backward must be 'normal', 'guided' or 'deconvnet', got {relu_backward!r}.")
         try:
 
             def attempt(inp: torch.Tensor) -> Any:
