@@ -10,6 +10,7 @@ from tests.nets import hook_count
 from torch import nn
 
 from cnnlens.candidates import candidate_layers, find_merges
+from cnnlens.capture import probe_layers
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,10 @@ def test_vgg16_roles(vgg16: nn.Module) -> None:
     assert cat.first("highest_numbered_conv") == "features.28"  # Keras block5_conv3
     assert cat.first("deepest_conv") == "features.28"
     assert cat.with_role("merge") == []  # a straight line
+    # the last pool's output is the output of ``features`` itself: one candidate, ``features`` its alias
     assert cat.with_role("block_output") == ["features.4", "features.9", "features.16", "features.23", "features.30"]
-    assert cat.first("final_spatial") in {"features", "features.30"}
+    assert cat.first("final_spatial") == "features.30"
+    assert next(c for c in cat.layers if c.name == "features.30").aliases == ("features",)
     assert len(cat.with_role("conv")) == 13
     assert hook_count(vgg16) == 0
 
@@ -32,13 +35,14 @@ def test_resnet50_roles() -> None:
     net = torchvision.models.resnet50().eval()
     cat = candidate_layers(net, (3, 224, 224))
     assert cat.merge_method == "fx"
-    assert cat.first("final_spatial") == "layer4"
+    assert cat.first("final_spatial") == "layer4.2"  # layer4 returns layer4.2's tensor: listed once
     merges = cat.with_role("merge")
     assert len(merges) == 16 and merges[-1] == "layer4.2"
     assert cat.with_role("block_output") == merges  # the 16 bottlenecks
     assert cat.with_role("last_branch_conv") == ["layer4.2.conv3"]
     assert cat.first("highest_numbered_conv") == "layer4.2.conv3"
-    layer = next(c for c in cat.layers if c.name == "layer4")
+    layer = next(c for c in cat.layers if c.name == "layer4.2")
+    assert layer.aliases == ("layer4",)
     assert layer.shape == (2048, 7, 7) and layer.stride == 32
     assert len(cat.with_role("conv")) == 53
 
@@ -129,3 +133,20 @@ def test_untraceable_model_falls_back_to_source() -> None:
     assert cat.merge_method == "source"
     assert cat.with_role("merge") == ["block"]
     assert cat.with_role("last_branch_conv") == ["block.a", "block.b"]
+
+
+def test_modules_returning_the_same_tensor_are_one_candidate() -> None:
+    """``layer4`` returns ``layer4.1``'s tensor: one candidate with both roles, the container as an alias;
+    a module whose output an in-place op changed afterwards (``bn1`` before the in-place ReLU) stays apart."""
+    net = torchvision.models.resnet18().eval()
+    cat = candidate_layers(net, (3, 64, 64))
+    names = [c.name for c in cat.layers]
+    assert len(names) == len(set(names))
+    assert "layer4" not in names and "layer3" not in names
+    layer4 = next(c for c in cat.layers if c.name == "layer4.1")
+    assert layer4.aliases == ("layer4",)
+    assert {"merge", "block_output", "final_spatial"} <= set(layer4.roles)
+    infos = {i.name: i for i in probe_layers(net, (3, 64, 64))}
+    assert infos["layer4"].same_as == "layer4.1"
+    assert infos["bn1"].same_as is None  # the in-place ReLU changed its tensor: a different map
+    assert infos["relu"].same_as is None

@@ -73,6 +73,8 @@ class CandidateLayer:
         shape: Output ``(C, h, w)``.
         stride: Input height over output height.
         order: Position in execution order (completion of the module's forward).
+        aliases: Other modules whose output is this very tensor (``layer4`` for ``layer4.2``): listed once,
+            under the outermost name that is not a plain container, with the roles of all of them.
     """
 
     name: str
@@ -81,6 +83,7 @@ class CandidateLayer:
     shape: tuple[int, ...]
     stride: int | None
     order: int
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass
@@ -288,7 +291,7 @@ def candidate_layers(
         >>> import torchvision
         >>> cat = candidate_layers(torchvision.models.resnet18(), (3, 64, 64))
         >>> cat.first("final_spatial"), cat.with_role("merge")[-1], cat.first("deepest_conv")
-        ('layer4', 'layer4.1', 'layer4.1.conv2')
+        ('layer4.1', 'layer4.1', 'layer4.1.conv2')
     """
     size = tuple(int(v) for v in (input_size or (3, 224, 224)))
     infos = list(infos) if infos is not None else probe_layers(model, size, device=device)
@@ -333,6 +336,23 @@ def candidate_layers(
     if last_spatial is not None:
         roles[last_spatial].append("final_spatial")
 
+    # One candidate per tensor: modules that return the same unchanged tensor (``layer4`` and its last block
+    # ``layer4.2``) are listed once with every member's roles, under the outermost name that is not a plain
+    # container (whose output is by definition its last child's): the block, as the zoo's known layers name it.
+    groups: dict[str, list[str]] = {}
+    for n in sorted(roles, key=lambda n: order[n]):
+        groups.setdefault(ran[n].same_as or n, []).append(n)
+    aliases: dict[str, tuple[str, ...]] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        plain = [n for n in members if not isinstance(modules[n], _CONTAINERS)]
+        keep = plain[-1] if plain else members[-1]
+        for other in members:
+            if other != keep:
+                roles[keep].extend(roles.pop(other))
+        aliases[keep] = tuple(n for n in members if n != keep)
+
     layers = [
         CandidateLayer(
             name=n,
@@ -341,6 +361,7 @@ def candidate_layers(
             shape=tuple(ran[n].shape or ()),
             stride=ran[n].stride,
             order=order[n],
+            aliases=aliases.get(n, ()),
         )
         for n in sorted(roles, key=lambda n: order[n])
         if roles[n]

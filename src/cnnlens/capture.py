@@ -837,6 +837,9 @@ class LayerInfo:
         stride: Input height divided by output height for 4-D outputs, else None.
         calls: How many times the module ran in the forward.
         params: Number of parameters owned directly by the module (not its children).
+        same_as: The module that ran earlier and returned this very tensor, unchanged since (no in-place op
+            in between): a container and its last child (``layer4`` and ``layer4.2``), an ``Identity``.
+            Explaining either gives the same maps. None when the output is a tensor of its own.
     """
 
     name: str
@@ -845,6 +848,7 @@ class LayerInfo:
     stride: int | None
     calls: int
     params: int
+    same_as: str | None = None
 
 
 def probe_layers(
@@ -878,6 +882,11 @@ def probe_layers(
     order: list[str] = []
     handles = []
     training = {m: m.training for m in model.modules()}
+    # (id, version) of each output tensor -> the first module that returned it; the tensors are kept alive
+    # for the probe so that an id is never reused. Version counters need no_grad, not inference mode.
+    producers: dict[tuple[int, int], str] = {}
+    same_as: dict[str, str] = {}
+    alive: list[torch.Tensor] = []
 
     def make(name: str) -> Any:
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
@@ -885,9 +894,16 @@ def probe_layers(
             if name in seen:
                 prev_shape, calls = seen[name]
                 seen[name] = (prev_shape, calls + 1)
+                same_as.pop(name, None)  # ran twice: no single twin
             else:
                 seen[name] = (shape, 1)
                 order.append(name)
+                if isinstance(output, torch.Tensor):
+                    key = (id(output), int(output._version))
+                    first = producers.setdefault(key, name)
+                    if first != name:
+                        same_as[name] = first
+                    alive.append(output)
 
         return hook
 
@@ -895,7 +911,7 @@ def probe_layers(
         model.eval()
         for module, name in names.items():
             handles.append(module.register_forward_hook(make(name)))
-        with torch.inference_mode():
+        with torch.no_grad():
             model(torch.zeros((1, *size), device=dev, dtype=dtype))
     finally:
         for handle in handles:
@@ -908,6 +924,7 @@ def probe_layers(
         shape, calls = seen.get(name, (None, 0))
         stride = size[1] // shape[1] if shape is not None and len(shape) == 3 and shape[1] > 0 else None
         module = by_name[name]
+        twin = same_as.get(name)
         infos.append(
             LayerInfo(
                 name=name,
@@ -916,6 +933,7 @@ def probe_layers(
                 stride=stride,
                 calls=calls,
                 params=sum(p.numel() for p in module.parameters(recurse=False)),
+                same_as=twin if twin is not None and calls == 1 and seen[twin][1] == 1 else None,
             )
         )
     return infos

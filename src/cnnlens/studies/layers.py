@@ -127,7 +127,7 @@ def select_layers(
         >>> import torchvision
         >>> from cnnlens.candidates import candidate_layers
         >>> select_layers(candidate_layers(torchvision.models.resnet18(), (3, 64, 64)), last_n=2)
-        ['layer4.0', 'layer4.1.conv2', 'layer4.1', 'layer4']
+        ['layer4.0', 'layer4.1.conv2', 'layer4.1']
     """
     many = {"merge", "block_output", "conv"}
     chosen: set[str] = set()
