@@ -386,19 +386,21 @@ def test_maximize_excites_each_channel_selectively(lite: LoadedModel, maximized:
 
 def test_batched_run_equals_one_channel_run(lite: LoadedModel, maximized: tuple[Any, Any, Any]) -> None:
     result, _, _ = maximized
+    # Channel c's image depends on (seed, c) only, never on the other images in its batch. Pixels are compared at
+    # a fixed batch shape: the CPU picks convolution kernels by batch size, and Adam's per-element normalisation
+    # turns their rounding differences (gradients at rounding level) into visible pixel differences, in float64
+    # too. Same batch shape, other companions, channel 20 in another row: the same image.
+    other = maximize(lite, LAYER, [1, CHANNELS[2], 25, 39], steps=STEPS, size=SIZE, seed=0)
+    torch.testing.assert_close(other.images[1], result.images[2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(other.history[:, 1], result.history[:, 2], rtol=1e-6, atol=1e-6)
+    first = maximize(lite, LAYER, [CHANNELS[2], 2, 5, 7], steps=1, size=SIZE, seed=0)
+    torch.testing.assert_close(first.images[0], maximize(lite, LAYER, CHANNELS, steps=1, size=SIZE, seed=0).images[2])
+    # Alone (another batch shape): the same optimisation, so it reaches the same objective up to that drift
+    # (0.2% to 2% measured on different kernel sets) and its image is still the one that excites channel 20 most.
     single = maximize(lite, LAYER, [CHANNELS[2]], steps=STEPS, size=SIZE, seed=0)
-    diff = (single.images[0] - result.images[2]).abs()
-    other_seed = maximize(lite, LAYER, [CHANNELS[2]], steps=STEPS, size=SIZE, seed=1)
-    seed_diff = float((other_seed.images[0] - single.images[0]).abs().mean())
-    # Equal up to float rounding (conv kernels depend on the batch size): the gradients agree to ~1e-6, which
-    # Adam's per-element normalisation amplifies for coefficients whose gradient is at rounding level, so the
-    # images drift apart by a few thousandths over the steps, an order of magnitude less than another seed.
-    assert float(diff.max()) < 0.1 and float(diff.mean()) < 0.01, (float(diff.max()), float(diff.mean()))
-    assert float(diff.mean()) < 0.2 * seed_diff, (float(diff.mean()), seed_diff)
-    assert abs(float(single.scores[0]) - float(result.scores[2])) < 0.03 * abs(float(result.scores[2]))
-    one_step = maximize(lite, LAYER, CHANNELS, steps=1, size=SIZE, seed=0)
-    alone = maximize(lite, LAYER, [CHANNELS[2]], steps=1, size=SIZE, seed=0)
-    assert float((one_step.images[2] - alone.images[0]).abs().max()) < 1e-5
+    assert abs(float(single.scores[0]) - float(result.scores[2])) < 0.1 * abs(float(result.scores[2]))
+    means = _channel_means(lite, torch.cat([single.images, result.images[[0, 1, 3]]]))[:, 2]
+    assert float(means[0]) > float(means[1:].max()), means
     again = maximize(lite, LAYER, [CHANNELS[2]], steps=STEPS, size=SIZE, seed=0)
     assert torch.equal(again.images, single.images)  # deterministic on CPU for a seed
 
