@@ -7,17 +7,52 @@ Quick use::
     x = model.spec.preprocessing.to_tensor(image)[None]
     result = cnnlens.explain(model, x, methods=["gradcam", "gradcampp"])
     result.save("out/")
+
+The public names are imported on first use (a module ``__getattr__``), so ``import cnnlens`` and the
+``cnnlens --help``/``--version`` commands do not import torch.
 """
 
-from cnnlens.capture import Capture, Recording, capture, record, resolve_layer
-from cnnlens.errors import CnnlensError
-from cnnlens.explain import default_layer, explain
-from cnnlens.explanation import Explanation, ExplanationSet
-from cnnlens.methods import CnnlensWarning, get_method, method_ids, register
-from cnnlens.models import LoadedModel, available_models, load_model
-from cnnlens.targets import ClassTarget, FunctionTarget, RankTarget, resolve_targets
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+from cnnlens._names import __version__
+
+if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time they load lazily
+    from cnnlens.capture import Capture, Recording, capture, record, resolve_layer
+    from cnnlens.errors import CnnlensError
+    from cnnlens.explain import default_layer, explain
+    from cnnlens.explanation import Explanation, ExplanationSet
+    from cnnlens.methods import CnnlensWarning, get_method, method_ids, register
+    from cnnlens.models import LoadedModel, available_models, load_model
+    from cnnlens.targets import ClassTarget, FunctionTarget, RankTarget, resolve_targets
+
+_LAZY: dict[str, str] = {
+    "Capture": "cnnlens.capture",
+    "Recording": "cnnlens.capture",
+    "capture": "cnnlens.capture",
+    "record": "cnnlens.capture",
+    "resolve_layer": "cnnlens.capture",
+    "CnnlensError": "cnnlens.errors",
+    "default_layer": "cnnlens.explain",
+    "explain": "cnnlens.explain",
+    "Explanation": "cnnlens.explanation",
+    "ExplanationSet": "cnnlens.explanation",
+    "CnnlensWarning": "cnnlens.methods",
+    "get_method": "cnnlens.methods",
+    "method_ids": "cnnlens.methods",
+    "register": "cnnlens.methods",
+    "LoadedModel": "cnnlens.models",
+    "available_models": "cnnlens.models",
+    "load_model": "cnnlens.models",
+    "ClassTarget": "cnnlens.targets",
+    "FunctionTarget": "cnnlens.targets",
+    "RankTarget": "cnnlens.targets",
+    "resolve_targets": "cnnlens.targets",
+}
 
 __all__ = [
     "Capture",
@@ -43,3 +78,35 @@ __all__ = [
     "resolve_layer",
     "resolve_targets",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use (PEP 562) and cache it in the package namespace."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cnnlens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package module: ``cnnlens.explain`` and ``cnnlens.capture`` stay the functions.
+
+    Importing the submodule ``cnnlens.explain`` (or ``cnnlens.capture``) binds it as an attribute of the
+    package; the eager ``from cnnlens.explain import explain`` this package used to run overwrote that
+    binding with the function. Keep that meaning: the submodule is replaced by its function of the same name.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SAME_NAME and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+_SAME_NAME = frozenset({"capture", "explain"})
+sys.modules[__name__].__class__ = _Package

@@ -17,8 +17,11 @@ __all__ = [
     "MethodNotFoundError",
     "ModelConfigError",
     "ModelNotFoundError",
+    "NonFiniteInputError",
+    "NonFiniteOutputError",
     "OutputAdapterError",
     "TargetError",
+    "UsageError",
     "WeightsMismatchError",
     "WeightsUnavailableError",
 ]
@@ -77,3 +80,15 @@ class ImageReadError(CnnlensError, OSError):
 
 class InputShapeError(CnnlensError, ValueError):
     """An input tensor has the wrong rank, channel count or dtype."""
+
+
+class NonFiniteInputError(InputShapeError):
+    """An input tensor holds NaN or infinity (a map of it would be meaningless)."""
+
+
+class NonFiniteOutputError(CnnlensError, ValueError):
+    """The model produced NaN or infinite scores (usually NaN/inf in its weights or an overflow)."""
+
+
+class UsageError(CnnlensError, ValueError):
+    """A command-line argument is invalid (out of range, wrong type, unusable path or device)."""
