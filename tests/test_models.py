@@ -19,6 +19,7 @@ from skimage import data
 from cnnlens.errors import (
     CnnlensError,
     InputShapeError,
+    LayerNotFoundError,
     ModelConfigError,
     ModelNotFoundError,
     WeightsMismatchError,
@@ -593,3 +594,51 @@ def test_preprocessing_validation_and_manifest() -> None:
     assert json.loads(json.dumps(d)) == d
     assert d["input_size"] == [299, 299]
     assert d["resize"] == 342
+
+
+def test_text_and_empty_files_are_refused_as_checkpoints(tmp_path: Path) -> None:
+    # before: a text file raised a bare KeyError: 101 from the weights-only unpickler, an empty file a blank reason
+    text = tmp_path / "notes.pth"
+    text.write_text("epoch 3: loss 0.12\n")
+    with pytest.raises(WeightsMismatchError, match=r"not a PyTorch checkpoint: it holds text starting with 'epoch 3:'"):
+        read_state_dict(text)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(WeightsMismatchError, match=r"is empty \(0 bytes\)"):
+        read_state_dict(empty)
+    binary = tmp_path / "noise.pt"
+    binary.write_bytes(bytes(range(200, 256)))
+    with pytest.raises(WeightsMismatchError, match="binary data"):
+        read_state_dict(binary)
+    garbled = tmp_path / "garbled.pt"  # looks like a pickle, is not one: the unpickler's own error, never blank
+    garbled.write_bytes(b"\x80\x02" + b"\x00" * 30)
+    with pytest.raises(WeightsMismatchError, match=r"could not be read with torch.load\(weights_only=True\): \S"):
+        read_state_dict(garbled)
+    with pytest.raises(WeightsMismatchError, match="not a PyTorch checkpoint"):
+        load_model("resnet18", num_classes=3, weights=text)
+
+
+def test_legacy_and_zip_checkpoints_still_read(tmp_path: Path) -> None:
+    sd = {"w": torch.arange(3.0)}
+    torch.save(sd, tmp_path / "zip.pt")
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("zip.pt", "legacy.pt"):
+        assert torch.equal(read_state_dict(tmp_path / name)["w"], sd["w"])
+
+
+def test_one_default_layer_policy_for_api_and_cli() -> None:
+    from cnnlens.explain import default_layer
+    from cnnlens.models.layers import default_target_layer
+
+    # before: the API took the last conv (layer4.1.conv2; patch_embed.proj for a ViT), the CLI the block output
+    net = torchvision.models.resnet18(num_classes=3)
+    assert default_layer(net) == "layer4"
+    assert default_layer(net) == load_model("resnet18", num_classes=3, random_weights=True).spec.default_layer
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3)
+    assert default_layer(vit) == "blocks.11"
+    assert default_layer(torchvision.models.vgg11(num_classes=2)) == "features.19"
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with pytest.raises(LayerNotFoundError, match=r"no spatial layer.*layers=\[\.\.\.\].*--layer NAME"):
+        default_target_layer(mlp)
+    with pytest.raises(LayerNotFoundError, match="--layer"):
+        default_layer(mlp)

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from cnnlens.capture import LayerSpec, MemoryFormat, Probe, capture
-from cnnlens.errors import InputShapeError, LayerNotFoundError
+from cnnlens.errors import InputShapeError, LayerNotFoundError, NonFiniteInputError, NonFiniteOutputError
 from cnnlens.explanation import Explanation, ExplanationSet
 from cnnlens.maps import finite_or_zero, upsample_normalize
 from cnnlens.methods.registry import LayerView, MethodSpec, apply_display, display_mode, resolve_methods
 from cnnlens.models import LoadedModel
+from cnnlens.models.layers import default_target_layer
 from cnnlens.outputs import OutputSelector
 from cnnlens.targets import TargetSpec, name_targets
 
@@ -21,25 +22,56 @@ __all__ = ["default_layer", "display_images", "explain"]
 
 
 def default_layer(model: nn.Module | LoadedModel) -> str:
-    """The layer explained when none is named.
+    """The layer explained when none is named: one policy for the API and the command line.
 
-    A zoo model uses its spec's ``default_layer``; any other module uses its last ``nn.Conv2d`` in
-    definition order (the "highest-numbered conv"). No dummy forward is run.
+    A zoo model uses its spec's ``default_layer``; a model loaded from a torchvision/timm name or a factory
+    uses the same guess as any other module: :func:`cnnlens.models.layers.default_target_layer`, the last
+    spatial block output before global pooling (``layer4`` in a ResNet, ``features.29`` in VGG16,
+    ``blocks.11`` in a timm ViT), from the module tree alone (no dummy forward).
 
     Raises:
-        LayerNotFoundError: When the model has no convolution.
+        LayerNotFoundError: When the model has no spatial layer (no ``nn.Conv2d``, no timm ``feature_info``);
+            name one with ``layers=[...]`` (``--layer`` on the command line).
+
+    Example:
+        >>> import torchvision
+        >>> default_layer(torchvision.models.resnet18(num_classes=10))
+        'layer4'
     """
     if isinstance(model, LoadedModel):
         return str(model.spec.default_layer)
-    last: str | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            last = name
-    if last is None:
-        raise LayerNotFoundError(
-            f"{type(model).__name__} has no nn.Conv2d to default to; name a layer explicitly (layers=[...])."
-        )
-    return last
+    return default_target_layer(model)
+
+
+def _check_finite_inputs(inputs: object) -> None:
+    """Refuse NaN or infinite input values: every map of such an input would be meaningless."""
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+        return
+    finite = torch.isfinite(inputs.detach())
+    if bool(finite.all()):
+        return
+    per_image = (~finite).flatten(1).sum(1) if inputs.ndim == 4 else (~finite).sum().view(1)
+    bad = [i for i, n in enumerate(per_image.tolist()) if n]
+    raise NonFiniteInputError(
+        f"the input holds NaN or infinite values ({int((~finite).sum())} of {inputs.numel()}, in image(s) "
+        f"{bad[:10]}{'...' if len(bad) > 10 else ''}); explain finite images (check the preprocessing: a zero std "
+        "or a corrupt array)."
+    )
+
+
+def _check_finite_logits(logits: torch.Tensor | None, module: nn.Module) -> None:
+    """Refuse NaN or infinite scores: probabilities, targets and maps would all be meaningless."""
+    if logits is None or bool(torch.isfinite(logits.detach()).all()):
+        return
+    rows = (~torch.isfinite(logits.detach())).flatten(1).any(1).nonzero().flatten().tolist()
+    broken = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    cause = (
+        f"{len(broken)} parameter tensor(s) hold NaN/inf, e.g. {', '.join(broken[:3])}: the weights are broken; "
+        "load an intact checkpoint"
+        if broken
+        else "the weights are finite, so the forward overflowed; check the input scale and the model's precision"
+    )
+    raise NonFiniteOutputError(f"the model produced NaN or infinite scores for image(s) {rows[:10]}: {cause}.")
 
 
 def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None = None) -> torch.Tensor:
@@ -119,6 +151,7 @@ def explain(
     module = loaded.module if loaded is not None else model
     if not isinstance(module, nn.Module):
         raise InputShapeError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
+    _check_finite_inputs(inputs)
     specs = resolve_methods(list(methods) if not isinstance(methods, str) else methods)
     options = dict(options or {})
     variants = {spec.id: spec.variant(options.pop(spec.id, None)) for spec in specs}
@@ -143,6 +176,7 @@ def explain(
             gradients="gradients" in needs,
             input_gradients="input_gradients" in needs,
         )
+        _check_finite_logits(rec.logits, module)
         if rec.inputs.ndim != 4:
             raise InputShapeError(f"explain() needs image batches (B, C, H, W), got {tuple(rec.inputs.shape)}.")
         size = (int(rec.inputs.shape[-2]), int(rec.inputs.shape[-1]))
@@ -181,6 +215,8 @@ def explain(
                 joined = per_target[0].unsqueeze(1) if len(per_target) == 1 else torch.stack(per_target, dim=1)
                 raw, bad = finite_or_zero(joined.to(raw_dtype))
                 stacked = {k: torch.stack(v, dim=1) for k, v in extras.items()}
+                if bool(bad.any()):  # NaN/inf gradients (weights, overflow): flagged apart from constant maps
+                    stacked["nonfinite"] = bad
                 computed.append((spec, layer, variant, raw, bad, stacked))
         # raw maps are finite (finite_or_zero above), so are their bilinear upsamplings: no second check. All
         # (method, layer) maps go through upsampling and normalisation together, grouped by resolution.

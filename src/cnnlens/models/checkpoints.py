@@ -137,15 +137,49 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise WeightsMismatchError(f"{origin} is not a readable safetensors file: {exc}") from exc
     else:
+        _check_torch_file(p, origin)
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+        except Exception as exc:  # the weights-only unpickler raises KeyError, IndexError... on foreign bytes
+            reason = str(exc).strip() or type(exc).__name__
+            if isinstance(exc, (KeyError, IndexError)) or not isinstance(exc, _READ_ERRORS):
+                reason = f"{type(exc).__name__}: {reason} (the bytes are not a valid checkpoint)"
             raise WeightsMismatchError(
-                f"{origin} could not be read with torch.load(weights_only=True): {exc}. cnnlens never "
+                f"{origin} could not be read with torch.load(weights_only=True): {reason}. cnnlens never "
                 "unpickles arbitrary objects. If the file holds a whole pickled model, re-save only its "
                 "weights with torch.save(model.state_dict(), PATH); if it is truncated, copy it again."
             ) from exc
     return extract_state_dict(obj, origin=origin)
+
+
+_READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError)
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since torch 1.6
+_PICKLE_PROTOCOLS = frozenset(range(2, 6))  # legacy torch.save: a pickle, b"\x80" then the protocol byte
+
+
+def _check_torch_file(path: Path, origin: str) -> None:
+    """Refuse an empty file or one that is neither a zip archive nor a pickle, before torch.load sees it.
+
+    Raises:
+        WeightsMismatchError: What the file is (empty, text...) and what a checkpoint looks like.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        raise WeightsMismatchError(
+            f"{origin} is empty (0 bytes): the save was interrupted or the copy failed. Save the weights again "
+            "with torch.save(model.state_dict(), PATH) or copy the file again."
+        )
+    if head.startswith(_ZIP_MAGIC) or (head[0] == 0x80 and len(head) > 1 and head[1] in _PICKLE_PROTOCOLS):
+        return
+    try:
+        kind = f"text starting with {head.decode('utf-8')!r}"
+    except UnicodeDecodeError:
+        kind = f"binary data starting with {head!r}"
+    raise WeightsMismatchError(
+        f"{origin} is not a PyTorch checkpoint: it holds {kind}, while torch.save writes a zip archive (or a "
+        "pickle). Pass the file written by torch.save(model.state_dict(), PATH) or a .safetensors file."
+    )
 
 
 def _describe_mismatch(
