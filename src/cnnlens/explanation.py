@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ import torch
 
 from cnnlens.errors import LayerNotFoundError, MethodNotFoundError
 from cnnlens.imaging import colorize, overlay, save_png
+from cnnlens.outputs_dir import OutputFolderError, OwnedFolder, claim_output_dir, safe_name
 
-__all__ = ["Explanation", "ExplanationSet", "environment_versions", "write_manifest"]
+__all__ = ["ExplainFolder", "Explanation", "ExplanationSet", "environment_versions", "write_manifest"]
 
 
 def environment_versions() -> dict[str, str]:
@@ -41,9 +41,34 @@ def environment_versions() -> dict[str, str]:
 
 
 def _slug(text: str) -> str:
-    """A file-name-safe version of a layer, class or image name."""
-    slug = re.sub(r"[^A-Za-z0-9._@-]+", "_", text).strip("._")
-    return slug[:80] or "x"
+    """A file-name-safe, readable version of a layer, class or image name (unicode letters kept)."""
+    return safe_name(text)
+
+
+def _image_keys(names: Sequence[str], count: int) -> list[tuple[str, str]]:
+    """Per image: ``(name, folder)``, each folder distinct (case-insensitively) within the set.
+
+    A name whose safe form clashes with another's gets its position appended (``cat-2``), and that folder
+    name becomes its name too, so the manifest points each image at its own files.
+    """
+    given = [names[b] if b < len(names) else f"image{b:04d}" for b in range(count)]
+    folders = [safe_name(n, spaces=True) for n in given]
+    clashes: dict[str, int] = {}
+    for f in folders:
+        clashes[f.casefold()] = clashes.get(f.casefold(), 0) + 1
+    used = {f.casefold() for f in folders if clashes[f.casefold()] == 1}
+    out: list[tuple[str, str]] = []
+    for b, (name, folder) in enumerate(zip(given, folders, strict=True)):
+        if clashes[folder.casefold()] == 1:
+            out.append((name, folder))
+            continue
+        n = b + 1
+        while f"{folder}-{n}".casefold() in used:
+            n += 1
+        unique = f"{folder}-{n}"
+        used.add(unique.casefold())
+        out.append((unique, unique))
+    return out
 
 
 def _shape(t: torch.Tensor | None) -> str:
@@ -295,9 +320,10 @@ class ExplanationSet(Sequence[Explanation]):
             images = exp.images.cpu().numpy() if exp.images is not None else None
             maps = exp.maps.detach().float().cpu().numpy()
             raws = exp.raw.detach().float().cpu().numpy()
+            keys = _image_keys(exp.image_names, exp.batch_size)
             for b in range(exp.batch_size):
-                image_name = exp.image_names[b] if b < len(exp.image_names) else f"image{b:04d}"
-                folder = root / _slug(image_name)
+                image_name, folder_name = keys[b]
+                folder = root / folder_name
                 folder.mkdir(parents=True, exist_ok=True)
                 for t in range(exp.num_targets):
                     label = exp.class_label(b, t)
@@ -339,13 +365,11 @@ class ExplanationSet(Sequence[Explanation]):
 
     def predictions(self, k: int = 5) -> list[dict[str, Any]]:
         """Per image: its name and top-k predictions, JSON-serialisable."""
-        names = self._items[0].image_names if self._items else []
+        rows = self.top_k(k)
+        keys = _image_keys(self._items[0].image_names if self._items else [], len(rows))
         return [
-            {
-                "image": names[b] if b < len(names) else f"image{b:04d}",
-                "top": [{"class": i, "name": n, "probability": p} for i, n, p in row],
-            }
-            for b, row in enumerate(self.top_k(k))
+            {"image": keys[b][0], "top": [{"class": i, "name": n, "probability": p} for i, n, p in row]}
+            for b, row in enumerate(rows)
         ]
 
     def save(
@@ -356,18 +380,174 @@ class ExplanationSet(Sequence[Explanation]):
         alpha: float = 0.5,
         heatmaps: bool = True,
         raw: bool = True,
+        overwrite: bool = False,
+        title: str = "cnnlens explanations",
     ) -> list[Path]:
-        """Write overlays, heatmaps, raw arrays (see :meth:`write_files`) and ``manifest.json``.
+        """Write overlays, heatmaps, raw arrays (see :meth:`write_files`), ``manifest.json`` and ``index.html``.
 
-        The manifest lists every file with its method, variant, layer, target, score and degenerate flag,
-        plus the model, weights source, preprocessing, predictions and library versions.
+        The folder follows the rules of ``cnnlens explain --out`` (see :class:`ExplainFolder`): a new or empty
+        folder, or one an earlier ``save``/``cnnlens explain`` of the same model wrote, whose images stay in the
+        merged manifest and index (an image saved again under the same name replaces its earlier files). A
+        folder holding other files is refused unless ``overwrite=True`` (then only same-named files are
+        replaced; nothing else is deleted). The manifest lists every file with its method, variant, layer,
+        target, score and degenerate flag, plus the model, weights source, preprocessing, predictions and
+        library versions; ``index.html`` is the page ``cnnlens explain`` writes.
+
+        Raises:
+            OutputFolderError: ``directory`` holds files cnnlens did not write, or another model's output.
 
         Returns:
-            Every written path, the manifest last.
+            Every written path, the manifest and the index last.
         """
+        folder = ExplainFolder(directory, model=self.manifest.get("model", {}), overwrite=overwrite)
         written, entries = self.write_files(directory, cmap=cmap, alpha=alpha, heatmaps=heatmaps, raw=raw)
-        written.append(write_manifest(directory, entries, self.manifest, predictions=self.predictions()))
-        return written
+        predictions = self.predictions()
+        names = {e["image"]: None for e in entries} | {p["image"]: None for p in predictions}
+        manifest_path, index = folder.finish(
+            entries, self.manifest, written=written, predictions=predictions, images=names, title=title
+        )
+        return [*written, manifest_path, index]
+
+
+def _model_identity(model: Any) -> tuple[str, str, bool]:
+    if not isinstance(model, Mapping):
+        return ("", "", False)
+    name = str(model.get("name", model.get("class", "")))
+    return (name, str(model.get("weights_source", "")), bool(model.get("random_weights")))
+
+
+class ExplainFolder:
+    """The output folder of ``cnnlens explain`` and :meth:`ExplanationSet.save`, claimed for writing.
+
+    Rules (see :mod:`cnnlens.outputs_dir`): a new or empty folder is marked as cnnlens output; a folder an
+    earlier explain of the **same model** wrote is reused and its index merged (earlier images are kept; an
+    image explained again replaces its earlier entries and files); a folder explained with another model, or one
+    holding files cnnlens did not write, is refused. ``overwrite=True`` starts over in a folder cnnlens owns
+    (removing only the files its marker lists) or writes into a foreign one (replacing only same-named files).
+
+    Args:
+        directory: The output folder.
+        model: The model manifest (``LoadedModel.manifest()``) of the new results.
+        overwrite: See above.
+        option: The option name used in messages.
+
+    Raises:
+        OutputFolderError: The folder is refused (the message says why and names ``--overwrite``).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        model: Mapping[str, Any],
+        overwrite: bool = False,
+        option: str = "--out",
+    ) -> None:
+        self.owned: OwnedFolder = claim_output_dir(directory, "explain", overwrite=overwrite, option=option)
+        self.root = self.owned.root
+        self.previous: dict[str, Any] = {}
+        if not self.owned.reused:
+            return
+        if overwrite:
+            self.owned.remove_listed()
+            return
+        path = self.root / "manifest.json"
+        if self.owned.owns("manifest.json") and path.is_file():
+            try:
+                self.previous = json.loads(path.read_text("utf-8"))
+            except (OSError, ValueError):
+                self.previous = {}
+        before = _model_identity(self.previous.get("model"))
+        if self.previous and before != _model_identity(model):
+            raise OutputFolderError(
+                f"{option} {str(self.root)!r} holds explanations of model {before[0]!r} ({before[1]}); these are "
+                f"of {_model_identity(model)[0]!r} ({_model_identity(model)[1]}), and one index cannot mix them. "
+                "Choose another folder, or pass --overwrite to replace the earlier explanations (only files "
+                "cnnlens wrote there are removed)."
+            )
+
+    @property
+    def taken(self) -> dict[str, str | None]:
+        """Image names used by earlier explanations in the folder, with their source paths (None unknown)."""
+        names: dict[str, str | None] = {}
+        for r in self.previous.get("results", []):
+            names.setdefault(str(r.get("image")), None)
+        for p in self.previous.get("predictions", []):
+            names.setdefault(str(p.get("image")), None)
+        for item in self.previous.get("images", []):
+            names[str(item.get("name"))] = item.get("source")
+        return names
+
+    def finish(
+        self,
+        entries: Sequence[Mapping[str, Any]],
+        manifest: Mapping[str, Any],
+        *,
+        written: Sequence[Path],
+        predictions: Sequence[Mapping[str, Any]] = (),
+        failures: Sequence[Mapping[str, Any]] = (),
+        images: Mapping[str, str | None] | None = None,
+        title: str = "cnnlens explanations",
+        subtitle: str | None = None,
+    ) -> tuple[Path, Path]:
+        """Merge with the earlier explanations, write ``manifest.json`` and ``index.html``, update the marker.
+
+        Args:
+            entries: The new result entries (:meth:`ExplanationSet.write_files`).
+            manifest: Provenance of the new results (``command``, ``model``...).
+            written: The files the new results wrote.
+            predictions: The new predictions.
+            failures: Inputs that failed in this call.
+            images: Name -> source path of every image of this call (its earlier entries are replaced).
+            title: Title of the index page.
+            subtitle: Subtitle (default: the number of images and the model).
+
+        Returns:
+            ``(manifest path, index path)``.
+        """
+        from cnnlens.report import render_explain_report  # file writing: the report layer renders the index
+
+        new = dict(images or {})
+        for e in entries:
+            new.setdefault(str(e["image"]), None)
+        for p in predictions:
+            new.setdefault(str(p["image"]), None)
+        prev = self.previous
+        rewritten = {self.owned.rel(p) for p in written}
+        stale = {
+            f
+            for r in prev.get("results", [])
+            if r.get("image") in new
+            for f in r.get("files", {}).values()
+            if f not in rewritten and self.owned.owns(f)
+        }
+        if stale:  # files of images explained again that this call did not rewrite: listed, so removable
+            OwnedFolder(self.root, "explain", self.owned.id, files=set(stale)).remove_listed()
+            self.owned.files -= stale
+        kept_results = [r for r in prev.get("results", []) if r.get("image") not in new]
+        kept_predictions = [p for p in prev.get("predictions", []) if p.get("image") not in new]
+        sources = {s for s in new.values() if s} | {str(f.get("path")) for f in failures}
+        kept_failures = [f for f in prev.get("failures", []) if str(f.get("path")) not in sources]
+        old_images = [i for i in prev.get("images", []) if i.get("name") not in new]
+        listed = [{"name": n, "source": s} for n, s in new.items()]
+        all_images = [*old_images, *listed]
+        path = write_manifest(
+            self.root,
+            [*kept_results, *entries],
+            manifest,
+            predictions=[*kept_predictions, *predictions],
+            failures=[*kept_failures, *failures],
+            images=all_images,
+        )
+        model = manifest.get("model", {})
+        name = model.get("name", model.get("class", "")) if isinstance(model, Mapping) else ""
+        count = len({*(str(i["name"]) for i in all_images), *(str(r.get("image")) for r in kept_results)})
+        index = render_explain_report(
+            self.root, title=title, subtitle=subtitle if subtitle is not None else f"{count} image(s), model {name}"
+        )
+        self.owned.record([*written, path, index])
+        self.owned.save()
+        return path, index
 
 
 def _png_text(manifest: Mapping[str, Any]) -> dict[str, str]:
@@ -389,8 +569,12 @@ def write_manifest(
     *,
     predictions: Sequence[Mapping[str, Any]] = (),
     failures: Sequence[Mapping[str, Any]] = (),
+    images: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
-    """Write ``manifest.json``: provenance, versions, predictions, every result entry and any failures."""
+    """Write ``manifest.json``: provenance, versions, predictions, every result entry and any failures.
+
+    ``images`` (optional) lists each image's output name and source path (``{"name", "source"}``).
+    """
     doc = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **manifest,
@@ -399,6 +583,8 @@ def write_manifest(
         "results": list(entries),
         "failures": list(failures),
     }
+    if images:
+        doc["images"] = [dict(i) for i in images]
     path = Path(directory) / "manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")

@@ -38,6 +38,7 @@ says) is turned into an :class:`~cnnlens.errors.ImageReadError`.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -53,6 +54,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from cnnlens.errors import ImageReadError
+from cnnlens.outputs_dir import MARKER, owned_paths
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -261,7 +263,11 @@ def load_image_bytes(
 
 
 def expand_paths(
-    inputs: Sequence[str | os.PathLike[str]], *, recursive: bool = False
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    recursive: bool = False,
+    exclude: Sequence[str | os.PathLike[str]] = (),
+    notes: list[str] | None = None,
 ) -> tuple[list[Path], list[ImageFailure]]:
     """Turn files and directories into a flat list of image paths.
 
@@ -272,9 +278,17 @@ def expand_paths(
     followed). Hidden files and directories (name starting with ``.``) found while expanding are
     skipped. Duplicates (same resolved path) are removed, keeping the first occurrence.
 
+    cnnlens output is never read back as input: a folder in ``exclude`` (e.g. the ``--out`` folder) or
+    carrying a cnnlens marker (:data:`cnnlens.outputs_dir.MARKER`) found inside a given directory is skipped
+    whole; in a given directory that is itself cnnlens output, the files its marker lists are skipped. Entries
+    that cannot be used (a symbolic-link loop, a broken link, a symbolic link to a folder, which is not
+    followed, a file of another type such as ``.svg``) are skipped too, each with a note.
+
     Args:
         inputs: Files and directories.
         recursive: Also walk subdirectories of the given directories.
+        exclude: Folders whose contents are never listed (output folders).
+        notes: When given, one line per kind of skipped entry is appended to it (what, how many, examples).
 
     Returns:
         ``(paths, failures)``: the image paths in order, and an :class:`ImageFailure` for each input
@@ -283,6 +297,8 @@ def expand_paths(
     paths: list[Path] = []
     failures: list[ImageFailure] = []
     seen: set[Path] = set()
+    skipped = _Skipped()
+    excluded = {_resolved(Path(e)) for e in exclude}
 
     def add(candidate: Path) -> None:
         key = _resolved(candidate)
@@ -313,7 +329,7 @@ def expand_paths(
             add(given)
             continue
         try:
-            found, has_subdirs = _list_directory(given, recursive=recursive)
+            found, has_subdirs = _list_directory(given, recursive=recursive, excluded=excluded, skipped=skipped)
         except OSError as exc:
             failures.append(
                 ImageFailure(label, f"cannot list the directory ({exc.strerror or exc}); check permissions")
@@ -327,7 +343,32 @@ def expand_paths(
             continue
         for candidate in found:
             add(candidate)
+    if notes is not None:
+        notes.extend(skipped.lines())
+    for line in skipped.lines():
+        logger.info("%s", line)
     return paths, failures
+
+
+class _Skipped:
+    """Entries skipped while listing folders, grouped by reason, for one note per reason."""
+
+    def __init__(self) -> None:
+        self.by_reason: dict[str, list[str]] = {}
+
+    def add(self, reason: str, path: Path) -> None:
+        self.by_reason.setdefault(reason, []).append(os.fspath(path))
+
+    def lines(self) -> list[str]:
+        out = []
+        for reason, items in self.by_reason.items():
+            shown = ", ".join(repr(p) for p in items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+            out.append(f"skipped {len(items)} {reason}: {shown}")
+        return out
+
+
+def _not_images_reason(names: Sequence[str]) -> str:
+    return "file(s) that are not images cnnlens reads (" + ", ".join(sorted(set(names))) + ")"
 
 
 def iter_images(
@@ -386,33 +427,108 @@ def _resolved(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
-def _list_directory(directory: Path, *, recursive: bool) -> tuple[list[Path], bool]:
-    """List the non-hidden image files of ``directory`` sorted by relative path; say if it has subdirs."""
+def _entry_kind(path: Path) -> str:
+    """``"dir"``, ``"file"``, ``"dirlink"`` (a symbolic link to a folder), ``"loop"``, ``"broken"`` or ``"other"``."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "loop"
+        return "broken" if os.path.islink(path) else "other"
+    if stat.S_ISDIR(st.st_mode):
+        return "dirlink" if os.path.islink(path) else "dir"
+    return "file" if stat.S_ISREG(st.st_mode) else "other"
+
+
+_SKIP_REASONS = {
+    "loop": "symbolic link loop(s)",
+    "broken": "broken symbolic link(s)",
+    "dirlink": "symbolic link(s) to folders (not followed)",
+    "other": "entries that are not regular files (devices, pipes, sockets)",
+}
+
+
+def _list_directory(
+    directory: Path,
+    *,
+    recursive: bool,
+    excluded: set[Path] | None = None,
+    skipped: _Skipped | None = None,
+) -> tuple[list[Path], bool]:
+    """List the non-hidden image files of ``directory`` sorted by relative path; say if it has subdirs.
+
+    Skipped entries (see :func:`expand_paths`) are recorded in ``skipped``; cnnlens output is left out.
+    """
     found: list[tuple[tuple[tuple[str, str], ...], Path]] = []
     has_subdirs = False
+    excluded = excluded or set()
+    skipped = skipped if skipped is not None else _Skipped()
+    own_files, own_patterns = owned_paths(directory)
+    top_is_output = bool(own_files or own_patterns) or _resolved(directory) in excluded
+
+    def own(rel: Path) -> bool:
+        text = rel.as_posix()
+        return text in own_files or any(p.fullmatch(text) for p in own_patterns)
+
+    def output_folder(folder: Path) -> bool:
+        return (folder / MARKER).is_file() or _resolved(folder) in excluded
+
+    other: list[str] = []
+    other_paths: list[Path] = []
+
+    def consider(candidate: Path, name: str, rel: Path) -> str:
+        """Record an image file in ``found``; returns the entry's kind."""
+        kind = _entry_kind(candidate)
+        if kind == "file":
+            if top_is_output and own(rel):
+                return kind
+            if _is_image_name(name):
+                found.append((_sort_key(rel.parts), candidate))
+            else:
+                other.append(os.path.splitext(name)[1].lower() or "no suffix")
+                other_paths.append(candidate)
+        elif kind in _SKIP_REASONS and not (kind == "dirlink" and not recursive):
+            skipped.add(_SKIP_REASONS[kind], candidate)
+        return kind
+
     if recursive:
         errors: list[OSError] = []
         for root, dirnames, filenames in os.walk(directory, onerror=errors.append):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            has_subdirs = has_subdirs or bool(dirnames)
             root_path = Path(root)
+            kept = []
+            for d in sorted(dirnames):
+                sub = root_path / d
+                if d.startswith("."):
+                    continue
+                if os.path.islink(sub):
+                    consider(sub, d, sub.relative_to(directory))
+                elif output_folder(sub):
+                    skipped.add("cnnlens output folder(s)", sub)
+                else:
+                    kept.append(d)
+            dirnames[:] = kept
+            has_subdirs = has_subdirs or bool(kept)
             for filename in filenames:
+                if filename.startswith("."):
+                    continue
                 candidate = root_path / filename
-                if _is_image_name(filename) and candidate.is_file():
-                    found.append((_sort_key(candidate.relative_to(directory).parts), candidate))
+                consider(candidate, filename, candidate.relative_to(directory))
         if errors and Path(errors[0].filename or "") == directory:
             raise errors[0]
         for error in errors:
-            logger.warning("cannot list %s: %s", error.filename, error.strerror or error)
+            skipped.add(f"folder(s) that cannot be listed ({error.strerror or error})", Path(error.filename or "?"))
     else:
         with os.scandir(directory) as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
-                if entry.is_dir():
+                candidate = directory / entry.name
+                kind = consider(candidate, entry.name, Path(entry.name))
+                if kind in {"dir", "dirlink"}:
                     has_subdirs = True
-                elif _is_image_name(entry.name) and entry.is_file():
-                    found.append((_sort_key((entry.name,)), directory / entry.name))
+    if other:
+        for p in other_paths:
+            skipped.add(_not_images_reason(other), p)
     found.sort(key=lambda pair: pair[0])
     return [p for _, p in found], has_subdirs
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cnnlens.data import expand_paths
+from cnnlens.outputs_dir import is_cnnlens_output
 from cnnlens.runs.errors import DatasetError
 
 __all__ = ["Box", "Dataset", "Sample", "read_dataset", "resolve_label"]
@@ -174,13 +175,19 @@ def read_dataset(
     class_names: Sequence[str],
     *,
     root: str | os.PathLike[str] | None = None,
+    exclude: Sequence[str | os.PathLike[str]] = (),
 ) -> Dataset:
     """Read an image-folder tree or a CSV/Parquet table into a :class:`Dataset`.
+
+    In a tree, cnnlens output is never read as images: folders in ``exclude`` (the run's own folder) and
+    folders carrying a cnnlens marker are skipped, and so are symbolic-link loops and files of other types;
+    each kind of skipped entry gets a line in :attr:`Dataset.notes`.
 
     Args:
         source: A folder (one subfolder per class) or a ``.csv``/``.parquet`` table (see the module docstring).
         class_names: The model's class names in index order; labels are resolved against them.
         root: For tables: the folder relative paths start from (default: the table's folder).
+        exclude: Folders never read as part of a tree (e.g. the run folder when it lies inside the dataset).
 
     Returns:
         The dataset, samples in order.
@@ -198,7 +205,7 @@ def read_dataset(
     if path.is_dir():
         if root is not None:
             raise DatasetError("--root applies to tables only; an image-folder tree is read from its own folder.")
-        return _read_tree(path, names)
+        return _read_tree(path, names, exclude)
     kind: Literal["csv", "parquet"] | None = _TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DatasetError(
@@ -210,16 +217,27 @@ def read_dataset(
     return _from_records(records, kind, os.fspath(source), base, names)
 
 
-def _read_tree(folder: Path, class_names: list[str]) -> Dataset:
+def _read_tree(folder: Path, class_names: list[str], exclude: Sequence[str | os.PathLike[str]] = ()) -> Dataset:
     notes: list[str] = []
     try:
         entries = sorted(folder.iterdir(), key=lambda p: (p.name.casefold(), p.name))
     except OSError as exc:
         raise DatasetError(f"cannot list the dataset folder {str(folder)!r}: {exc.strerror or exc}.") from exc
-    class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-    loose = [p for p in entries if p.is_file() and not p.name.startswith(".")]
+    visible = [p for p in entries if not p.name.startswith(".")]
+    excluded = {os.path.realpath(e) for e in exclude}
+    outputs = [p for p in visible if p.is_dir() and (os.path.realpath(p) in excluded or is_cnnlens_output(p))]
+    if outputs:
+        notes.append(f"skipped {len(outputs)} cnnlens output folder(s): {', '.join(repr(p.name) for p in outputs)}")
+    class_dirs = [p for p in visible if p.is_dir() and p not in outputs]
+    loose = [p for p in visible if p.is_file()]
+    unusable = [p for p in visible if not p.is_dir() and not p.is_file()]
     if loose:
         notes.append(f"{len(loose)} file(s) directly in {str(folder)!r} ignored: images must be in class subfolders")
+    if unusable:
+        notes.append(
+            f"skipped {len(unusable)} entr(ies) that are neither folders nor files (symbolic-link loops, broken "
+            f"links): {', '.join(repr(p.name) for p in unusable[:5])}"
+        )
     if not class_dirs:
         raise DatasetError(
             f"dataset folder {str(folder)!r} has no class subfolders; put each class's images in a subfolder named "
@@ -237,7 +255,9 @@ def _read_tree(folder: Path, class_names: list[str]) -> Dataset:
         raise DatasetError("; ".join(bad[:_SHOW]) + more)
     samples: list[Sample] = []
     for d in class_dirs:
-        paths, _failures = expand_paths([d], recursive=True)
+        skipped: list[str] = []
+        paths, _failures = expand_paths([d], recursive=True, exclude=exclude, notes=skipped)
+        notes += [f"class folder {d.name!r}: {line}" for line in skipped]
         if not paths:
             notes.append(f"class folder {d.name!r} holds no image files")
         for p in paths:

@@ -8,7 +8,11 @@ wrong predictions. Error rows are listed with their reasons.
 
 The report folder is self-contained: the pictures it shows are copied into it, so it opens from disk (and can
 be zipped and sent) on its own; it links only files that exist. ``report.json`` holds the same numbers for
-programs.
+programs. The folder carries a cnnlens marker listing the files it holds: a later report replaces exactly those
+(see :mod:`cnnlens.outputs_dir`); a folder cnnlens did not write is refused unless ``overwrite=True``.
+
+Labels drawn with matplotlib (class names in the confusion matrix) are plain text: dollar signs and backslashes in a
+class name are shown as they are, never parsed as math text.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from cnnlens.imaging import colorize, save_png
+from cnnlens.outputs_dir import claim_output_dir
 from cnnlens.runs.batch import Pair
 from cnnlens.runs.errors import RunConfigError
 from cnnlens.runs.store import atomic_write, derive_maps
@@ -89,8 +94,9 @@ def _confusion_png(matrix: np.ndarray, names: Sequence[str], path: Path) -> Path
     ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     ticks = list(range(n))
     labels = [s if len(s) <= 18 else s[:17] + "…" for s in names]
-    ax.set_xticks(ticks, labels, rotation=90, fontsize=7 if n > 20 else 9)
-    ax.set_yticks(ticks, labels, fontsize=7 if n > 20 else 9)
+    # Class names are data, not markup: no math text, so "$\\frac{a}{$" is drawn as typed instead of failing.
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=7 if n > 20 else 9, parse_math=False)
+    ax.set_yticks(ticks, labels, fontsize=7 if n > 20 else 9, parse_math=False)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if n <= 25:
@@ -167,22 +173,26 @@ def render_run_report(
     gallery: int = 48,
     max_classes: int = 40,
     cmap: str = "jet",
+    overwrite: bool = False,
 ) -> Path:
     """Write the error-analysis report of a finished run.
 
     Args:
         run_dir: The run folder (``cnnlens run --out``).
-        out: Where the report goes (default ``RUN_DIR/report``); a previous report there is replaced, any other
-            non-empty folder is refused.
+        out: Where the report goes (default ``RUN_DIR/report``). A previous report there (its cnnlens marker
+            lists its files) is replaced file by file: only the files it lists are removed. A non-empty folder
+            without a marker, or with another kind of cnnlens output, is refused.
         gallery: How many misclassified images to show (most confident mistakes first).
         max_classes: Classes shown in the per-class tables, mean maps and the matrix (the most frequent ones).
         cmap: Colour map of the mean maps.
+        overwrite: Write into a folder cnnlens did not write (replacing only same-named files, deleting nothing).
 
     Returns:
         The path of ``index.html``.
 
     Raises:
         RunConfigError: Not a run folder, or the run has not finished.
+        OutputFolderError: ``out`` holds files cnnlens did not write (and ``overwrite`` is False).
     """
     root = Path(run_dir)
     meta, rows, summary = _load(root)
@@ -190,14 +200,10 @@ def render_run_report(
     pairs = [Pair(p["method"], p["layer"], p.get("variant", {}), p["key"]) for p in meta.get("pairs", [])]
     size = tuple(int(v) for v in meta.get("input_size", [224, 224]))
     target = Path(out) if out is not None else root / "report"
-    if target.exists():
-        previous = target.is_dir() and (target / "report.json").is_file()
-        if not previous and (not target.is_dir() or any(target.iterdir())):
-            raise RunConfigError(
-                f"report folder {str(target)!r} exists and is not a cnnlens report; give a new or empty --out folder."
-            )
-        shutil.rmtree(target)  # a previous report: replaced as a whole, so no stale picture stays linked
-    target.mkdir(parents=True)
+    owned = claim_output_dir(target, "report", overwrite=overwrite)
+    if owned.reused:
+        owned.remove_listed()  # the previous report's files, exactly those its marker lists
+        owned.save()
 
     def name(c: int) -> str:
         return names[c] if 0 <= c < len(names) else str(c)
@@ -282,6 +288,7 @@ def render_run_report(
 
     mean_maps = _mean_maps(root, rows, pairs, shown_classes, (size[0], size[-1]))
     class_maps = []
+    class_files: list[str] = []
     for pair in pairs:
         cells = []
         for c in shown_classes:
@@ -290,6 +297,7 @@ def render_run_report(
             mean, count = mean_maps[pair.key][c]
             rel = f"classes/{pair.key}/class-{c:05d}.png"
             save_png(target / rel, colorize(np.clip(mean, 0.0, 1.0), cmap))
+            class_files.append(rel)
             cells.append({"class": c, "name": name(c), "count": count, "file": rel})
         class_maps.append({"method": pair.method, "layer": pair.layer, "cells": cells})
 
@@ -329,6 +337,13 @@ def render_run_report(
     }
     with atomic_write(target / "report.json", "w") as fh:
         fh.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    written = ["report.json"]
+    if confusion_png is not None:
+        written.append("confusion.png")
+    for item in gallery_items:
+        written += [item["image"]] if item["image"] else []
+        written += [m[k] for m in item["maps"] for k in ("pred", "true") if m[k]]
+    written += class_files
 
     model = meta.get("model", {})
     html = (
@@ -350,4 +365,6 @@ def render_run_report(
     index = target / "index.html"
     with atomic_write(index, "w") as fh:
         fh.write(html)
+    owned.record([*written, "index.html"])
+    owned.save()
     return index

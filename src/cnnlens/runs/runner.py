@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,11 +37,12 @@ import torch
 
 from cnnlens.explanation import environment_versions
 from cnnlens.models import LoadedModel
+from cnnlens.outputs_dir import OwnedFolder, claim_output_dir, read_marker
 from cnnlens.runs.batch import BatchResult, Pair, RunSettings, process_batch, row_columns
 from cnnlens.runs.dataset import Dataset
 from cnnlens.runs.decode import make_loader, shard_batches
 from cnnlens.runs.errors import RunConfigError, RunError
-from cnnlens.runs.store import OWNED_ENTRIES, RunLock, RunStore, atomic_write_json
+from cnnlens.runs.store import RUN_FILES, RUN_PATTERNS, RunLock, RunStore, atomic_write_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -200,12 +202,15 @@ class DatasetRun:
         model: The model.
         settings: Methods, layers, metrics (resolved against the model here).
         shard_size: Images per committed shard (part of the configuration).
-        overwrite: Delete a previous run in the folder and start over.
+        overwrite: Start over: remove the files a previous run in the folder wrote (the run's own files, listed
+            in the folder's cnnlens marker, and its report's), or write into a folder cnnlens does not own
+            (replacing only same-named files). A user's file is never deleted.
         extra: JSON-serialisable notes stored in ``run.json`` and the manifest (e.g. the command line); not
             part of the fingerprint.
 
     Raises:
-        RunConfigError: The folder holds a run with another configuration, holds foreign files, or is in use.
+        RunConfigError: The folder holds a run with another configuration, or is in use.
+        OutputFolderError: The folder is not empty and holds no cnnlens run (and ``overwrite`` is False).
     """
 
     def __init__(
@@ -239,6 +244,7 @@ class DatasetRun:
         self._lock = RunLock(self.root)
         self._done: set[int] = set()
         self._entered = False
+        self.owned: OwnedFolder | None = None
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -273,10 +279,31 @@ class DatasetRun:
         self._entered = False
         self._lock.__exit__(exc_type, exc, tb)
 
+    def _legacy_run(self) -> bool:
+        """A run folder of a cnnlens without markers: it has a run.json with a fingerprint and a config."""
+        try:
+            doc = json.loads((self.root / "run.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(doc, dict) and "fingerprint" in doc and "config" in doc
+
     def _prepare(self) -> None:
         run_json = self.root / "run.json"
+        legacy = read_marker(self.root) is None and self._legacy_run()
+        owned = claim_output_dir(self.root, "run", overwrite=self.overwrite, legacy=legacy)
+        self.owned = owned
+        if legacy:
+            owned.files |= {name for name in RUN_FILES if (self.root / name).is_file()}
+        if owned.reused or legacy:
+            owned.patterns = list(RUN_PATTERNS)
         if self.overwrite:
-            self.store.remove_owned()
+            if owned.reused or legacy:
+                self._remove_report()
+                owned.remove_listed()
+            owned.patterns = list(RUN_PATTERNS)
+            with contextlib.suppress(FileNotFoundError):
+                if not owned.owns("run.json"):
+                    run_json.unlink()  # --overwrite on a foreign folder: its run.json is replaced, as documented
         elif run_json.is_file():
             try:
                 old = json.loads(run_json.read_text("utf-8"))
@@ -290,15 +317,9 @@ class DatasetRun:
                     "another --out folder."
                 )
         else:
-            foreign = sorted(
-                p.name for p in self.root.iterdir() if p.name not in OWNED_ENTRIES and not p.name.startswith(".")
-            )
-            if foreign:
-                raise RunConfigError(
-                    f"{str(self.root)!r} is not empty and holds no cnnlens run ({', '.join(foreign[:5])}"
-                    f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty --out folder."
-                )
-            self.store.remove_owned()  # leftovers of an interrupted --overwrite: not trustworthy
+            owned.patterns = list(RUN_PATTERNS)
+            owned.remove_listed()  # a run claimed but never started (no run.json): only its own leftovers
+        owned.save()
         self.store.clean_temporary()
         if not run_json.is_file():
             atomic_write_json(
@@ -318,7 +339,20 @@ class DatasetRun:
                     "extra": self.extra,
                 },
             )
+            owned.record(["run.json"])
+            owned.save()
         self._done = self.store.committed()
+
+    def _remove_report(self) -> None:
+        """Remove the files of the run's default report (``report/``), when its marker proves cnnlens wrote them."""
+        folder = self.root / "report"
+        marker = read_marker(folder)
+        if marker is None or marker.get("kind") != "report":
+            return
+        report = OwnedFolder(folder, "report", str(marker.get("id", "")), files={str(f) for f in marker["files"]})
+        report.remove_listed()
+        report.previous = marker
+        report.save()
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -423,6 +457,9 @@ class DatasetRun:
         )
         atomic_write_json(self.root / "summary.json", summary.as_dict())
         self._write_manifest(summary)
+        if self.owned is not None:
+            self.owned.record(["results.parquet", "summary.json", "manifest.json"])
+            self.owned.save()
         return summary
 
     def _write_manifest(self, summary: RunSummary) -> None:

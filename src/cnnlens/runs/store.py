@@ -54,6 +54,8 @@ from cnnlens.runs.errors import RunConfigError
 
 __all__ = [
     "OWNED_ENTRIES",
+    "RUN_FILES",
+    "RUN_PATTERNS",
     "RunLock",
     "RunStore",
     "atomic_write",
@@ -72,10 +74,24 @@ OWNED_ENTRIES = (
     "manifest.json",
     "report",
 )
-"""What a run writes in its folder; ``--overwrite`` removes exactly these (and temporary files)."""
+"""The top-level names a run writes in its folder (files and folders)."""
+
+RUN_FILES = ("run.json", "results.parquet", "summary.json", "manifest.json")
+"""The run's own files at the top of its folder (listed in the folder's marker once written)."""
+
+RUN_PATTERNS = (
+    r"shards/rows-\d{6,}\.parquet",
+    r"maps/[^/]+@[^/]+/shard-\d{6,}\.npy",
+    r"overlays/\d{6,}/\d{7,}\.[^/]+\.(?:jpg|png)",
+    r"(?:.+/)?\.[^/]+\.tmp-\d+-\d+",
+)
+"""Full-match patterns (relative posix paths) of the files a run writes in bulk; with :data:`RUN_FILES` they are
+all that ``--overwrite`` removes from a run folder (see :mod:`cnnlens.outputs_dir`): a user's file elsewhere,
+even in ``maps/``, is never touched."""
 
 _SHARD_RE = re.compile(r"^rows-(\d{6,})\.parquet$")
 _TMP_MARK = ".tmp-"
+_TMP_RE = re.compile(r"^\..+\.tmp-\d+-\d+$")
 
 
 @contextlib.contextmanager
@@ -301,7 +317,7 @@ class RunStore:
             return 0
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
-                if _TMP_MARK in name and name.startswith("."):
+                if _TMP_RE.match(name):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(dirpath, name))
                         removed += 1
@@ -431,18 +447,6 @@ class RunStore:
         with atomic_write(path) as fh:
             pq.write_table(table, fh)
         return path
-
-    def remove_owned(self) -> None:
-        """Delete everything a run writes (see :data:`OWNED_ENTRIES`), leaving other files alone."""
-        import shutil
-
-        for name in OWNED_ENTRIES:
-            target = self.root / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-        self.clean_temporary()
 
     def load_raw(self, pair: Pair, shard: int) -> np.ndarray:
         """The raw maps array of ``pair`` in ``shard``: float32 ``(n, 2, h, w)``."""
