@@ -22,8 +22,9 @@ from typing import Any, overload
 import numpy as np
 import torch
 
+from cnnlens.display import SPARSE_CMAP, method_traits, scrub_paths, variant_options
 from cnnlens.errors import LayerNotFoundError, MethodNotFoundError
-from cnnlens.imaging import colorize, overlay, save_png
+from cnnlens.imaging import clip_percentile, colorize, overlay, overlay_weighted, save_png
 from cnnlens.outputs_dir import OutputFolderError, OwnedFolder, claim_output_dir, safe_name
 
 __all__ = ["ExplainFolder", "Explanation", "ExplanationSet", "environment_versions", "write_manifest"]
@@ -304,12 +305,18 @@ class ExplanationSet(Sequence[Explanation]):
         alpha: float = 0.5,
         heatmaps: bool = True,
         raw: bool = True,
+        sparse_cmap: str = SPARSE_CMAP,
     ) -> tuple[list[Path], list[dict[str, Any]]]:
         """Write the per-map files under ``directory``; return the paths and one manifest entry per map.
 
         Layout: ``<image>/<method>__<layer>__<target>.overlay.png`` (the map over the preprocessed image),
         ``.heatmap.png`` (the coloured map) and ``.raw.npy`` (the signed layer-resolution map, float32).
-        Every PNG carries the model and weights source as text metadata.
+        Class-activation maps use ``cmap`` at opacity ``alpha``; pixel attributions (saliency, guided
+        backprop, Integrated Gradients...: sparse maps) use ``sparse_cmap`` scaled to their 99th percentile, with
+        an opacity proportional to the map (:func:`cnnlens.imaging.overlay_weighted`), so the photo shows where
+        they are zero. Each entry records the colour map, the method's traits (``input_level``,
+        ``class_independent``) and the options that differ from the method's defaults. Every PNG carries the model and weights source (no machine
+        path: :func:`cnnlens.display.public_path`) as text metadata.
         """
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
@@ -321,6 +328,8 @@ class ExplanationSet(Sequence[Explanation]):
             maps = exp.maps.detach().float().cpu().numpy()
             raws = exp.raw.detach().float().cpu().numpy()
             keys = _image_keys(exp.image_names, exp.batch_size)
+            traits = method_traits(exp.method)
+            exp_cmap = sparse_cmap if traits.sparse else cmap
             for b in range(exp.batch_size):
                 image_name, folder_name = keys[b]
                 folder = root / folder_name
@@ -330,10 +339,13 @@ class ExplanationSet(Sequence[Explanation]):
                     stem = f"{_slug(exp.method)}__{_slug(exp.layer)}__{_slug(label)}"
                     files: dict[str, str] = {}
                     pictures: dict[str, np.ndarray] = {}
-                    if images is not None:
-                        pictures["overlay"] = overlay(images[b], maps[b, t], alpha=alpha, cmap=cmap)
+                    if images is not None and traits.sparse:
+                        pictures["overlay"] = overlay_weighted(images[b], maps[b, t], cmap=exp_cmap)
+                    elif images is not None:
+                        pictures["overlay"] = overlay(images[b], maps[b, t], alpha=alpha, cmap=exp_cmap)
                     if heatmaps:
-                        pictures["heatmap"] = colorize(maps[b, t], cmap)
+                        shown = clip_percentile(maps[b, t]) if traits.sparse else maps[b, t]
+                        pictures["heatmap"] = colorize(shown, exp_cmap)
                     for kind, picture in pictures.items():
                         path = save_png(folder / f"{stem}.{kind}.png", picture, text=png_text)
                         files[kind] = path.relative_to(root).as_posix()
@@ -350,7 +362,11 @@ class ExplanationSet(Sequence[Explanation]):
                             "method": exp.method,
                             "title": exp.title,
                             "variant": exp.variant,
+                            "options": variant_options(exp.method, exp.variant),
                             "layer": exp.layer,
+                            "input_level": traits.input_level,
+                            "class_independent": traits.class_independent,
+                            "cmap": exp_cmap,
                             "target": label,
                             "target_class": int(exp.target_classes[b, t]),
                             "target_name": exp.target_names[t],
@@ -552,11 +568,11 @@ class ExplainFolder:
 
 def _png_text(manifest: Mapping[str, Any]) -> dict[str, str]:
     model = manifest.get("model", {})
-    text = {"Software": "cnnlens"}
+    text = {"Software": f"cnnlens {environment_versions().get('cnnlens', '')}".strip()}
     if isinstance(model, Mapping):
         text["cnnlens:model"] = str(model.get("name", model.get("class", "")))
         if "weights_source" in model:
-            text["cnnlens:weights"] = str(model["weights_source"])
+            text["cnnlens:weights"] = str(scrub_paths(str(model["weights_source"])))
         if model.get("random_weights"):
             text["cnnlens:warning"] = "RANDOM WEIGHTS: not a trained model"
     return text

@@ -16,7 +16,7 @@ from matplotlib import colormaps
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-__all__ = ["colorize", "overlay", "save_png", "to_uint8"]
+__all__ = ["clip_percentile", "colorize", "overlay", "overlay_weighted", "save_png", "to_uint8"]
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -73,6 +73,46 @@ def overlay(image: np.ndarray, map01: np.ndarray, *, alpha: float = 0.5, cmap: s
     blend += alpha * heat
     blend += 0.5
     out: np.ndarray = np.clip(blend, 0, 255, out=blend).astype(np.uint8)
+    return out
+
+
+def clip_percentile(map01: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+    """Rescale a map in [0, 1] so that its ``percentile`` becomes 1 (values above clip): how sparse maps are shown.
+
+    Example:
+        >>> clip_percentile(np.array([0.0, 0.25, 0.5, 0.5, 1.0]), 50).tolist()
+        [0.0, 0.5, 1.0, 1.0, 1.0]
+    """
+    values = np.clip(np.nan_to_num(np.asarray(map01, dtype=np.float32)), 0.0, 1.0)
+    top = float(np.percentile(values, percentile)) if values.size else 0.0
+    if top > 0:
+        values = np.clip(values / np.float32(top), 0.0, 1.0)
+    return values
+
+
+def overlay_weighted(
+    image: np.ndarray, map01: np.ndarray, *, alpha: float = 0.9, cmap: str = "inferno", percentile: float = 99.0
+) -> np.ndarray:
+    """Blend a coloured map over an image with opacity proportional to the map: for sparse pixel attributions.
+
+    Formula: ``m = clip(map / q, 0, 1)`` with ``q`` the map's ``percentile`` (a few extreme pixels would
+    otherwise make everything else invisible), then ``out = (1 - alpha m) * image + alpha m * colorize(m)``.
+    Where the map is zero the photo shows unchanged, so a map that is zero almost everywhere (saliency, guided
+    backprop) reads as bright marks on the photo, not as a uniform dark tint of the colour map's low end.
+
+    Example:
+        >>> overlay_weighted(np.full((1, 1, 3), 200, np.uint8), np.zeros((1, 1)))[0, 0].tolist()
+        [200, 200, 200]
+    """
+    if image.shape[:2] != map01.shape[:2]:
+        raise ValueError(
+            f"overlay needs the image and the map at the same size, got {image.shape[:2]} and {map01.shape[:2]}."
+        )
+    values = clip_percentile(map01, percentile)
+    weight = values[..., None] * alpha
+    heat = colorize(values, cmap).astype(np.float32)
+    blend = image[..., :3].astype(np.float32) * (1.0 - weight) + heat * weight + 0.5
+    out: np.ndarray = np.clip(blend, 0, 255).astype(np.uint8)
     return out
 
 

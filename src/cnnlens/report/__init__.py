@@ -9,13 +9,92 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 
-__all__ = ["render_explain_report"]
+from cnnlens.display import CAM_CMAP, describe_preprocessing, method_traits, public_path, scrub_paths
+
+__all__ = ["colorbar_html", "render_explain_report", "result_caption"]
+
+
+def _css_gradient(cmap: str, stops: int = 11) -> str:
+    from matplotlib import colormaps  # the report layer draws with matplotlib's colour maps
+
+    cm = colormaps[cmap]
+    parts = []
+    for i in range(stops):
+        r, g, b, _ = cm(i / (stops - 1))
+        parts.append(f"rgb({round(255 * r)},{round(255 * g)},{round(255 * b)}) {100 * i / (stops - 1):.0f}%")
+    return "linear-gradient(to right, " + ", ".join(parts) + ")"
+
+
+def colorbar_html(cmap: str = CAM_CMAP, *, low: str = "0", high: str = "1", label: str = "") -> Markup:
+    """A horizontal colour bar (an HTML gradient built from the matplotlib colour map ``cmap``) with end labels.
+
+    Used under overlays and heat maps: maps are normalised per image to [0, 1], so the ends read "0" (no
+    evidence) and "1" (the map's maximum in this image).
+
+    Example:
+        >>> "linear-gradient" in colorbar_html("jet", label="map value")
+        True
+    """
+    return Markup(
+        '<div class="cbar"><span>{low}</span><span class="cbar-bar" style="background: {grad}"></span>'
+        "<span>{high}</span>{label}</div>"
+    ).format(
+        low=low,
+        high=high,
+        grad=Markup(_css_gradient(cmap)),
+        label=Markup(" <span class='cbar-label'>{}</span>").format(label) if label else "",
+    )
+
+
+def result_caption(result: Mapping[str, Any]) -> Markup:
+    """The caption line of one map: method (with any non-default options) and its layer, or "input gradients".
+
+    Pixel attributions (saliency, guided backprop, Integrated Gradients...) do not use the layer they were
+    listed under: they read "input gradients"; class-independent maps (Eigen-CAM) say so.
+    """
+    traits = method_traits(str(result.get("method", "")))
+    input_level = bool(result.get("input_level", traits.input_level))
+    options = result.get("options") or {}
+    opts = ", ".join(f"{k}={v}" for k, v in options.items())
+    where = Markup("input gradients") if input_level else Markup("<code>{}</code>").format(result.get("layer", ""))
+    text = Markup("<strong>{}</strong>").format(result.get("title", result.get("method", "")))
+    if opts:
+        text += Markup(" <span class='opts'>({})</span>").format(opts)
+    return text + Markup(" · ") + where
 
 
 def _env() -> Environment:
     """The jinja2 environment over the package templates (autoescaped HTML)."""
-    return Environment(loader=PackageLoader("cnnlens.report", "templates"), autoescape=select_autoescape(["html"]))
+    env = Environment(loader=PackageLoader("cnnlens.report", "templates"), autoescape=select_autoescape(["html"]))
+    env.globals["colorbar"] = colorbar_html
+    env.globals["caption"] = result_caption
+    return env
+
+
+def _shown_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results of one image as shown, without repeats.
+
+    An input-level map once per (method, target) rather than once per listed layer; a class-independent map
+    once per (method, layer) rather than once per target.
+    """
+    shown: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    for r in results:
+        traits = method_traits(str(r.get("method", "")))
+        if r.get("input_level", traits.input_level):
+            key: tuple[Any, ...] = ("input", r.get("method"), r.get("target"), repr(r.get("variant")))
+        elif r.get("class_independent", traits.class_independent):
+            key = ("class-free", r.get("method"), r.get("layer"), repr(r.get("variant")))
+            r = {**r, "target": "any class (the map does not depend on it)"}
+        else:
+            shown.append(r)
+            continue
+        if key not in seen:
+            seen.add(key)
+            shown.append(r)
+    return shown
 
 
 def render_explain_report(
@@ -52,7 +131,11 @@ def render_explain_report(
         images[r["image"]]["results"].append(r)
     for name, row in top.items():
         images.setdefault(name, {"name": name, "top": row, "results": []})
-    model = doc.get("model", {})
+    for image in images.values():
+        image["results"] = _shown_results(image["results"])
+    model = scrub_paths(doc.get("model", {}))  # no machine paths in a page that gets shared
+    failures = [{**f, "path": public_path(str(f.get("path", "")))} for f in doc.get("failures", [])]
+    methods = list(dict.fromkeys(_method_label(r) for r in results))
     html = (
         _env()
         .get_template("explain.html")
@@ -61,11 +144,13 @@ def render_explain_report(
             subtitle=subtitle,
             intro=intro,
             model=model,
+            preprocessing=describe_preprocessing(model.get("preprocessing")),
             random_weights=bool(model.get("random_weights")),
-            methods=list(dict.fromkeys(r["title"] for r in results)),
-            layers=list(dict.fromkeys(r["layer"] for r in results)),
+            methods=methods,
+            layers=list(dict.fromkeys(r["layer"] for r in results if not _input_level(r))),
+            scales=_colour_scales(results),
             images=list(images.values()),
-            failures=doc.get("failures", []),
+            failures=failures,
             versions=doc.get("versions", {}),
             created=doc.get("created", ""),
         )
@@ -73,3 +158,30 @@ def render_explain_report(
     path = root / filename
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _input_level(result: Mapping[str, Any]) -> bool:
+    return bool(result.get("input_level", method_traits(str(result.get("method", ""))).input_level))
+
+
+def _method_label(result: Mapping[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in (result.get("options") or {}).items())
+    return f"{result['title']} ({opts})" if opts else str(result["title"])
+
+
+def _colour_scales(results: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One legend entry per (colour map, kind of map) used on the page."""
+    seen: dict[tuple[str, bool], dict[str, str]] = {}
+    for r in results:
+        sparse = method_traits(str(r.get("method", ""))).sparse
+        cmap = str(r.get("cmap", CAM_CMAP))
+        if (cmap, sparse) in seen:
+            continue
+        if sparse:
+            what = "pixel attributions, drawn over the photo with opacity rising with the value"
+            high = "1 = the map's 99th percentile (brighter pixels clipped)"
+        else:
+            what = "class-activation maps"
+            high = "1 = the map's maximum in its image"
+        seen[(cmap, sparse)] = {"cmap": cmap, "high": high, "label": f"{what} ({cmap})"}
+    return list(seen.values())
