@@ -34,9 +34,9 @@ from torch import nn
 from cnnlens.errors import ModelConfigError, ModelNotFoundError
 from cnnlens.explain import explain
 from cnnlens.models import Preprocessing
+from cnnlens.outputs_dir import MARKER, OutputFolderError
 from cnnlens.runs import (
     DatasetError,
-    RunConfigError,
     RunSettings,
     collate,
     decode_sample,
@@ -273,7 +273,7 @@ def test_bad_files_become_error_rows(planted_run: tuple[Path, int, str, str]) ->
     summary = json.loads((out / "summary.json").read_text())
     assert summary["errors"] == 3 and summary["ok"] == 80 and summary["total"] == 83
     assert summary["images_per_s"] > 0 and summary["accuracy"] is not None
-    assert "img/s" in stderr and "ETA" in stderr and "broken.png" in stderr
+    assert "83/83" in stderr and "broken.png" in stderr  # progress (plain lines: stderr is not a terminal here)
     assert "accuracy" in stdout and "images/s" in stdout
 
 
@@ -345,9 +345,15 @@ def test_report_links_only_files_that_exist(planted_run: tuple[Path, int, str, s
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    with pytest.raises(RunConfigError, match="not a cnnlens report"):
+    with pytest.raises(OutputFolderError, match="not written by cnnlens"):
         render_run_report(copy, out=mine)
     assert (mine / "notes.txt").is_file()
+    # A user's file put into a cnnlens report folder survives the next report; the report's own files are
+    # replaced (the marker lists exactly those).
+    (copy / "report" / "notes.txt").write_text("keep")
+    assert render_run_report(copy, gallery=0) == index
+    assert (copy / "report" / "notes.txt").read_text() == "keep"
+    assert not list((copy / "report").glob("gallery/*"))  # the previous report's gallery pictures went
 
 
 # -- resumability ---------------------------------------------------------------------------------------
@@ -438,7 +444,8 @@ def test_crash_between_any_two_writes_then_resume(
     run_dataset(reference, data, model, settings, shard_size=8, batch_size=4, workers=0)
     total = len(calls)
     assert total > 10
-    for k in sorted({1, total // 3, (2 * total) // 3, total - 2}):  # run.json, shard 1, shard 2, summary
+    # the folder's marker, run.json, shard 1, shard 2, the manifest
+    for k in sorted({1, 2, total // 3, (2 * total) // 3, total - 2}):
         out = tmp_path / f"crash{k}"
         count = [0]
 
@@ -452,11 +459,13 @@ def test_crash_between_any_two_writes_then_resume(
         with pytest.raises(Crash):
             run_dataset(out, data, model, settings, shard_size=8, batch_size=4, workers=0)
         monkeypatch.setattr(os, "replace", real_replace)
-        # What a SIGKILL could also leave: a temporary file and an unreadable rows file.
-        (out / "shards").mkdir(exist_ok=True)
-        (out / "shards" / ".rows-000001.parquet.tmp-4242").write_bytes(b"partial")
-        if not (out / "shards" / "rows-000002.parquet").exists():
-            (out / "shards" / "rows-000002.parquet").write_bytes(b"not parquet")
+        # What a SIGKILL could also leave once the run has claimed its folder (marker written): a temporary file
+        # and an unreadable rows file.
+        if (out / MARKER).is_file():
+            (out / "shards").mkdir(exist_ok=True)
+            (out / "shards" / ".rows-000001.parquet.tmp-4242-1").write_bytes(b"partial")
+            if not (out / "shards" / "rows-000002.parquet").exists():
+                (out / "shards" / "rows-000002.parquet").write_bytes(b"not parquet")
         summary = run_dataset(out, data, model, settings, shard_size=8, batch_size=4, workers=0)
         assert summary.total == 18
         _assert_same_rows(reference, out)
@@ -489,7 +498,7 @@ def test_changed_config_is_refused_and_overwrite_starts_over(
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     assert runs_main(planted.args(planted.small, foreign, workers="0")) == 2
-    assert "holds no cnnlens run" in capsys.readouterr().err
+    assert "not written by cnnlens" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
@@ -505,9 +514,10 @@ def test_cli_wiring_into_a_parser() -> None:
     parser = argparse.ArgumentParser()
     add_run_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["run", "data", "--out", "r", "--method", "gradcam", "gradcampp", "--workers", "0"])
-    assert args.command == "run" and args.method == ["gradcam", "gradcampp"] and args.handler.__name__ == "cmd_run"
-    args = parser.parse_args(["report", "r", "--gallery", "5"])
-    assert args.handler.__name__ == "cmd_report" and args.gallery == 5
+    assert args.command == "run" and args.method == ["gradcam", "gradcampp"]
+    assert args.handler.__name__ in {"cmd_run", "_run_handler"} and args.overwrite is False  # lazy-import wrapper
+    args = parser.parse_args(["report", "r", "--gallery", "5", "--overwrite"])
+    assert args.handler.__name__ in {"cmd_report", "_report_handler"} and args.gallery == 5 and args.overwrite
 
 
 # -- the per-batch function ---------------------------------------------------------------------------------------

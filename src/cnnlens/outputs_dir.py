@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ MARKER = ".cnnlens-owned.json"
 
 _TOOL = "cnnlens"
 _FORMAT = 1
+_MARKER_TMP = re.compile(re.escape(MARKER) + r"\.tmp-\d+-\d+")
 
 
 class OutputFolderError(CnnlensError, FileExistsError):
@@ -195,9 +197,14 @@ class OwnedFolder:
         if self.patterns:
             doc["patterns"] = list(self.patterns)
         path = self.root / MARKER
-        tmp = self.root / f".{MARKER}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        tmp = self.root / f"{MARKER}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
         return path
 
 
@@ -234,6 +241,10 @@ def claim_output_dir(
             "a file it did not write)."
         )
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{MARKER}.tmp-*"):  # a marker write a killed process left unfinished
+        if _MARKER_TMP.fullmatch(stale.name):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     previous = read_marker(root)
     folder = OwnedFolder(root, kind, uuid.uuid4().hex, overwrite=overwrite)
     if previous is not None:
