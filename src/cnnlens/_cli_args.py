@@ -279,11 +279,25 @@ class LineProgress:
 
     def advance(self, task_id: TaskID, advance: float = 1) -> None:
         """Count ``advance`` more units done."""
-        self.update(task_id, completed=self._tasks[task_id]["done"] + advance)
+        task = self._tasks.get(task_id)
+        if task is not None:
+            self.update(task_id, completed=task["done"] + advance)
 
-    def update(self, task_id: TaskID, *, completed: float | None = None, total: float | None = None, **_: Any) -> None:
-        """Set the counts; prints a line when the phase completes or ``every`` seconds have passed."""
-        task = self._tasks[task_id]
+    def update(
+        self,
+        task_id: TaskID,
+        *,
+        completed: float | None = None,
+        total: float | None = None,
+        description: str | None = None,
+        **_: Any,
+    ) -> None:
+        """Set the counts (and the description); prints a line when the phase completes or every ``every`` s."""
+        task = self._tasks.get(task_id)
+        if task is None:  # already reported done
+            return
+        if description is not None:
+            task["d"] = description
         if total is not None:
             task["total"] = total
         if completed is not None:

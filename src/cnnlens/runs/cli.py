@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,8 +27,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from cnnlens.methods import method_ids
-from cnnlens.models import DEFAULT_MODEL, available_models
+from cnnlens._cli_parsers import add_run_commands as _add_run_commands
 
 __all__ = ["add_run_commands", "cmd_report", "cmd_run"]
 
@@ -50,103 +49,20 @@ class _RateColumn(ProgressColumn):
         return Text("-- img/s" if speed is None else f"{speed:.1f} img/s", style="progress.data.speed")
 
 
-def add_run_commands(subparsers: Any) -> None:
-    """Add the ``run`` and ``report`` subcommands to an ``argparse`` subparsers object."""
-    run = subparsers.add_parser(
-        "run",
-        help="explain every image of a labelled dataset (resumable) and write results.parquet",
-        description=(
-            "Predict and explain every image of a labelled dataset: an image-folder tree (one subfolder per class) "
-            "or a CSV/Parquet table with columns path,label[,x0,y0,x1,y1]. Maps for the predicted class and, when "
-            "it differs, the true class. Work is committed in shards: run the same command again to continue an "
-            "interrupted run."
-        ),
-    )
-    run.add_argument("dataset", metavar="DATASET", help="image-folder tree, or a .csv/.parquet table")
-    run.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; reused to resume)")
-    group = run.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"zoo name ({', '.join(available_models())}), a torchvision/timm architecture with --num-classes and "
-        "--weights, or your own factory: package.module:factory or path/to/file.py:factory (called with no "
-        f"arguments, or num_classes=N). Default: {DEFAULT_MODEL}.",
-    )
-    group.add_argument("--weights", metavar="PATH", help="checkpoint (state dict) to load, read with weights_only=True")
-    group.add_argument("--random-weights", action="store_true", help="an untrained, seeded model (outputs say so)")
-    group.add_argument("--download", action="store_true", help="allow fetching published weights (needs network)")
-    group.add_argument("--num-classes", type=int, metavar="N", help="number of classes of your own model")
-    group.add_argument(
-        "--class-names",
-        metavar="FILE",
-        help="class names in output order (.txt one per line, or .json list); dataset labels are matched to them",
-    )
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default)")
-    prep = run.add_argument_group("preprocessing (override the model's)")
-    prep.add_argument("--input-size", type=int, nargs="+", metavar="PX", help="model input H [W], e.g. 32 for CIFAR")
-    prep.add_argument("--resize", type=int, metavar="PX", help="shorter side before the center crop (default: input)")
-    prep.add_argument("--mean", type=float, nargs="+", metavar="V", help="normalisation mean, 1 or 3 values")
-    prep.add_argument("--std", type=float, nargs="+", metavar="V", help="normalisation std, 1 or 3 values")
-    work = run.add_argument_group("what to compute")
-    work.add_argument(
-        "--method",
-        nargs="+",
-        default=["gradcam"],
-        metavar="ID",
-        help=f"one or more of: {', '.join(method_ids())} (default: gradcam)",
-    )
-    work.add_argument("--layer", nargs="+", metavar="NAME", help="target layer(s), dotted names (default: the model's)")
-    work.add_argument(
-        "--option", action="append", default=[], metavar="METHOD.KEY=VALUE", help="method option (repeatable)"
-    )
-    work.add_argument("--top-k", type=int, default=5, metavar="N", help="top classes stored per image (default 5)")
-    work.add_argument("--no-average-drop", action="store_true", help="skip Average Drop (saves one forward per map)")
-    work.add_argument("--no-overlays", action="store_true", help="write no overlay pictures of misclassified images")
-    work.add_argument("--cmap", default="jet", help="colour map of overlays (default jet)")
-    work.add_argument(
-        "--overlay-format", choices=["jpeg", "png"], default="jpeg", help="overlay pictures (default jpeg, quality 90)"
-    )
-    run_opts = run.add_argument_group("running")
-    run_opts.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward (default 16)")
-    run_opts.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="decoding processes (default: cores the model's threads leave free, at most 4; 0: inline)",
-    )
-    run_opts.add_argument("--limit", type=int, metavar="N", help="only the first N images of the dataset")
-    run_opts.add_argument(
-        "--shard-size", type=int, default=256, metavar="N", help="images per committed shard (default 256)"
-    )
-    run_opts.add_argument(
-        "--root", metavar="DIR", help="folder that relative table paths start from (default: table's)"
-    )
-    run_opts.add_argument("--overwrite", action="store_true", help="delete a previous run in RUN_DIR and start over")
-    run.set_defaults(handler=cmd_run)
-
-    rep = subparsers.add_parser(
-        "report",
-        help="write the HTML error-analysis report of a run",
-        description="Accuracy, confusion matrix, per-class accuracy, most confused pairs, a gallery of mistakes with "
-        "predicted- and true-class maps, per-class mean maps and box energy. Writes RUN_DIR/report/index.html.",
-    )
-    rep.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of `cnnlens run`")
-    rep.add_argument("--out", metavar="DIR", help="report folder (default RUN_DIR/report)")
-    rep.add_argument("--gallery", type=int, default=48, metavar="N", help="misclassified images shown (default 48)")
-    rep.add_argument("--max-classes", type=int, default=40, metavar="N", help="classes in tables/maps (default 40)")
-    rep.set_defaults(handler=cmd_report)
+add_run_commands = _add_run_commands  # the parser lives in cnnlens._cli_parsers (no torch import)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``cnnlens run DATASET --out RUN_DIR ...``; returns the exit code."""
-    from cnnlens.cli import _device, _parse_options
+    from cnnlens._cli_args import LineProgress
+    from cnnlens.cli import _check_model_args, _device, _parse_options
     from cnnlens.runs.batch import RunSettings
     from cnnlens.runs.dataset import read_dataset
     from cnnlens.runs.model import load_run_model
     from cnnlens.runs.runner import DatasetRun
 
     console, err_console = _consoles()
-    options = _parse_options(args.option)
+    options = args.options if hasattr(args, "options") else _parse_options(args.option, args.method)
     model = load_run_model(
         args.model,
         weights=args.weights,
@@ -161,10 +77,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         std=args.std,
     )
     if model.random_weights:
-        err_console.print(f"[bold red]RANDOM WEIGHTS[/]: {model.weights_source}. Outputs are marked as such.")
-    dataset = read_dataset(args.dataset, model.class_names, root=args.root).limit(args.limit)
+        err_console.print(
+            f"[bold red]RANDOM WEIGHTS[/]: {escape(model.weights_source)}. Outputs are marked as such.", highlight=False
+        )
+    _check_model_args(args, model)
+    dataset = read_dataset(args.dataset, model.class_names, root=args.root, exclude=[args.out]).limit(args.limit)
     for note in dataset.notes:
-        err_console.print(f"note: {note}", highlight=False)
+        err_console.print(f"note: {escape(note)}", highlight=False)
     settings = RunSettings(
         methods=tuple(args.method),
         layers=tuple(args.layer or ()),
@@ -185,18 +104,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         extra={"argv": sys.argv[1:]},
     ) as run:
         if run.completed:
-            err_console.print(f"resuming {args.out}: {run.completed} of {run.total} image(s) already done")
-        progress = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=False,
-        )
+            err_console.print(
+                escape(f"resuming {args.out}: {run.completed} of {run.total} image(s) already done"), highlight=False
+            )
+        progress: Progress | LineProgress = LineProgress(sys.stderr)
+        if err_console.is_terminal:
+            progress = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                _RateColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=False,
+            )
         with progress:
             task = progress.add_task("explaining", total=run.total, completed=run.completed)
 
@@ -221,9 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     console.print(table)
     for key, values in summary.metrics.items():
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in values.items() if isinstance(v, (int, float)))
-        console.print(f"{key}: {shown}", highlight=False)
-    console.print(f"results: {summary.results}; report: cnnlens report {args.out}", highlight=False)
+        console.print(escape(f"{key}: {_metric_line(values)}"), highlight=False)
+    console.print(escape(f"results: {summary.results}; report: cnnlens report {args.out}"), highlight=False)
     if summary.errors:
         import pyarrow.parquet as pq
 
@@ -231,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bad = [r for r in rows if r["status"] != "ok"]
         err_console.print(f"[bold red]{len(bad)} file(s) could not be read[/] (error rows in results.parquet):")
         for r in bad[:20]:
-            err_console.print(f"  {r['path']}: {r['error']}", highlight=False)
+            err_console.print(escape(f"  {r['path']}: {r['error']}"), highlight=False)
         if len(bad) > 20:
             err_console.print(f"  ... and {len(bad) - 20} more")
         return EXIT_FAILED_INPUTS
@@ -246,6 +168,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     console, _ = _consoles()
     if args.gallery < 0 or args.max_classes < 1:
         raise RunError("--gallery must be 0 or more and --max-classes at least 1.")
-    index = render_run_report(args.run_dir, out=args.out, gallery=args.gallery, max_classes=args.max_classes)
-    console.print(f"report: {index.resolve()}", highlight=False)
+    index = render_run_report(
+        args.run_dir, out=args.out, gallery=args.gallery, max_classes=args.max_classes, overwrite=args.overwrite
+    )
+    console.print(escape(_report_line(index)), highlight=False)
+    console.print(escape(f"report: {index.resolve()}"), highlight=False)
     return EXIT_OK
+
+
+_METRIC_LABELS = {
+    "average_drop_pct": ("Average Drop", "%"),
+    "increase_in_confidence_pct": ("Increase in Confidence", "%"),
+    "degenerate_pred": ("degenerate maps", ""),
+    "energy_in_box_correct": ("energy in box (correct)", "%"),
+    "energy_in_box_wrong": ("energy in box (wrong)", "%"),
+    "energy_in_box_true_class_wrong": ("energy in box (true class, wrong)", "%"),
+    "pointing_accuracy": ("pointing accuracy", "%"),
+}
+
+
+def _metric_line(values: dict[str, float | int | None]) -> str:
+    """A run's per-pair means in one unit: percentages as ``6.2 %`` (the studies' unit), counts as integers."""
+    parts = []
+    for key, value in values.items():
+        if not isinstance(value, (int, float)):
+            continue
+        label, unit = _METRIC_LABELS.get(key, (key, ""))
+        if unit and not key.endswith("_pct"):
+            value = 100.0 * value  # a share in [0, 1], shown as a percentage like the others
+        parts.append(f"{label} {value:.1f} %" if unit else f"{label} {value}")
+    return ", ".join(parts)
+
+
+def _report_line(index: object) -> str:
+    """Accuracy and counts of the report next to ``index`` (its report.json)."""
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(str(index)).parent / "report.json").read_text("utf-8"))
+    accuracy = data.get("accuracy")
+    shown = "-" if accuracy is None else f"{100 * accuracy:.2f} %"
+    return (
+        f"accuracy {shown} ({data['correct']} of {data['ok']} explained image(s) correct, "
+        f"{data['ok'] - data['correct']} wrong); {data['total']} image(s), {data['errors']} unreadable"
+    )
