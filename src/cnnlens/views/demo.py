@@ -12,6 +12,7 @@ import html
 import os
 import re
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from cnnlens.views.maximize import Progress, maximize
 from cnnlens.viz.grids import safe_name, save_figure
 from cnnlens.viz.views import feature_figure, feature_rows_figure, save_filters, save_maximized
 
-__all__ = ["demo_layers", "demo_section"]
+__all__ = ["demo_layers", "demo_predictions_html", "demo_section"]
 
 
 def _is_block_list(module: nn.Module) -> bool:
@@ -190,3 +191,75 @@ def demo_section(
         "seconds": time.perf_counter() - started,
         "files": files,
     }
+
+
+def demo_predictions_html(
+    *,
+    model: str,
+    weights: str,
+    layers: Sequence[str],
+    strides: Mapping[str, int | str | None],
+    photos: Sequence[str],
+    entries: Sequence[Mapping[str, Any]],
+    predictions: Sequence[Mapping[str, Any]],
+    methods: Sequence[tuple[str, str]] = (("gradcam", "Grad-CAM"), ("gradcampp", "Grad-CAM++")),
+    files_prefix: str = "explain/",
+    views: Mapping[str, Any] | None = None,
+    cmap: str = "jet",
+) -> str:
+    """The demo report's part 1 as HTML: one row per photo with its top-3 and every (layer, method) overlay.
+
+    Rendered from ``report/templates/demo_part1.html`` (autoescaped: class names are text, never markup);
+    thumbnails are all 160x160, a colour bar of ``cmap`` explains the overlays, the weights source carries no
+    machine path (:func:`cnnlens.display.scrub_paths`), and the forward-views section (:func:`demo_section`) is
+    appended when given.
+
+    Args:
+        model: Model name.
+        weights: Its weights source (paths are made public).
+        layers: The explained layers, the default one first, then the earlier one.
+        strides: Layer -> stride, for the intro.
+        photos: Photo names, one row each.
+        entries: Result entries of :meth:`cnnlens.explanation.ExplanationSet.write_files`.
+        predictions: Per-photo top-k predictions (``{"image", "top": [{"name", "probability"}]}``).
+        methods: ``(id, title)`` of the columns' methods.
+        files_prefix: Path from the report to the entries' folder.
+        views: The dict :func:`demo_section` returns, or None.
+        cmap: The overlays' colour map.
+
+    Returns:
+        HTML (trusted: render with ``| safe``).
+    """
+    from cnnlens.display import scrub_paths
+    from cnnlens.report import _env
+
+    columns = [{"id": m, "title": title, "layer": ly} for ly in layers for m, title in methods]
+    top = {str(p["image"]): list(p.get("top", []))[:3] for p in predictions}
+    rows = []
+    for name in photos:
+        cells = []
+        for col in columns:
+            e = next(
+                (r for r in entries if r["image"] == name and r["layer"] == col["layer"] and r["method"] == col["id"]),
+                None,
+            )
+            overlay = e["files"].get("overlay") if e else None
+            cells.append(f"{files_prefix}{overlay}" if overlay else "")
+        rows.append({"name": name, "top": top.get(name, []), "cells": cells})
+    early = layers[1] if len(layers) > 1 else layers[0]
+    return (
+        _env()
+        .get_template("demo_part1.html")
+        .render(
+            model=model,
+            weights=scrub_paths(weights),
+            layer=layers[0],
+            stride=strides.get(layers[0], "?"),
+            early=early,
+            early_stride=strides.get(early, "?"),
+            columns=columns,
+            rows=rows,
+            views=views,
+            cmap=cmap,
+        )
+    )
