@@ -153,7 +153,7 @@ def test_average_drop_formula_by_hand() -> None:
     assert r.average_drop == pytest.approx(100 * float(drop.mean()), abs=1e-10)
     assert r.increase_in_confidence == pytest.approx(100 * float((o > y).double().mean()))
     assert torch.equal(r.target_classes, c)
-    one_by_one = metrics.average_drop(net, x, maps, space="normalized", chunk_size=1, channels_last=False)
+    one_by_one = metrics.average_drop(net, x, maps, space="normalized", chunk_size=1, channels_last=True)
     torch.testing.assert_close(one_by_one.explained, r.explained, rtol=0, atol=1e-12)
 
 

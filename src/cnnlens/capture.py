@@ -127,7 +127,8 @@ def resolve_layer(model: nn.Module, layer: LayerSpec, *, modules: dict[str, nn.M
 
 
 MemoryFormat = Literal["auto", "preserve"]
-"""How a capture feeds the model: ``"auto"`` (channels-last on the CPU when the model takes it) or as given."""
+"""How a capture feeds the model: ``"preserve"`` (as given; the default, the accurate path) or ``"auto"``
+(channels-last on the CPU when the model takes it: faster, less accurate gradients; see ``Capture._call_model``)."""
 
 _LAYOUT_ERROR = re.compile(r"contiguous|stride|view size|memory.format|channels.last", re.IGNORECASE)
 """What the errors of a model that cannot take channels-last input say (``.view()``, custom ops)."""
@@ -242,7 +243,7 @@ class Capture:
         layers: Sequence[LayerSpec],
         *,
         output_selector: OutputSelector | None = None,
-        memory_format: MemoryFormat = "auto",
+        memory_format: MemoryFormat = "preserve",
     ) -> None:
         if memory_format not in ("auto", "preserve"):
             raise InputShapeError(f"memory_format must be 'auto' or 'preserve', got {memory_format!r}.")
@@ -362,12 +363,16 @@ class Capture:
     ) -> Any:
         """``call(x)``, in channels-last memory format where that is the faster choice and the model takes it.
 
-        With ``memory_format="auto"``, a 4-D floating-point input on the CPU runs in channels-last format:
-        oneDNN's convolutions are 1.2-1.6x faster that way (measured on ResNet-50, VGG16, InceptionV3 and
-        EfficientNet-Lite0; the outputs agree to float32 rounding). A model that cannot take it (typically a
-        ``.view()`` of a feature map) raises on the first try with an error about strides or contiguity: the
-        forward is run again in the input's own format, and the model is remembered so later calls do not try
-        again. Any other error is the model's own and is raised as it is, without a second forward.
+        With ``memory_format="auto"`` (an explicit speed option; the default is ``"preserve"``), a 4-D
+        floating-point input on the CPU runs in channels-last format: oneDNN's convolutions are 1.2-1.6x faster
+        that way (measured on ResNet-50, VGG16, InceptionV3 and EfficientNet-Lite0), but PyTorch/oneDNN's
+        channels-last convolution backward on the CPU is measurably less accurate: against a float64 reference,
+        ResNet-50 (weights=None, 224 px) guided backprop 1.1e-4 relative error vs 2.6e-7 contiguous, saliency
+        3.7e-2 vs 2.1e-3, InceptionV3 ``Mixed_6e`` Grad-CAM 2.2e-4 vs 1.9e-6 (depending on the CPU's kernel
+        set; ``tests/test_accuracy.py``). A model that cannot take it (typically a ``.view()`` of a feature map)
+        raises on the first try with an error about strides or contiguity: the forward is run again in the
+        input's own format, and the model is remembered so later calls do not try again. Any other error is the
+        model's own and is raised as it is, without a second forward.
         """
         if not self._wants_channels_last(x, memory_format or self.memory_format):
             return call(x)
@@ -760,7 +765,7 @@ def capture(
     layers: Sequence[LayerSpec] | LayerSpec,
     *,
     output_selector: OutputSelector | None = None,
-    memory_format: MemoryFormat = "auto",
+    memory_format: MemoryFormat = "preserve",
 ) -> Capture:
     """Open a capture of ``layers`` of ``model``: use it as a context manager.
 
@@ -768,8 +773,10 @@ def capture(
         model: Any ``nn.Module``; its output goes through :func:`cnnlens.outputs.to_logits`.
         layers: One layer or several (dotted names, ``name@k``, or modules).
         output_selector: Optional callable that picks the logits from the model output.
-        memory_format: ``"auto"`` runs CPU forwards in channels-last format when the model takes it (faster;
-            recorded tensors are returned contiguous either way); ``"preserve"`` feeds the input as given.
+        memory_format: ``"preserve"`` (default) feeds the input as given: the accurate path. ``"auto"`` runs
+            CPU forwards in channels-last format when the model takes it: 1.2-1.6x faster convolutions, but
+            less accurate gradients (ResNet-50 guided backprop 1.1e-4 relative error against float64 instead
+            of 2.6e-7; see ``Capture._call_model``). Recorded tensors are contiguous either way.
 
     Returns:
         A :class:`Capture`; ``run()`` inside the ``with`` block records one forward and its gradients.

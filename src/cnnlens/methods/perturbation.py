@@ -239,7 +239,7 @@ def _unique_rows(values: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]
     defaults={
         "top_k": None,
         "align_corners": False,
-        "channels_last": True,
+        "channels_last": False,
         "batch_budget_mb": None,
         "chunk_size": None,
     },
@@ -252,7 +252,7 @@ def scorecam(
     view: LayerView,
     top_k: int | None = None,
     align_corners: bool = False,
-    channels_last: bool = True,
+    channels_last: bool = False,
     batch_budget_mb: float | None = None,
     chunk_size: int | None = None,
 ) -> MethodOutput:
@@ -281,8 +281,8 @@ def scorecam(
     duplicate channels share a forward); the maps equal the definition. Masked inputs are built chunk by
     chunk (never all at once), sized to ``batch_budget_mb`` from the measured footprint of one masked
     forward and tuned for throughput (:mod:`cnnlens.batching`); ``chunk_size`` fixes the size instead.
-    ``channels_last`` feeds the masked inputs in channels-last memory format (faster convolutions on CPU;
-    same values up to float reassociation).
+    ``channels_last=True`` feeds the masked inputs in channels-last memory format (faster convolutions on CPU;
+    same values up to float32 rounding); off by default, like every cnnlens forward (the accurate path).
 
     Fast mode (``top_k=k``): only the ``k`` channels with the largest spatial mean activation of each image
     are scored (:func:`select_channels`), and the softmax is taken over those ``k`` scores only; the other
@@ -294,7 +294,7 @@ def scorecam(
         view: The captured activation of one layer for one target, with its probe.
         top_k: Score only this many channels per image (None: all, exact).
         align_corners: Bilinear upsampling convention of the masks.
-        channels_last: Run the masked forwards in channels-last memory format.
+        channels_last: Run the masked forwards in channels-last memory format (default False).
         batch_budget_mb: Memory budget of one chunk of masked forwards in MiB (None: 512 MiB on CPU, half
             the free memory on CUDA).
         chunk_size: A fixed number of masked inputs per forward, still capped by the budget (None: tuned

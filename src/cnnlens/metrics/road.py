@@ -285,7 +285,7 @@ def road(
     output_selector: OutputSelector | None = None,
     batch_budget_mb: float | None = None,
     chunk_size: int | None = None,
-    channels_last: bool = True,
+    channels_last: bool = False,
 ) -> RoadResult:
     """ROAD: remove the most (MoRF) or least (LeRF) relevant p % of pixels, impute them, re-score.
 
@@ -326,7 +326,8 @@ def road(
         output_selector: Picks the logits from unusual model outputs.
         batch_budget_mb: Memory budget of one chunk of forwards in MiB.
         chunk_size: A fixed number of imputed images per forward (None: chosen within the budget).
-        channels_last: Run forwards in channels-last memory format (default; faster on CPU).
+        channels_last: Run forwards in channels-last memory format (faster on CPU; off by default, the
+            contiguous path is the accurate one).
 
     Returns:
         A :class:`RoadResult`.
