@@ -405,3 +405,24 @@ def test_names_are_unique_readable_and_stable() -> None:
     taken = {"one": os.path.abspath("elsewhere/one.png")}
     assert unique_names(["here/one.png"], taken=taken) == ["one_png"]
     assert unique_names(["elsewhere/one.png"], taken=taken) == ["one"]
+
+
+def test_compare_layers_refuses_a_foreign_folder_and_lists_what_it_wrote(
+    tmp_path: Path, net: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: compare-layers wrote its index.html over the user's, exit 0."""
+    _png(tmp_path / "in" / "one.png", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "index.html").write_text("<p>mine</p>")
+    (out / "notes.txt").write_text("keep")
+    args = ["compare-layers", str(tmp_path / "in"), "--out", str(out), *net, "--method", "gradcam", "--steps", "2"]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "index.html").read_text() == "<p>mine</p>"
+    assert main([*args, "--overwrite"]) == 0
+    marker = read_marker(out)
+    assert marker is not None and marker["kind"] == "compare-layers"
+    assert "index.html" in marker["files"] and "notes.txt" not in marker["files"]
+    assert (out / "notes.txt").read_text() == "keep"
+    assert main(args) == 0  # its own folder: reused

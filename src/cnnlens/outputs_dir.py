@@ -33,7 +33,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +51,7 @@ __all__ = [
     "read_marker",
     "safe_name",
     "unique_names",
+    "writing_into",
 ]
 
 MARKER = ".cnnlens-owned.json"
@@ -112,6 +113,7 @@ class OwnedFolder:
         patterns: Regular expressions (full match on relative posix paths) of files cnnlens writes here in bulk.
         previous: The marker found when the folder was claimed (None for a new or foreign folder).
         overwrite: Whether the folder was claimed with ``overwrite=True``.
+        created: Whether claiming created the folder.
     """
 
     root: Path
@@ -121,6 +123,7 @@ class OwnedFolder:
     patterns: list[str] = field(default_factory=list)
     previous: dict[str, Any] | None = None
     overwrite: bool = False
+    created: bool = False
 
     @property
     def reused(self) -> bool:
@@ -240,13 +243,14 @@ def claim_output_dir(
             f"{option} {str(root)!r} is a file, not a folder; give a new or empty folder (cnnlens never replaces "
             "a file it did not write)."
         )
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{MARKER}.tmp-*"):  # a marker write a killed process left unfinished
         if _MARKER_TMP.fullmatch(stale.name):
             with contextlib.suppress(OSError):
                 stale.unlink()
     previous = read_marker(root)
-    folder = OwnedFolder(root, kind, uuid.uuid4().hex, overwrite=overwrite)
+    folder = OwnedFolder(root, kind, uuid.uuid4().hex, overwrite=overwrite, created=created)
     if previous is not None:
         folder.previous = previous
         folder.files = {str(f) for f in previous.get("files", [])}
@@ -270,6 +274,57 @@ def claim_output_dir(
             )
     folder.save()
     return folder
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Relative path -> (inode, size, mtime_ns) of every regular file under ``root`` (links not followed)."""
+    files: dict[str, tuple[int, int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                files[Path(path).relative_to(root).as_posix()] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return files
+
+
+@contextlib.contextmanager
+def writing_into(
+    directory: str | os.PathLike[str], kind: str, *, overwrite: bool = False, option: str = "--out"
+) -> Iterator[OwnedFolder]:
+    """Claim ``directory`` (:func:`claim_output_dir`), run the block that writes into it, then list what it wrote.
+
+    For writers that do not report their files (study reports, forward views, the demo): every file created or
+    changed inside the block is added to the marker, so a later run may replace it; files that were there before
+    and were not touched stay unlisted (and are never removed by cnnlens).
+
+    Example:
+        >>> import tempfile
+        >>> with writing_into(tempfile.mkdtemp(), "demo") as folder:
+        ...     _ = (folder.root / "index.html").write_text("<p>hi</p>")
+        >>> sorted(folder.files)
+        ['index.html']
+    """
+    folder = claim_output_dir(directory, kind, overwrite=overwrite, option=option)
+    before = _snapshot(folder.root)
+    failed = True
+    try:
+        yield folder
+        failed = False
+    finally:
+        after = _snapshot(folder.root)
+        folder.record(
+            rel
+            for rel, stamp in after.items()
+            if before.get(rel) != stamp and rel != MARKER and not _MARKER_TMP.fullmatch(rel)
+        )
+        if failed and folder.created and not folder.files:  # a command that failed before writing: no trace
+            with contextlib.suppress(OSError):
+                (folder.root / MARKER).unlink()
+                folder.root.rmdir()
+        else:
+            folder.save()
 
 
 _UNSAFE = re.compile(r"[^\w.@-]+")
