@@ -426,3 +426,33 @@ def test_compare_layers_refuses_a_foreign_folder_and_lists_what_it_wrote(
     assert "index.html" in marker["files"] and "notes.txt" not in marker["files"]
     assert (out / "notes.txt").read_text() == "keep"
     assert main(args) == 0  # its own folder: reused
+
+
+def test_run_folder_of_an_older_cnnlens_resumes_and_keeps_user_files(
+    tmp_path: Path, net: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run folder written before markers existed (run.json, no marker) is still a run: resumed, not refused."""
+    ds = _dataset(tmp_path / "ds")
+    run = tmp_path / "run"
+    assert _run(ds, run, net) == 0
+    (run / MARKER).unlink()
+    (run / "maps" / "city.geojson").write_text("x")
+    capsys.readouterr()
+    assert _run(ds, run, net) == 0
+    assert "already done" in capsys.readouterr().err and read_marker(run) is not None
+    (run / MARKER).unlink()
+    assert _run(ds, run, net, "--overwrite", "--method", "gradcampp") == 0
+    assert (run / "maps" / "city.geojson").read_text() == "x" and not list((run / "maps").glob("gradcam@*"))
+
+
+def test_report_written_into_a_run_folder_then_run_overwrite_starts_clean(tmp_path: Path, net: list[str]) -> None:
+    ds = _dataset(tmp_path / "ds")
+    run = tmp_path / "run"
+    assert _run(ds, run, net) == 0
+    assert main(["report", str(run), "--out", str(run)]) == 2  # a run folder is not a report folder
+    assert main(["report", str(run), "--out", str(run), "--overwrite"]) == 0
+    assert _run(ds, run, net) == 2  # now marked as a report: refused without --overwrite
+    assert _run(ds, run, net, "--overwrite", "--method", "gradcampp") == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["total"] == 4 and summary["skipped"] == 0
+    assert [k.split("/")[0] for k in summary["metrics"]] == ["gradcampp"]

@@ -297,13 +297,12 @@ class DatasetRun:
         if owned.reused or legacy:
             owned.patterns = list(RUN_PATTERNS)
         if self.overwrite:
-            if owned.reused or legacy:
+            if owned.previous is not None or legacy:  # start over: remove what cnnlens listed there
                 self._remove_report()
                 owned.remove_listed()
             owned.patterns = list(RUN_PATTERNS)
             with contextlib.suppress(FileNotFoundError):
-                if not owned.owns("run.json"):
-                    run_json.unlink()  # --overwrite on a foreign folder: its run.json is replaced, as documented
+                run_json.unlink()  # ours, or a foreign file of the name the run writes: replaced, as documented
         elif run_json.is_file():
             try:
                 old = json.loads(run_json.read_text("utf-8"))
