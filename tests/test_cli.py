@@ -103,9 +103,22 @@ def test_usage_errors_are_one_clear_line(photos: Path, tmp_path: Path, capsys: p
     assert "did you mean" in capsys.readouterr().err.lower()
     assert main(["explain", str(photos), "--method", "gradcamm", "--out", str(tmp_path / "x")]) == 2
     assert "gradcam" in capsys.readouterr().err
-    assert main(["explain", str(photos), "--model", "resnet50", "--out", str(tmp_path / "x")]) in (0, 2)
     with pytest.raises(SystemExit):
         main(["explain"])
+
+
+def test_zoo_model_without_cached_weights_is_refused(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty torch cache: resnet50's published weights are not here, so the command refuses (exit 2) with the
+    # fix, never explaining a silently random model.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-cache"))
+    out = tmp_path / "x"
+    assert main(["explain", str(photos), "--model", "resnet50", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "resnet50" in err and str(tmp_path / "empty-torch-cache") in err
+    assert "--download" in err and "--weights" in err
+    assert not out.exists() or not any(out.rglob("*.png"))
 
 
 def test_random_weights_are_marked(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
