@@ -456,3 +456,17 @@ def test_report_written_into_a_run_folder_then_run_overwrite_starts_clean(tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     assert summary["total"] == 4 and summary["skipped"] == 0
     assert [k.split("/")[0] for k in summary["metrics"]] == ["gradcampp"]
+
+
+def test_a_report_of_an_older_cnnlens_is_rewritten_in_place(tmp_path: Path, net: list[str]) -> None:
+    run = tmp_path / "run"
+    assert _run(_dataset(tmp_path / "ds"), run, net) == 0
+    assert main(["report", str(run)]) == 0
+    (run / "report" / MARKER).unlink()  # as an older cnnlens left it
+    assert main(["report", str(run)]) == 0
+    assert read_marker(run / "report") is not None
+    # ...but only when it holds nothing else: a report.json beside other files proves nothing.
+    (run / "report" / MARKER).unlink()
+    (run / "report" / "thesis.docx").write_text("x")
+    assert main(["report", str(run)]) == 2
+    assert (run / "report" / "thesis.docx").exists() and (run / "report" / "index.html").exists()

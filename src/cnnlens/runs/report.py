@@ -31,7 +31,7 @@ import torch
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from cnnlens.imaging import colorize, save_png
-from cnnlens.outputs_dir import claim_output_dir
+from cnnlens.outputs_dir import claim_output_dir, read_marker
 from cnnlens.runs.batch import Pair
 from cnnlens.runs.errors import RunConfigError
 from cnnlens.runs.store import atomic_write, derive_maps
@@ -110,6 +110,26 @@ def _confusion_png(matrix: np.ndarray, names: Sequence[str], path: Path) -> Path
     with atomic_write(path) as fh:
         fig.savefig(fh, format="png")
     return path
+
+
+_REPORT_ENTRIES = frozenset({"classes", "confusion.png", "gallery", "index.html", "report.json"})
+
+
+def _legacy_report(folder: Path) -> bool:
+    """A report of a cnnlens without markers: only a report's entries, and a report.json with a report's keys.
+
+    Such a folder is reused (its same-named files replaced) but nothing in it is removed.
+    """
+    if not folder.is_dir() or read_marker(folder) is not None:
+        return False
+    entries = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    if not entries or not entries <= _REPORT_ENTRIES:
+        return False
+    try:
+        doc = json.loads((folder / "report.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"run_dir", "confusion", "gallery", "accuracy"} <= set(doc)
 
 
 def _mean_of(values: Sequence[Any]) -> float | None:
@@ -200,7 +220,7 @@ def render_run_report(
     pairs = [Pair(p["method"], p["layer"], p.get("variant", {}), p["key"]) for p in meta.get("pairs", [])]
     size = tuple(int(v) for v in meta.get("input_size", [224, 224]))
     target = Path(out) if out is not None else root / "report"
-    owned = claim_output_dir(target, "report", overwrite=overwrite)
+    owned = claim_output_dir(target, "report", overwrite=overwrite, legacy=_legacy_report(target))
     if owned.reused:
         owned.remove_listed()  # the previous report's files, exactly those its marker lists
         owned.save()
