@@ -470,3 +470,17 @@ def test_a_report_of_an_older_cnnlens_is_rewritten_in_place(tmp_path: Path, net:
     (run / "report" / "thesis.docx").write_text("x")
     assert main(["report", str(run)]) == 2
     assert (run / "report" / "thesis.docx").exists() and (run / "report" / "index.html").exists()
+
+
+def test_an_explain_folder_of_an_older_cnnlens_is_merged(tmp_path: Path, net: list[str]) -> None:
+    _png(tmp_path / "e1" / "one.png", 1)
+    _png(tmp_path / "e2" / "two.png", 2)
+    out = tmp_path / "out"
+    assert main(["explain", str(tmp_path / "e1"), "--out", str(out), *net, "--method", "gradcam"]) == 0
+    (out / MARKER).unlink()  # as an older cnnlens left it: its manifest lists every file it wrote
+    assert main(["explain", str(tmp_path / "e2"), "--out", str(out), *net, "--method", "gradcam"]) == 0
+    assert {r["image"] for r in json.loads((out / "manifest.json").read_text())["results"]} == {"one", "two"}
+    (out / MARKER).unlink()
+    (out / "one" / "thesis.docx").write_text("x")  # a file its manifest does not list: no proof any more
+    assert main(["explain", str(tmp_path / "e2"), "--out", str(out), *net, "--method", "gradcam"]) == 2
+    assert (out / "one" / "thesis.docx").exists()

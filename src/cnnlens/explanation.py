@@ -432,6 +432,37 @@ def _model_identity(model: Any) -> tuple[str, str, bool]:
     return (name, str(model.get("weights_source", "")), bool(model.get("random_weights")))
 
 
+def _legacy_explain_files(folder: Path) -> set[str] | None:
+    """The files of an explain folder written by a cnnlens without markers, or None if ``folder`` is not one.
+
+    Proof: its ``manifest.json`` is an explain or demo manifest and every visible entry of the folder is
+    ``manifest.json``, ``index.html`` or an image folder holding only files that manifest lists.
+    """
+    from cnnlens.outputs_dir import read_marker
+
+    if not folder.is_dir() or read_marker(folder) is not None:
+        return None
+    try:
+        doc = json.loads((folder / "manifest.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("command") not in {"explain", "demo"}:
+        return None
+    listed = {str(f) for r in doc.get("results", []) for f in r.get("files", {}).values()}
+    files = {"manifest.json", "index.html"}
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") or entry.name in files:
+            continue
+        if not entry.is_dir() or entry.is_symlink():
+            return None
+        for sub in entry.iterdir():
+            rel = f"{entry.name}/{sub.name}"
+            if rel not in listed or not sub.is_file():
+                return None
+            files.add(rel)
+    return {f for f in files if (folder / f).is_file()}
+
+
 class ExplainFolder:
     """The output folder of ``cnnlens explain`` and :meth:`ExplanationSet.save`, claimed for writing.
 
@@ -459,7 +490,14 @@ class ExplainFolder:
         overwrite: bool = False,
         option: str = "--out",
     ) -> None:
-        self.owned: OwnedFolder = claim_output_dir(directory, "explain", overwrite=overwrite, option=option)
+        legacy = _legacy_explain_files(Path(directory))
+        self.owned: OwnedFolder = claim_output_dir(
+            directory, "explain", overwrite=overwrite, option=option, legacy=legacy is not None
+        )
+        if legacy is not None:  # an older cnnlens's output: its own manifest lists every file it wrote
+            self.owned.files |= legacy
+            self.owned.previous = {"kind": "explain"}
+            self.owned.save()
         self.root = self.owned.root
         self.previous: dict[str, Any] = {}
         if not self.owned.reused:
