@@ -457,3 +457,22 @@ def test_line_progress_counts_eta_and_done(capsys: pytest.CaptureFixture[str]) -
     assert err[0] == "phase: started (4 to do)"
     assert err[1].startswith("phase: 1/4 (25%)") and "ETA" in err[1]
     assert err[2].startswith("phase: done 4/4 in") and len(err) == 3
+
+
+def test_layer_study_reports_measured_maps() -> None:
+    from cnnlens.studies import compare_layers
+
+    calls: list[tuple[int, int]] = []
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).eval()  # fmt: skip
+    compare_layers(
+        net,
+        torch.rand(1, 3, 16, 16),
+        methods=["gradcam"],
+        layers=["1", "3"],
+        steps=4,
+        progress=lambda d, t: calls.append((d, t)),
+    )
+    assert calls == [(0, 2), (1, 2), (2, 2)]  # before: no way to count, the CLI showed a spinner for minutes

@@ -756,10 +756,11 @@ def _cmd_compare_layers(args: argparse.Namespace) -> int:
     model = _load(args)
     _check_model_args(args, model)
     x = torch.stack([model.spec.preprocessing.to_tensor(img) for img in images])
-    with _phase(f"compare-layers: explaining every candidate layer and measuring each map ({len(images)} image(s))"):
+    with _phase(f"compare-layers: every candidate layer explained, maps measured ({len(images)} image(s))") as update:
         study = compare_layers(
-            model, x, methods=args.method, layers=args.layer, last_n=args.last_n, steps=args.steps, image_names=names
-        )
+            model, x, methods=args.method, layers=args.layer, last_n=args.last_n, steps=args.steps, image_names=names,
+            progress=update,
+        )  # fmt: skip
     _print_layer_table(study)
     report = render_study_report(
         args.out,
@@ -785,11 +786,27 @@ def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
 cmd_compare_layers = _into_out(_cmd_compare_layers, "compare-layers")
 
 
+def _compare_models_with_progress(models: Sequence[LoadedModel], images: Sequence[np.ndarray], **kwargs: Any) -> Any:
+    """:func:`cnnlens.studies.compare_models` one model at a time, each a phase counting its measured maps."""
+    from cnnlens.studies import compare_models
+    from cnnlens.studies.models import ModelStudy
+
+    rows: list[Any] = []
+    studies: dict[str, Any] = {}
+    names: list[str] = []
+    for i, model in enumerate(models, start=1):
+        with _phase(f"{model.spec.name} ({i}/{len(models)} models): layers explained, maps measured") as update:
+            part = compare_models([model], images, progress=update, **kwargs)
+        rows.extend(part.rows)
+        studies.update(part.layer_studies)
+        names = part.image_names
+    return ModelStudy(rows=rows, layer_studies=studies, image_names=names)
+
+
 def _cmd_compare_models(args: argparse.Namespace) -> int:
     """``cnnlens compare-models``."""
     from cnnlens.models import load_model
     from cnnlens.report.study import render_study_report
-    from cnnlens.studies import compare_models
 
     weights = _pairs(args.weights, "--weights")
     layers = _pairs(args.layers, "--layers")
@@ -815,10 +832,9 @@ def _cmd_compare_models(args: argparse.Namespace) -> int:
     for m in models:
         if m.random_weights:
             err_console.print(f"[bold red]RANDOM WEIGHTS[/]: {escape(m.spec.name)}. Its rows are marked.")
-    with _phase(f"compare-models: each model's layers studied and its maps measured ({len(models)} model(s))"):
-        study = compare_models(
-            models, images, methods=args.method, layers=layers, image_names=names, steps=args.steps, last_n=args.last_n
-        )
+    study = _compare_models_with_progress(
+        models, images, methods=args.method, layers=layers, image_names=names, steps=args.steps, last_n=args.last_n
+    )
     table = Table(title="models, each at its layer")
     for col in ("model", "method", "layer", "AD %", "IC %", "del AUC", "ins AUC"):
         table.add_column(col, overflow="fold")
@@ -864,7 +880,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from cnnlens.models import load_model
     from cnnlens.report import render_explain_report
     from cnnlens.report.study import render_study_report
-    from cnnlens.studies import compare_layers, compare_models
+    from cnnlens.studies import compare_layers
     from cnnlens.views.demo import demo_predictions_html, demo_section
 
     started = time.perf_counter()
@@ -901,8 +917,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     study_images = [photos[n] for n in study_names]
     steps = 4 if args.quick else 16
     x = torch.stack([model.spec.preprocessing.to_tensor(img) for img in study_images])
-    with _phase(f"part 2.1: target layers of {model.spec.name} ({len(study_names)} photos)"):
-        layer_study = compare_layers(model, x, last_n=1 if args.quick else 3, steps=steps, image_names=study_names)
+    with _phase(f"part 2.1: target layers of {model.spec.name}, maps measured ({len(study_names)} photos)") as update:
+        layer_study = compare_layers(
+            model, x, last_n=1 if args.quick else 3, steps=steps, image_names=study_names, progress=update
+        )
     _print_layer_table(layer_study)
     others = [m for m in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")]
     if args.quick:
@@ -912,9 +930,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for i, n in enumerate(others):
             models.append(model if n == model.spec.name else load_model(n, device=device))
             update(i + 1, len(others))
-    with _phase(f"part 2.2: {len(models)} models at their best layers"):
-        given = {m.spec.name: m.spec.default_layer for m in models} if args.quick else None
-        model_study = compare_models(models, study_images, layers=given, image_names=study_names, steps=steps, last_n=2)
+    given = {m.spec.name: m.spec.default_layer for m in models} if args.quick else None
+    model_study = _compare_models_with_progress(
+        models, study_images, layers=given, image_names=study_names, steps=steps, last_n=2
+    )
     report = render_study_report(
         out,
         title="cnnlens demo: the seed study on the embedded models",

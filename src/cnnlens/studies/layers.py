@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -192,6 +192,7 @@ def compare_layers(
     steps: int = 16,
     image_names: Sequence[str] | None = None,
     catalog: LayerCatalog | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LayerStudy:
     """Compare target layers: one capture for every layer and method, every map measured.
 
@@ -208,6 +209,8 @@ def compare_layers(
             steps are not comparable.
         image_names: Names for reports.
         catalog: A precomputed :func:`cnnlens.candidates.candidate_layers` result.
+        progress: Called as ``progress(done, total)`` with the maps measured so far (``(0, total)`` once the
+            maps are computed), for progress bars.
 
     Returns:
         A :class:`LayerStudy` with the table, the recommendation and the maps.
@@ -241,8 +244,12 @@ def compare_layers(
     step = max(1, math.ceil(pixels / steps))
     rows: list[LayerRow] = []
     curves: dict[tuple[str, str], dict[str, list[float]]] = {}
+    if progress is not None:
+        progress(0, len(result))
     for exp in result:
         rows.append(_measure(model, inputs, exp, info, space, step, curves))
+        if progress is not None:
+            progress(len(rows), len(result))
     recommended = recommend(rows)
     return LayerStudy(
         rows=rows,

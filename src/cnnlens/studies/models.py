@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,7 @@ def compare_models(
     image_names: Sequence[str] | None = None,
     steps: int = 16,
     last_n: int | None = 3,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ModelStudy:
     """Compare architectures on the same images, each at its best layer.
 
@@ -86,6 +87,7 @@ def compare_models(
         image_names: Names for reports.
         steps: Deletion/insertion steps.
         last_n: How many of the last merges/block outputs each layer study keeps.
+        progress: Passed to each model's :func:`~cnnlens.studies.compare_layers` (maps measured, per model).
 
     Returns:
         A :class:`ModelStudy`.
@@ -111,6 +113,7 @@ def compare_models(
             last_n=last_n,
             steps=steps,
             image_names=names,
+            progress=progress,
         )
         studies[model.spec.name] = study
         top = study.explanations.top_k(1)
