@@ -540,7 +540,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         images={name: sources[name] for name, _ in items},
         title="cnnlens explain",
     )
-    console.print(f"wrote {len(entries)} map(s) for {len(items)} image(s) to {out}/ ; index: {index}", highlight=False)
+    console.print(
+        escape(f"wrote {len(entries)} map(s) for {len(items)} image(s) to {out}/ ; index: {index}"), highlight=False
+    )
     return _report_failures(failures)
 
 
@@ -769,7 +771,7 @@ def _cmd_compare_layers(args: argparse.Namespace) -> int:
         manifest={"command": "compare-layers", "model": model.manifest(), "images": names},
         random_weights=model.random_weights,
     )
-    console.print(f"report: {report.resolve()}", highlight=False)
+    console.print(escape(f"report: {report.resolve()}"), highlight=False)
     return _report_failures(failures)
 
 
@@ -851,7 +853,7 @@ def _cmd_compare_models(args: argparse.Namespace) -> int:
         layer_studies=study.layer_studies,
         manifest={"command": "compare-models", "models": [m.manifest() for m in models], "images": names},
     )
-    console.print(f"report: {report.resolve()}", highlight=False)
+    console.print(escape(f"report: {report.resolve()}"), highlight=False)
     return _report_failures(failures)
 
 
@@ -944,7 +946,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         manifest={"command": "demo", "model": model.manifest(), "images": study_names},
     )
     err_console.print(f"demo finished in {time.perf_counter() - started:.1f} s")
-    console.print(f"report: {report.resolve()}", highlight=False)
+    console.print(escape(f"report: {report.resolve()}"), highlight=False)
     return EXIT_OK
 
 

@@ -127,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 progress.update(task, completed=done, total=total)
 
             summary = run.execute(batch_size=args.batch_size, workers=args.workers, progress=update)
-    table = Table(title=f"run {args.out}")
+    table = Table(title=escape(f"run {args.out}"))
     table.add_column("images", justify="right")
     table.add_column("explained", justify="right")
     table.add_column("errors", justify="right")
