@@ -476,3 +476,11 @@ def test_layer_study_reports_measured_maps() -> None:
         progress=lambda d, t: calls.append((d, t)),
     )
     assert calls == [(0, 2), (1, 2), (2, 2)]  # before: no way to count, the CLI showed a spinner for minutes
+
+
+def test_library_hints_are_rephrased_as_flags() -> None:
+    assert cli._cli_hint("no candidate layer matched; pass layers=[...] explicitly") == (
+        "no candidate layer matched; pass --layer NAME explicitly"
+    )
+    assert "--recursive" in cli._cli_hint("it has subdirectories: expand recursively to include them")
+    assert "--max-pixels" in cli._cli_hint("Downscale the image, or pass a larger max_pixels if you trust the file.")

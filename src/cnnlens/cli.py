@@ -655,6 +655,8 @@ def _cli_hint(reason: str) -> str:
         reason.replace("expand recursively to include them", "add --recursive to include them")
         .replace("expand it with expand_paths()", "pass the folder itself (its images are read)")
         .replace("pass a larger max_pixels", "pass a larger --max-pixels")
+        .replace("pass layers=[...] explicitly", "pass --layer NAME explicitly")
+        .replace("add them to methods=.", "add them to --method.")
     )
 
 
@@ -994,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_args(args)
         return _command(args.command)(args)
     except CnnlensError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(_cli_hint(str(exc)))}", highlight=False)
         return EXIT_USAGE
     except KeyboardInterrupt:
         err_console.print("interrupted")
