@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,7 +91,8 @@ class LayerStudy:
         explanations: Every map, for figures.
         curves: ``(method, layer)`` -> mean deletion curve, mean insertion curve and the pixel fractions.
         catalog: The candidate catalogue the layers came from.
-        notes: Warnings raised while computing (e.g. Grad-CAM++ on signed activations), de-duplicated.
+        notes: Warnings raised while computing (e.g. Grad-CAM++ on signed activations), complete with their
+            advice; messages that differ only in the layer are merged into one naming every layer.
         step: Pixels per deletion/insertion step.
     """
 
@@ -231,14 +233,10 @@ def compare_layers(
     if not names:
         raise LayerError("no candidate layer matched; pass layers=[...] explicitly (see `cnnlens layers`).")
     info = {c.name: c for c in catalog.layers}
-    notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = explain(model, inputs, methods=list(methods), layers=names, targets=targets, image_names=image_names)
-    for w in caught:
-        text = str(w.message).split(":")[0] if "Grad-CAM++" in str(w.message) else str(w.message)
-        if text not in notes:
-            notes.append(text)
+    notes = _group_notes(str(w.message) for w in caught)
     space = "pixel" if loaded is not None else "normalized"
     pixels = int(inputs.shape[-2] * inputs.shape[-1])
     step = max(1, math.ceil(pixels / steps))
@@ -261,6 +259,33 @@ def compare_layers(
         notes=notes,
         step=step,
     )
+
+
+_LAYER_IN_NOTE = re.compile(r"layer '([^']+)'")
+
+
+def _group_notes(messages: Iterable[str]) -> list[str]:
+    """Warnings as complete sentences, advice included; messages that differ only in the layer become one.
+
+    Example:
+        >>> _group_notes(["on layer 'a' x: do y.", "on layer 'b' x: do y.", "other"])
+        ["on layers 'a', 'b' x: do y.", 'other']
+    """
+    layers: dict[str, list[str]] = {}
+    for message in messages:
+        found = _LAYER_IN_NOTE.search(message)
+        key = _LAYER_IN_NOTE.sub("layer {}", message, count=1) if found else message
+        names = layers.setdefault(key, [])
+        if found and found.group(1) not in names:
+            names.append(found.group(1))
+    out = []
+    for key, names in layers.items():
+        if not names:
+            out.append(key)
+            continue
+        listed = ", ".join(f"'{n}'" for n in names)
+        out.append(key.replace("layer {}", f"layer {listed}" if len(names) == 1 else f"layers {listed}", 1))
+    return out
 
 
 def _measure(
