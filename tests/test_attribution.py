@@ -544,13 +544,14 @@ def test_smooth_is_deterministic_batch_invariant_and_records_its_variant() -> No
     assert not torch.allclose(other["smooth_gradcampp", "body.4"].raw, first.raw)
     plain = cnnlens.explain(net, x, methods=["gradcampp"], layers=["body.4"])["gradcampp", "body.4"]
     assert not torch.allclose(plain.raw, first.raw)
+    # other batch shapes may select other float32 kernels: equal up to rounding relative to the map's scale
     for i in range(4):
         alone = cnnlens.explain(net, x[i : i + 1], methods=[spec], layers=["body.4"])["smooth_gradcampp", "body.4"]
-        torch.testing.assert_close(alone.raw[0], first.raw[i], rtol=1e-4, atol=1e-6)
+        assert float((alone.raw[0] - first.raw[i]).abs().max()) <= 1e-5 * float(first.raw[i].abs().max())
     chunked = cnnlens.explain(
         net, x, methods=[spec], layers=["body.4"], options={"smooth_gradcampp": {"batch_size": 64}}
     )["smooth_gradcampp", "body.4"]
-    torch.testing.assert_close(chunked.raw, first.raw, rtol=1e-4, atol=1e-6)
+    assert float((chunked.raw - first.raw).abs().max()) <= 1e-5 * float(first.raw.abs().max())
 
 
 def test_smooth_averages_the_base_maps_of_the_noisy_copies() -> None:
