@@ -484,3 +484,15 @@ def test_an_explain_folder_of_an_older_cnnlens_is_merged(tmp_path: Path, net: li
     (out / "one" / "thesis.docx").write_text("x")  # a file its manifest does not list: no proof any more
     assert main(["explain", str(tmp_path / "e2"), "--out", str(out), *net, "--method", "gradcam"]) == 2
     assert (out / "one" / "thesis.docx").exists()
+
+
+def test_a_class_folder_that_holds_explanations_stays_a_class(
+    tmp_path: Path, net: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    ds = _dataset(tmp_path / "ds")
+    tabby = ds / "tabby"
+    assert main(["explain", str(tabby), "--out", str(tabby), *net, "--method", "gradcam", "--overwrite"]) == 0
+    assert (tabby / MARKER).is_file()
+    assert _run(ds, tmp_path / "run", net) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["total"] == 4  # tabby's two photos, not its overlays and heatmaps

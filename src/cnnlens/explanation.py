@@ -580,8 +580,10 @@ class ExplainFolder:
             self.owned.files -= stale
         kept_results = [r for r in prev.get("results", []) if r.get("image") not in new]
         kept_predictions = [p for p in prev.get("predictions", []) if p.get("image") not in new]
-        sources = {s for s in new.values() if s} | {str(f.get("path")) for f in failures}
-        kept_failures = [f for f in prev.get("failures", []) if str(f.get("path")) not in sources]
+        sources = {os.path.abspath(s) for s in new.values() if s} | {
+            os.path.abspath(str(f.get("path"))) for f in failures
+        }
+        kept_failures = [f for f in prev.get("failures", []) if os.path.abspath(str(f.get("path"))) not in sources]
         old_images = [i for i in prev.get("images", []) if i.get("name") not in new]
         listed = [{"name": n, "source": s} for n, s in new.items()]
         all_images = [*old_images, *listed]

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cnnlens.data import expand_paths
-from cnnlens.outputs_dir import is_cnnlens_output
+from cnnlens.outputs_dir import read_marker
 from cnnlens.runs.errors import DatasetError
 
 __all__ = ["Box", "Dataset", "Sample", "read_dataset", "resolve_label"]
@@ -225,7 +225,24 @@ def _read_tree(folder: Path, class_names: list[str], exclude: Sequence[str | os.
         raise DatasetError(f"cannot list the dataset folder {str(folder)!r}: {exc.strerror or exc}.") from exc
     visible = [p for p in entries if not p.name.startswith(".")]
     excluded = {os.path.realpath(e) for e in exclude}
-    outputs = [p for p in visible if p.is_dir() and (os.path.realpath(p) in excluded or is_cnnlens_output(p))]
+    root_marker = read_marker(folder)
+    run_entries = (
+        {"shards", "maps", "overlays", "report"} if root_marker and root_marker.get("kind") == "run" else set()
+    )
+
+    def is_output(p: Path) -> bool:
+        """The run's folder, a run's own subfolders, or a marked folder whose name is not a class."""
+        if os.path.realpath(p) in excluded or p.name in run_entries:
+            return True
+        if read_marker(p) is None:
+            return False
+        try:  # a class folder that also holds cnnlens output stays a class (its outputs are skipped inside)
+            resolve_label(p.name, class_names)
+        except DatasetError:
+            return True
+        return False
+
+    outputs = [p for p in visible if p.is_dir() and is_output(p)]
     if outputs:
         notes.append(f"skipped {len(outputs)} cnnlens output folder(s): {', '.join(repr(p.name) for p in outputs)}")
     class_dirs = [p for p in visible if p.is_dir() and p not in outputs]
