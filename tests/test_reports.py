@@ -233,3 +233,17 @@ def test_warning_box_keeps_the_advice() -> None:
     notes = _group_notes([message.format("a"), message.format("b"), message.format("a")])
     assert notes == [message.replace("layer '{}'", "layers 'a', 'b'")]
     assert "Prefer a post-ReLU layer" in notes[0]
+
+
+def test_forward_view_figures_have_readable_labels() -> None:
+    """Tile labels, row labels and colour bars of the filter/feature-map figures are at least 11 px."""
+    import numpy as np
+
+    from cnnlens.viz.grids import GridRow, image_grid, rows_figure
+
+    maps = [np.random.default_rng(0).random((7, 7)) for _ in range(4)]
+    grid = image_grid(maps, [f"#{i} 6.29" for i in range(4)], colorbar="activation", title="t")
+    rows = rows_figure([GridRow("blocks.6\n7x7", maps, ["#1 2.0"] * 4, (0.0, 1.0), "RdBu_r")], title="t")
+    for fig in (grid, rows):
+        small = [(t, px) for t, px in _texts_px(fig) if px < 11]
+        assert not small, small

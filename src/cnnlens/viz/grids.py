@@ -174,15 +174,15 @@ def image_grid(
         else:
             ax.imshow(to_uint8(img), interpolation=interpolation)
         if labels is not None:
-            ax.set_title(labels[i], fontsize=7, pad=2)
+            ax.set_title(labels[i], fontsize=8, pad=2)
     if colorbar is not None:
         bar = colorbar_limits or (per_image[0] if per_image and per_image[0] is not None else (0.0, 1.0))
         mappable = ScalarMappable(norm=Normalize(vmin=bar[0], vmax=bar[1]), cmap=colorbar_cmap or cmap or "gray")
         cb = fig.colorbar(mappable, ax=list(axes.ravel()), fraction=0.04, pad=0.02)
-        cb.set_label(colorbar, fontsize=8)
-        cb.ax.tick_params(labelsize=7)
+        cb.set_label(colorbar, fontsize=9)
+        cb.ax.tick_params(labelsize=8)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=11)
     return fig
 
 
@@ -227,21 +227,21 @@ def rows_figure(
             ax.imshow(to_uint8(image))
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_ylabel(row.label, fontsize=7)
+            ax.set_ylabel(row.label, fontsize=8)
             start = 1
         for i, (m, label) in enumerate(zip(row.maps, row.labels, strict=True)):
             ax = fig.add_subplot(grid[r, start + i])
             ax.imshow(np.asarray(m), cmap=row.cmap, vmin=row.limits[0], vmax=row.limits[1], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(label, fontsize=6, pad=2)
+            ax.set_title(label, fontsize=8, pad=2)
             if i == 0 and image is None:
-                ax.set_ylabel(row.label, fontsize=7)
+                ax.set_ylabel(row.label, fontsize=8)
         cax = fig.add_subplot(grid[r, cols])
         mappable = ScalarMappable(norm=Normalize(vmin=row.limits[0], vmax=row.limits[1]), cmap=row.cmap)
         cb = fig.colorbar(mappable, cax=cax)
-        cb.set_label(colorbar, fontsize=6)
-        cb.ax.tick_params(labelsize=6)
+        cb.set_label(colorbar, fontsize=9)
+        cb.ax.tick_params(labelsize=8)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=11)
     return fig

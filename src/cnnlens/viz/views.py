@@ -144,9 +144,9 @@ def filter_figure(
     ax.set_axis_on()
     step = max(1, len(fs.indices) // 16)
     ax.set_yticks(range(0, len(fs.indices), step))
-    ax.set_yticklabels([str(k) for k in fs.indices[::step]], fontsize=6)
-    ax.set_xlabel("input channel", fontsize=7)
-    ax.tick_params(axis="x", labelsize=6)
+    ax.set_yticklabels([str(k) for k in fs.indices[::step]], fontsize=8)
+    ax.set_xlabel("input channel", fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
     return fig
 
 
