@@ -144,6 +144,7 @@ def test_run_refuses_a_folder_it_did_not_write_and_overwrite_deletes_nothing_for
     assert _run(ds, d, net) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (d / "maps" / "city.geojson").exists() and (d / "report" / "thesis.docx").exists()
+    assert sorted(p.name for p in d.iterdir()) == ["maps", "report"]  # not even a lock file left behind
     assert _run(ds, d, net, "--overwrite") == 0
     assert (d / "maps" / "city.geojson").exists() and (d / "report" / "thesis.docx").exists()
     assert (d / "results.parquet").exists()

@@ -264,11 +264,15 @@ class DatasetRun:
         if self.root.exists() and not self.root.is_dir():
             raise RunConfigError(f"--out {str(self.root)!r} is a file; give a folder for the run.")
         self.root.mkdir(parents=True, exist_ok=True)
+        new_lock = not self._lock.path.exists()
         self._lock.__enter__()
         try:
             self._prepare()
         except BaseException:
             self._lock.__exit__(None, None, None)
+            if new_lock and self.owned is None:  # refused before claiming the folder: leave no trace in it
+                with contextlib.suppress(OSError):
+                    self._lock.path.unlink()
             raise
         self._entered = True
         return self
