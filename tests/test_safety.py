@@ -497,3 +497,10 @@ def test_a_class_folder_that_holds_explanations_stays_a_class(
     assert _run(ds, tmp_path / "run", net) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["total"] == 4  # tabby's two photos, not its overlays and heatmaps
+
+
+def test_a_command_that_writes_nothing_leaves_no_folder(tmp_path: Path, net: list[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "never"
+    assert main(["compare-layers", str(tmp_path / "empty"), "--out", str(out), *net]) == 1
+    assert not out.exists()

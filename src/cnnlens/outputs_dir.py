@@ -308,10 +308,8 @@ def writing_into(
     """
     folder = claim_output_dir(directory, kind, overwrite=overwrite, option=option)
     before = _snapshot(folder.root)
-    failed = True
     try:
         yield folder
-        failed = False
     finally:
         after = _snapshot(folder.root)
         folder.record(
@@ -319,7 +317,7 @@ def writing_into(
             for rel, stamp in after.items()
             if before.get(rel) != stamp and rel != MARKER and not _MARKER_TMP.fullmatch(rel)
         )
-        if failed and folder.created and not folder.files:  # a command that failed before writing: no trace
+        if folder.created and not folder.files:  # a command that wrote nothing (failed early) leaves no folder
             with contextlib.suppress(OSError):
                 (folder.root / MARKER).unlink()
                 folder.root.rmdir()
