@@ -545,9 +545,11 @@ def test_process_batch_is_a_pure_function_of_model_and_batch(planted: Planted) -
     wrong = [i for i, r in enumerate(first.rows) if r["correct"] is False]
     assert {p.row for p in first.pictures} == set(wrong)
     assert all(p.render().shape == (32, 32, 3) for p in first.pictures)
+    maps = first.maps[0]
+    assert maps is not None
     for i, row in enumerate(first.rows[:6]):
         assert row["box_input"] == row["box"]  # 32x32 in, 32x32 model input: same pixels
-        assert (first.maps[0][i, 1].any()) == (i in wrong)
+        assert (maps[i, 1].any()) == (i in wrong)
 
 
 # -- datasets and models ---------------------------------------------------------------------------------------
