@@ -269,23 +269,40 @@ def _device(name: str) -> str:
     return resolve_device(name)
 
 
-def _load(args: argparse.Namespace) -> LoadedModel:
-    """Load ``--model`` with the model and preprocessing options of a command (zoo, architecture or factory)."""
-    from cnnlens.runs.model import load_run_model
+def load_model(name: str, **kwargs: Any) -> LoadedModel:
+    """:func:`cnnlens.models.load_model`, imported when called: how the commands load zoo and architecture names."""
+    from cnnlens.models import load_model as load
 
-    model = load_run_model(
-        args.model,
-        weights=args.weights,
-        random_weights=args.random_weights,
-        download=args.download,
-        num_classes=args.num_classes,
-        class_names=args.class_names,
-        device=_device(args.device),
-        input_size=getattr(args, "input_size", None),
-        resize=getattr(args, "resize", None),
-        mean=getattr(args, "mean", None),
-        std=getattr(args, "std", None),
-    )
+    return load(name, **kwargs)
+
+
+def _load_quietly(args: argparse.Namespace, *, random_weights: bool) -> LoadedModel:
+    """``--model`` with the command's model and preprocessing options: a zoo/architecture name or a factory."""
+    from dataclasses import replace
+
+    from cnnlens.runs.model import is_entry_point, load_run_model, override_preprocessing
+
+    common: dict[str, Any] = {
+        "weights": args.weights,
+        "random_weights": random_weights,
+        "download": args.download,
+        "num_classes": args.num_classes,
+        "class_names": args.class_names,
+        "device": _device(args.device),
+    }
+    prep: dict[str, Any] = {key: getattr(args, key, None) for key in ("input_size", "resize", "mean", "std")}
+    if is_entry_point(args.model):
+        return load_run_model(args.model, **common, **prep)
+    model = load_model(args.model, **common)
+    if any(value is not None for value in prep.values()):
+        new = override_preprocessing(model.spec.preprocessing, **prep)
+        model = replace(model, spec=replace(model.spec, preprocessing=new))
+    return model
+
+
+def _load(args: argparse.Namespace) -> LoadedModel:
+    """Load ``--model`` (zoo, architecture or factory, with preprocessing overrides); say so if weights are random."""
+    model = _load_quietly(args, random_weights=args.random_weights)
     if model.random_weights:
         err_console.print(
             f"[bold red]RANDOM WEIGHTS[/]: {escape(model.weights_source)}. Outputs are marked as such.", highlight=False
@@ -561,13 +578,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     except WeightsUnavailableError:
         if args.weights is not None:
             raise
-        args.random_weights = True
-        from cnnlens.runs.model import load_run_model
-
-        model = load_run_model(
-            args.model, random_weights=True, num_classes=args.num_classes, class_names=args.class_names,
-            device=_device(args.device), input_size=args.input_size, resize=args.resize, mean=args.mean, std=args.std,
-        )  # fmt: skip
+        model = _load_quietly(args, random_weights=True)
         err_console.print(
             f"note: no weights for {escape(args.model)} here; listing the architecture (layer names and shapes do "
             "not depend on weights).",
@@ -809,7 +820,6 @@ def _compare_models_with_progress(models: Sequence[LoadedModel], images: Sequenc
 
 def _cmd_compare_models(args: argparse.Namespace) -> int:
     """``cnnlens compare-models``."""
-    from cnnlens.models import load_model
     from cnnlens.report.study import render_study_report
 
     weights = _pairs(args.weights, "--weights")
@@ -881,7 +891,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from cnnlens.capture import probe_layers
     from cnnlens.data import sample_images
     from cnnlens.explanation import write_manifest
-    from cnnlens.models import load_model
     from cnnlens.report import render_explain_report
     from cnnlens.report.study import render_study_report
     from cnnlens.studies import compare_layers
