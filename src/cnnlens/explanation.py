@@ -312,11 +312,11 @@ class ExplanationSet(Sequence[Explanation]):
         Layout: ``<image>/<method>__<layer>__<target>.overlay.png`` (the map over the preprocessed image),
         ``.heatmap.png`` (the coloured map) and ``.raw.npy`` (the signed layer-resolution map, float32).
         Class-activation maps use ``cmap`` at opacity ``alpha``; pixel attributions (saliency, guided
-        backprop, Integrated Gradients...: sparse maps) use ``sparse_cmap`` scaled to their 99th percentile, with
-        an opacity proportional to the map (:func:`cnnlens.imaging.overlay_weighted`), so the photo shows where
-        they are zero. Each entry records the colour map, the method's traits (``input_level``,
-        ``class_independent``) and the options that differ from the method's defaults. Every PNG carries the model and weights source (no machine
-        path: :func:`cnnlens.display.public_path`) as text metadata.
+        backprop, Integrated Gradients...: sparse maps) use ``sparse_cmap`` scaled to their 99th percentile,
+        with an opacity proportional to the map (:func:`cnnlens.imaging.overlay_weighted`), so the photo shows
+        where they are zero. Each entry records the colour map, the method's traits (``input_level``,
+        ``class_independent``) and the options that differ from the method's defaults. Every PNG carries the
+        model and weights source (no machine path: :func:`cnnlens.display.public_path`) as text metadata.
         """
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
