@@ -182,6 +182,7 @@ def test_unknown_cmap_is_refused_before_anything_is_computed(
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--max-pixels", "0"], "--max-pixels must be at least 1"),
         (["--std", "0.5", "0", "0.5"], "--std values must be positive"),
+        (["--mean", "nan"], "--mean values must be finite"),
     ],
 )
 def test_options_methods_and_ranges_are_checked_first(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -336,6 +337,9 @@ def _check_args(args: argparse.Namespace) -> None:
         values = a.get(flag)
         for value in values if isinstance(values, list) else [values]:
             check_range(value, "--" + flag.replace("_", "-"), 1)
+    for flag in ("mean", "std"):
+        if isinstance(a.get(flag), list) and not all(math.isfinite(v) for v in a[flag]):
+            raise UsageError(f"--{flag} values must be finite numbers; received {a[flag]}.")
     if isinstance(a.get("std"), list) and any(v <= 0 for v in a["std"]):
         raise UsageError(f"--std values must be positive (they divide the input); received {a['std']}.")
     if isinstance(a.get("out"), str):
