@@ -485,3 +485,18 @@ def test_library_hints_are_rephrased_as_flags() -> None:
     )
     assert "--recursive" in cli._cli_hint("it has subdirectories: expand recursively to include them")
     assert "--max-pixels" in cli._cli_hint("Downscale the image, or pass a larger max_pixels if you trust the file.")
+
+
+def test_json_files_never_hold_bare_nan(tmp_path: Path) -> None:
+    from cnnlens.explanation import write_manifest
+    from cnnlens.jsonfile import dumps_strict
+
+    entry = {"method": "scorecam", "score": float("nan"), "extras": {"delta": [1.0, float("-inf")]}}
+    path = write_manifest(tmp_path, [entry], {"command": "test"})
+
+    def bare(constant: str) -> None:
+        pytest.fail(f"bare {constant} in manifest.json")
+
+    doc = json.loads(path.read_text(), parse_constant=bare)  # before: "score": NaN
+    assert doc["results"][0]["score"] is None and doc["results"][0]["extras"]["delta"] == [1.0, None]
+    assert dumps_strict((1.5, float("inf"))) == "[1.5, null]"

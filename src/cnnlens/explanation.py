@@ -25,6 +25,7 @@ import torch
 from cnnlens.display import SPARSE_CMAP, method_traits, scrub_paths, variant_options
 from cnnlens.errors import LayerNotFoundError, MethodNotFoundError
 from cnnlens.imaging import clip_percentile, colorize, overlay, overlay_weighted, save_png
+from cnnlens.jsonfile import dumps_strict
 from cnnlens.outputs_dir import OutputFolderError, OwnedFolder, claim_output_dir, safe_name
 
 __all__ = ["ExplainFolder", "Explanation", "ExplanationSet", "environment_versions", "write_manifest"]
@@ -643,5 +644,5 @@ def write_manifest(
         doc["images"] = [dict(i) for i in images]
     path = Path(directory) / "manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    path.write_text(dumps_strict(doc, indent=2, default=str) + "\n", encoding="utf-8")  # NaN -> null
     return path

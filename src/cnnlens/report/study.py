@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from matplotlib.colors import Normalize
 from cnnlens.display import CAM_CMAP, SPARSE_CMAP, method_traits, scrub_paths
 from cnnlens.explanation import environment_versions
 from cnnlens.imaging import clip_percentile, overlay, overlay_weighted
+from cnnlens.jsonfile import dumps_strict
 from cnnlens.report import _env
 from cnnlens.studies import LayerStudy, ModelStudy
 
@@ -287,7 +287,7 @@ def render_study_report(
         },
         "model_study": model_study.table() if model_study is not None else None,
     }
-    (out / "study.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    (out / "study.json").write_text(dumps_strict(doc, indent=2, default=str) + "\n", encoding="utf-8")
     html = (
         _env()
         .get_template("study.html")

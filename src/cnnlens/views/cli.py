@@ -14,7 +14,6 @@ paths. Errors in what the user asked for are :class:`~cnnlens.errors.CnnlensErro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ from rich.markup import escape
 
 from cnnlens._cli_parsers import add_views_commands as _add_views_commands
 from cnnlens.errors import CnnlensError, LayerError
+from cnnlens.jsonfile import dumps_strict
 
 if TYPE_CHECKING:  # the views import torch: they load when a command runs, not for --help
     from cnnlens.models import LoadedModel
@@ -46,7 +46,7 @@ add_views_commands = _add_views_commands  # the parser lives in cnnlens._cli_par
 def _write_manifest(out: Path, name: str, doc: Mapping[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
+    path.write_text(dumps_strict(doc, indent=2, default=str), encoding="utf-8")
     return path
 
 
