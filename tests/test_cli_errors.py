@@ -500,3 +500,14 @@ def test_json_files_never_hold_bare_nan(tmp_path: Path) -> None:
     doc = json.loads(path.read_text(), parse_constant=bare)  # before: "score": NaN
     assert doc["results"][0]["score"] is None and doc["results"][0]["extras"]["delta"] == [1.0, None]
     assert dumps_strict((1.5, float("inf"))) == "[1.5, null]"
+
+
+def test_top_k_is_a_deprecated_alias_of_show_top(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = cli._build_parser()
+    old = parser.parse_args(["explain", "x.png", "--top-k", "3"])
+    new = parser.parse_args(["explain", "x.png", "--show-top", "3"])
+    assert old.show_top == new.show_top == 3
+    assert getattr(old, "deprecated_top_k", False) and not getattr(new, "deprecated_top_k", False)
+    with pytest.raises(SystemExit):
+        cli.main(["explain", "--help"])
+    assert "deprecated alias" in " ".join(capsys.readouterr().out.split())

@@ -111,6 +111,17 @@ def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _ShowTop(argparse.Action):
+    """``--show-top N``; its deprecated alias ``--top-k`` also sets ``deprecated_top_k`` (a note is printed)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        if option == "--top-k":
+            namespace.deprecated_top_k = True
+
+
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: the sub-command's flag does not overwrite `cnnlens -v COMMAND` with False.
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
@@ -162,6 +173,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--top-k",
         dest="show_top",
         type=int,
+        action=_ShowTop,
         metavar="N",
         help="print the N best predictions per image (default 5, or every class of a model with fewer). --top-k "
         "is a deprecated alias (in the Python API top_k= means --explain-top)",
@@ -370,6 +382,12 @@ def _check_model_args(args: argparse.Namespace, model: LoadedModel) -> int | Non
 
     n = len(model.class_names)
     a = vars(args)
+    if a.get("deprecated_top_k"):
+        err_console.print(
+            "note: --top-k is deprecated, use --show-top (it prints predictions; --explain-top N explains the N best "
+            "classes, like top_k=N in Python).",
+            highlight=False,
+        )
     why = f" (the model has {n} classes)"
     if "show_top" in a:
         if args.show_top is None:
