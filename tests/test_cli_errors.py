@@ -511,3 +511,14 @@ def test_top_k_is_a_deprecated_alias_of_show_top(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         cli.main(["explain", "--help"])
     assert "deprecated alias" in " ".join(capsys.readouterr().out.split())
+
+
+def test_run_takes_max_pixels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for label in ("class_0", "class_1"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        Image.fromarray(np.full((40, 60, 3), 100, np.uint8)).save(tmp_path / "data" / label / "x.png")
+    net = ["--model", "resnet18", "--num-classes", "2", "--random-weights", "--workers", "0", "--input-size", "32"]
+    small = ["run", str(tmp_path / "data"), *net, "--max-pixels", "1000", "--no-average-drop"]
+    assert cli.main([*small, "--out", str(tmp_path / "r1")]) == 1  # both images over the limit: error rows
+    assert "--max-pixels" in capsys.readouterr().err
+    assert cli.main([*small[:-3], "--max-pixels", "2400", "--out", str(tmp_path / "r2")]) == 0

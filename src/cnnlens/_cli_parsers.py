@@ -111,6 +111,8 @@ def add_views_commands(subparsers: Any) -> None:
 
 def add_run_commands(subparsers: Any) -> None:
     """Add the ``run`` and ``report`` subcommands to an ``argparse`` subparsers object."""
+    from cnnlens import cli as base
+
     run = subparsers.add_parser(
         "run",
         help="explain every image of a labelled dataset (resumable) and write results.parquet",
@@ -188,6 +190,7 @@ def add_run_commands(subparsers: Any) -> None:
         "cnnlens did not write is never deleted; without --overwrite such a folder is refused",
     )
 
+    base._add_max_pixels(run_opts)
     run.set_defaults(handler=_run_handler)
 
     rep = subparsers.add_parser(

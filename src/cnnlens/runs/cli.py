@@ -55,7 +55,7 @@ add_run_commands = _add_run_commands  # the parser lives in cnnlens._cli_parsers
 def cmd_run(args: argparse.Namespace) -> int:
     """``cnnlens run DATASET --out RUN_DIR ...``; returns the exit code."""
     from cnnlens._cli_args import LineProgress
-    from cnnlens.cli import _check_model_args, _device, _parse_options
+    from cnnlens.cli import _check_model_args, _cli_hint, _device, _parse_options
     from cnnlens.runs.batch import RunSettings
     from cnnlens.runs.dataset import read_dataset
     from cnnlens.runs.model import load_run_model
@@ -126,7 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             def update(done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total)
 
-            summary = run.execute(batch_size=args.batch_size, workers=args.workers, progress=update)
+            summary = run.execute(
+                batch_size=args.batch_size, workers=args.workers, progress=update, max_pixels=args.max_pixels
+            )
     table = Table(title=escape(f"run {args.out}"))
     table.add_column("images", justify="right")
     table.add_column("explained", justify="right")
@@ -153,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bad = [r for r in rows if r["status"] != "ok"]
         err_console.print(f"[bold red]{len(bad)} file(s) could not be read[/] (error rows in results.parquet):")
         for r in bad[:20]:
-            err_console.print(escape(f"  {r['path']}: {r['error']}"), highlight=False)
+            err_console.print(escape(f"  {r['path']}: {_cli_hint(r['error'])}"), highlight=False)
         if len(bad) > 20:
             err_console.print(f"  ... and {len(bad) - 20} more")
         return EXIT_FAILED_INPUTS

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from cnnlens.data.images import DEFAULT_MAX_PIXELS
 from cnnlens.explanation import environment_versions
 from cnnlens.models import LoadedModel
 from cnnlens.outputs_dir import OwnedFolder, claim_output_dir, read_marker
@@ -370,7 +371,12 @@ class DatasetRun:
 
     # -- work ----------------------------------------------------------------------------------------------
     def execute(
-        self, *, batch_size: int = 16, workers: int | None = None, progress: ProgressFn | None = None
+        self,
+        *,
+        batch_size: int = 16,
+        workers: int | None = None,
+        progress: ProgressFn | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> RunSummary:
         """Process every shard not yet committed, then assemble ``results.parquet`` and write the summary.
 
@@ -378,6 +384,8 @@ class DatasetRun:
             batch_size: Images per forward/backward.
             workers: Decoding processes (default :func:`default_workers`; 0 decodes in this process).
             progress: ``progress(completed, total)`` after every batch.
+            max_pixels: Largest image decoded (width x height, see :func:`cnnlens.data.load_image`); larger ones
+                become error rows.
 
         Returns:
             The :class:`RunSummary`.
@@ -402,7 +410,12 @@ class DatasetRun:
             batches = shard_batches([self.store.shard_range(s) for s in pending], batch_size)
             cuda = device == "cuda"
             loader = make_loader(
-                self.dataset.samples, batches, self.model.spec.preprocessing, workers=workers, pin_memory=cuda
+                self.dataset.samples,
+                batches,
+                self.model.spec.preprocessing,
+                workers=workers,
+                pin_memory=cuda,
+                max_pixels=max_pixels,
             )
             parts: list[BatchResult] = []
             writes: list[Future[None]] = []
