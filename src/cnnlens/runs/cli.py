@@ -35,9 +35,14 @@ EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
 
 
 def _consoles() -> tuple[Console, Console]:
+    """Consoles as :mod:`cnnlens.cli` makes them: a terminal's width, else ``$COLUMNS`` or 160; lines not cut."""
+    import os
+
+    columns = os.environ.get("COLUMNS", "")
+    piped = int(columns) if columns.isdigit() and int(columns) > 0 else 160
     return (
-        Console(width=None if sys.stdout.isatty() else 160),
-        Console(stderr=True, width=None if sys.stderr.isatty() else 160),
+        Console(width=None if sys.stdout.isatty() else piped, soft_wrap=True),
+        Console(stderr=True, width=None if sys.stderr.isatty() else piped, soft_wrap=True),
     )
 
 
@@ -130,12 +135,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, workers=args.workers, progress=update, max_pixels=args.max_pixels
             )
     table = Table(title=escape(f"run {args.out}"))
-    table.add_column("images", justify="right")
-    table.add_column("explained", justify="right")
-    table.add_column("errors", justify="right")
-    table.add_column("accuracy", justify="right")
-    table.add_column("time", justify="right")
-    table.add_column("images/s", justify="right")
+    table.add_column("images", justify="right", overflow="fold")
+    table.add_column("explained", justify="right", overflow="fold")
+    table.add_column("errors", justify="right", overflow="fold")
+    table.add_column("accuracy", justify="right", overflow="fold")
+    table.add_column("time", justify="right", overflow="fold")
+    table.add_column("images/s", justify="right", overflow="fold")
     table.add_row(
         str(summary.total),
         str(summary.ok),
