@@ -522,3 +522,15 @@ def test_run_takes_max_pixels(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert cli.main([*small, "--out", str(tmp_path / "r1")]) == 1  # both images over the limit: error rows
     assert "--max-pixels" in capsys.readouterr().err
     assert cli.main([*small[:-3], "--max-pixels", "2400", "--out", str(tmp_path / "r2")]) == 0
+
+
+def test_vit_default_layer_is_refused_with_a_clear_error() -> None:
+    import timm
+
+    from cnnlens.errors import LayerError
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3).eval()
+    # before: silently patch_embed.proj (the patch embedding, a meaningless map)
+    with pytest.raises(LayerError, match=r"'blocks.11' .* not a \(B, C, H, W\) feature map.*--layer NAME"):
+        cnnlens.explain(vit, torch.randn(1, 3, 224, 224))
+    assert cnnlens.explain(vit, torch.randn(1, 3, 224, 224), layers=["patch_embed.proj"]).layers == ["patch_embed.proj"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cnnlens.capture import LayerSpec, MemoryFormat, Probe, capture
-from cnnlens.errors import InputShapeError, LayerNotFoundError, NonFiniteInputError, NonFiniteOutputError
+from cnnlens.errors import InputShapeError, LayerError, LayerNotFoundError, NonFiniteInputError, NonFiniteOutputError
 from cnnlens.explanation import Explanation, ExplanationSet
 from cnnlens.maps import finite_or_zero, upsample_normalize
 from cnnlens.methods.registry import LayerView, MethodSpec, apply_display, display_mode, resolve_methods
@@ -72,6 +72,17 @@ def _check_finite_logits(logits: torch.Tensor | None, module: nn.Module) -> None
         else "the weights are finite, so the forward overflowed; check the input scale and the model's precision"
     )
     raise NonFiniteOutputError(f"the model produced NaN or infinite scores for image(s) {rows[:10]}: {cause}.")
+
+
+def _check_default_is_spatial(activations: Mapping[str, torch.Tensor], module: nn.Module) -> None:
+    """Refuse a default layer whose output is not a feature map (a ViT's tokens), naming how to choose one."""
+    for name, value in activations.items():
+        if value.ndim != 4:
+            raise LayerError(
+                f"the default layer {name!r} of {type(module).__name__} outputs shape {tuple(value.shape)}, not a "
+                "(B, C, H, W) feature map (token layouts are not supported); name a convolutional layer or block: "
+                "layers=[...] in Python, --layer NAME on the command line (`cnnlens layers --all` lists them)."
+            )
 
 
 def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None = None) -> torch.Tensor:
@@ -181,6 +192,8 @@ def explain(
         _check_finite_logits(rec.logits, module)
         if rec.inputs.ndim != 4:
             raise InputShapeError(f"explain() needs image batches (B, C, H, W), got {tuple(rec.inputs.shape)}.")
+        if layers is None and "activations" in needs:
+            _check_default_is_spatial(rec.activations, module)
         size = (int(rec.inputs.shape[-2]), int(rec.inputs.shape[-1]))
         assert rec.scores is not None  # set by run()
         assert rec.target_classes is not None
