@@ -20,10 +20,11 @@ Rows, each called exactly the way its library documents (targets = the top class
   with grad enabled and ``extractor(class_idx, scores)``: normalised maps at layer resolution (torchcam
   does not upsample, so it does slightly less work than the two others).
 * Context rows (timed, no memory probe): ``inference forward, channels-last input`` (the same forward with
-  ``x.contiguous(memory_format=torch.channels_last)``) and ``cnnlens Grad-CAM, memory_format='preserve'``
-  (explain without its default channels-last CPU forward). cnnlens' default runs CPU forwards channels-last,
-  which is faster than the contiguous forward the targets refer to; these two rows separate that gain from
-  cnnlens' own overhead (``preserve`` vs the contiguous forward, default vs the channels-last forward).
+  ``x.contiguous(memory_format=torch.channels_last)``) and ``cnnlens Grad-CAM, memory_format='auto'``
+  (explain with its optional channels-last CPU forward). cnnlens' default keeps the input's contiguous layout,
+  the accurate path (channels-last convolution backward on the CPU is measurably less accurate, see
+  ``docs/benchmarks.md``); these two rows show what the speed option buys (``auto`` vs the channels-last
+  forward, default vs the contiguous forward).
 
 Peers get their own ``copy.deepcopy`` of the model so their hooks never run inside another row; calls are
 interleaved round by round (warm-up first) and the median of ``--repeats`` rounds is reported, with the
@@ -121,11 +122,11 @@ ROWS: dict[str, str] = {
     "torchcam_gradcampp": "torchcam GradCAMpp",
     "cnnlens_both": "cnnlens Grad-CAM + Grad-CAM++ (one call)",
     "forward_cl": "inference forward, channels-last input",
-    "cnnlens_gradcam_preserve": "cnnlens Grad-CAM, memory_format='preserve'",
+    "cnnlens_gradcam_auto": "cnnlens Grad-CAM, memory_format='auto' (channels-last option)",
 }
-# Context rows: timed, not memory-measured. cnnlens runs CPU forwards channels-last by default (faster
-# convolutions); these two rows separate that gain from cnnlens' own overhead.
-CONTEXT_ROWS = ("forward_cl", "cnnlens_gradcam_preserve")
+# Context rows: timed, not memory-measured. cnnlens runs CPU forwards contiguous by default (accurate
+# gradients); these two rows show what its optional channels-last forward buys.
+CONTEXT_ROWS = ("forward_cl", "cnnlens_gradcam_auto")
 METHODS = ("gradcam", "gradcampp")
 METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++"}
 
@@ -230,10 +231,10 @@ def make_row(row: str, subject: Subject, x: torch.Tensor, *, own_copy: bool) -> 
     if row.startswith("cnnlens_"):
         import cnnlens
 
-        preserve = row.endswith("_preserve")
-        name = row.removeprefix("cnnlens_").removesuffix("_preserve")
+        channels_last = row.endswith("_auto")
+        name = row.removeprefix("cnnlens_").removesuffix("_auto")
         methods = list(METHODS) if name == "both" else [name]
-        layout = "preserve" if preserve else "auto"
+        layout = "auto" if channels_last else "preserve"
 
         def explain() -> object:
             return cnnlens.explain(
