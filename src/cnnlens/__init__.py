@@ -24,6 +24,7 @@ from cnnlens._names import __version__
 if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time they load lazily
     from cnnlens.capture import Capture, Recording, capture, record, resolve_layer
     from cnnlens.errors import CnnlensError
+    from cnnlens.execution import Execution
     from cnnlens.explain import default_layer, explain
     from cnnlens.explanation import Explanation, ExplanationSet
     from cnnlens.methods import CnnlensWarning, get_method, method_ids, register
@@ -37,6 +38,7 @@ _LAZY: dict[str, str] = {
     "record": "cnnlens.capture",
     "resolve_layer": "cnnlens.capture",
     "CnnlensError": "cnnlens.errors",
+    "Execution": "cnnlens.execution",
     "default_layer": "cnnlens.explain",
     "explain": "cnnlens.explain",
     "Explanation": "cnnlens.explanation",
@@ -59,6 +61,7 @@ __all__ = [
     "ClassTarget",
     "CnnlensError",
     "CnnlensWarning",
+    "Execution",
     "Explanation",
     "ExplanationSet",
     "FunctionTarget",

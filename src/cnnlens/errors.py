@@ -19,6 +19,7 @@ __all__ = [
     "ModelNotFoundError",
     "NonFiniteInputError",
     "NonFiniteOutputError",
+    "OptionError",
     "OutputAdapterError",
     "TargetError",
     "UsageError",
@@ -52,6 +53,10 @@ class OutputAdapterError(CnnlensError, TypeError):
 
 class MethodNotFoundError(CnnlensError, KeyError):
     """No method is registered under the requested id."""
+
+
+class OptionError(CnnlensError, ValueError):
+    """An option of a method, a metric or an Execution has an unknown name, a wrong type or an invalid value."""
 
 
 class MethodError(CnnlensError, ValueError):

@@ -15,6 +15,7 @@ import torch
 
 from cnnlens.capture import Probe
 from cnnlens.errors import MethodError, MethodNotFoundError
+from cnnlens.execution import DEFAULT, Execution
 
 __all__ = [
     "Display",
@@ -54,6 +55,8 @@ class LayerView:
         target: Index of the explained target in the recording (for :class:`cnnlens.capture.Probe` calls).
         probe: Extra forwards/backwards with the targets fixed (perturbation methods, guided backprop,
             Integrated Gradients, smoothing); None when a method is called outside :func:`cnnlens.explain`.
+        execution: How to run extra forwards (layout, memory budget, chunk size); never changes the result's
+            meaning and is not part of the method's variant.
     """
 
     layer: str
@@ -65,6 +68,7 @@ class LayerView:
     target_class: torch.Tensor
     target: int = 0
     probe: Probe | None = None
+    execution: Execution = DEFAULT
 
     def require_probe(self, method: str) -> Probe:
         """Return the probe or raise a clear error when the method runs outside a capture."""
