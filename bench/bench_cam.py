@@ -20,11 +20,11 @@ Rows, each called exactly the way its library documents (targets = the top class
   with grad enabled and ``extractor(class_idx, scores)``: normalised maps at layer resolution (torchcam
   does not upsample, so it does slightly less work than the two others).
 * Context rows (timed, no memory probe): ``inference forward, channels-last input`` (the same forward with
-  ``x.contiguous(memory_format=torch.channels_last)``) and ``cnnlens Grad-CAM, memory_format='auto'``
-  (explain with its optional channels-last CPU forward). cnnlens' default keeps the input's contiguous layout,
-  the accurate path (channels-last convolution backward on the CPU is measurably less accurate, see
-  ``docs/benchmarks.md``); these two rows show what the speed option buys (``auto`` vs the channels-last
-  forward, default vs the contiguous forward).
+  ``x.contiguous(memory_format=torch.channels_last)``) and
+  ``cnnlens Grad-CAM, Execution(memory_format='channels_last')`` (explain with its optional channels-last CPU
+  forward). cnnlens' default keeps the input's contiguous layout, the accurate path (channels-last convolution
+  backward on the CPU is measurably less accurate, see ``docs/benchmarks.md``); these two rows show what the
+  speed option buys (channels-last option vs the channels-last forward, default vs the contiguous forward).
 
 Peers get their own ``copy.deepcopy`` of the model so their hooks never run inside another row; calls are
 interleaved round by round (warm-up first) and the median of ``--repeats`` rounds is reported, with the
@@ -122,7 +122,7 @@ ROWS: dict[str, str] = {
     "torchcam_gradcampp": "torchcam GradCAMpp",
     "cnnlens_both": "cnnlens Grad-CAM + Grad-CAM++ (one call)",
     "forward_cl": "inference forward, channels-last input",
-    "cnnlens_gradcam_auto": "cnnlens Grad-CAM, memory_format='auto' (channels-last option)",
+    "cnnlens_gradcam_auto": "cnnlens Grad-CAM, Execution(memory_format='channels_last') option",
 }
 # Context rows: timed, not memory-measured. cnnlens runs CPU forwards contiguous by default (accurate
 # gradients); these two rows show what its optional channels-last forward buys.
@@ -234,12 +234,10 @@ def make_row(row: str, subject: Subject, x: torch.Tensor, *, own_copy: bool) -> 
         channels_last = row.endswith("_auto")
         name = row.removeprefix("cnnlens_").removesuffix("_auto")
         methods = list(METHODS) if name == "both" else [name]
-        layout = "auto" if channels_last else "preserve"
+        layout = cnnlens.Execution(memory_format="channels_last" if channels_last else "contiguous")
 
         def explain() -> object:
-            return cnnlens.explain(
-                subject.explain_model, x, methods=methods, layers=[subject.layer], memory_format=layout
-            )
+            return cnnlens.explain(subject.explain_model, x, methods=methods, layers=[subject.layer], execution=layout)
 
         return Row(explain)
 

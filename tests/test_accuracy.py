@@ -8,12 +8,12 @@ error measured for the default path under ``ATEN_CPU_CAPABILITY=default``, ``avx
 and varies by method: input gradients of a 50-layer network (saliency, Integrated Gradients) sum many terms of
 both signs, and their maxima are small against those terms; guided backprop keeps only positive terms.
 
-The default path is the contiguous one. Channels-last forwards on the CPU (``memory_format="auto"``) use
-oneDNN convolution backward kernels that are less accurate; measured here with AVX2/AVX-512 kernels: guided
-backprop 1.1e-4 (contiguous 2.6e-7), saliency 3.7e-2 (2.1e-3, beyond its bound), Grad-CAM at ``layer2``
-1.9e-4 (2.6e-5). Under oneDNN's SSE4.1 kernels the contiguous path is no better (guided backprop 6.4e-5 either
-way), so bounds that hold on every kernel set cannot separate the layouts everywhere; the layout of every
-default forward is checked directly by the last test.
+The default path is the contiguous one. Channels-last forwards on the CPU
+(``Execution(memory_format="channels_last")``) use oneDNN convolution backward kernels that are less accurate;
+measured here with AVX2/AVX-512 kernels: guided backprop 1.1e-4 (contiguous 2.6e-7), saliency 3.7e-2 (2.1e-3,
+beyond its bound), Grad-CAM at ``layer2`` 1.9e-4 (2.6e-5). Under oneDNN's SSE4.1 kernels the contiguous path is no
+better (guided backprop 6.4e-5 either way), so bounds that hold on every kernel set cannot separate the layouts
+everywhere; the layout of every default forward is checked directly by the last test.
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ def test_every_default_forward_is_contiguous_and_channels_last_is_an_option() ->
     metrics.deletion(net, x, maps, step=16, mean=0.0, std=1.0)
     assert net.contiguous and all(net.contiguous), net.contiguous
     net.contiguous.clear()
-    cnnlens.explain(net, x, methods=["gradcam"], layers=["conv"], memory_format="auto")
+    cnnlens.explain(
+        net, x, methods=["gradcam"], layers=["conv"], execution=cnnlens.Execution(memory_format="channels_last")
+    )
     metrics.average_drop(net, x, maps, space="normalized", channels_last=True)
     assert net.contiguous and not any(net.contiguous), net.contiguous

@@ -21,7 +21,8 @@ from torch import nn
 
 import cnnlens
 from cnnlens.capture import Capture
-from cnnlens.errors import LayerError, MethodError, TargetError
+from cnnlens.errors import LayerError, MethodError, OptionError, TargetError
+from cnnlens.execution import Execution
 from cnnlens.maps import normalize
 from cnnlens.methods import get_method
 from cnnlens.methods.attribution import quadrature
@@ -154,7 +155,7 @@ def test_resnet18_float32_matches_captum() -> None:
 
 
 def test_channels_last_option_computes_the_same_maps_with_contiguous_results() -> None:
-    # memory_format="auto" runs CPU forwards channels-last (faster). Its convolution backward is less accurate
+    # Execution(memory_format="channels_last") runs CPU forwards channels-last (faster). Its convolution backward is less accurate
     # (tests/test_accuracy.py), so this is no rounding-level check: the same maps within the option's documented
     # error (input gradients up to a few 1e-2 of their maximum on ResNet-50), where a layout bug is off by O(1).
     torchvision = pytest.importorskip("torchvision")
@@ -163,13 +164,13 @@ def test_channels_last_option_computes_the_same_maps_with_contiguous_results() -
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(3))
     methods = ["gradcam", "gradcampp", "layercam", "saliency", "integrated_gradients"]
     kwargs: dict[str, Any] = {"methods": methods, "layers": ["layer3", "layer4"], "targets": [1, 7]}
-    fast = cnnlens.explain(net, x, memory_format="auto", **kwargs)
-    plain = cnnlens.explain(net, x, memory_format="preserve", **kwargs)
+    fast = cnnlens.explain(net, x, execution=Execution(memory_format="channels_last"), **kwargs)
+    plain = cnnlens.explain(net, x, execution=Execution(memory_format="contiguous"), **kwargs)
     for a, b in zip(fast, plain, strict=True):
         assert a.raw.is_contiguous() and a.maps.is_contiguous()
         tol = 0.1 if a.method in ("saliency", "integrated_gradients") else 1e-3
         assert (a.raw - b.raw).abs().max() <= tol * b.raw.abs().max(), (a.method, a.layer)
-    with cnnlens.capture(net, ["layer4"], memory_format="auto") as cap:
+    with cnnlens.capture(net, ["layer4"], execution=Execution(memory_format="channels_last")) as cap:
         rec = cap.run(x, targets=1, input_gradients=True)
     assert rec.activations["layer4"].is_contiguous() and rec.gradients["layer4"].is_contiguous()
     assert rec.input_gradients is not None and rec.input_gradients.is_contiguous()
@@ -187,17 +188,29 @@ class ViewHead(nn.Module):
         return self.fc(torch.relu(self.conv(x)).view(x.shape[0], -1))
 
 
-def test_model_that_rejects_channels_last_falls_back_and_is_remembered() -> None:
-    from cnnlens.capture import _NO_CHANNELS_LAST
-
+def test_model_that_rejects_channels_last_raises_a_clear_error_once_and_leaves_no_state() -> None:
+    # Channels-last is explicit: a model that cannot run it fails with an OptionError naming the fix and keeping
+    # the model's own error as the cause; nothing is retried and nothing is remembered (the next call, contiguous
+    # by default, works and a second channels-last call fails the same way).
     net = ViewHead().eval()
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError) as premise:
         net(x.contiguous(memory_format=torch.channels_last))  # the premise: channels-last breaks this model
-    res = cnnlens.explain(net, x, methods=["gradcam"], layers=["conv"], targets=0, memory_format="auto")
+    calls: list[int] = []
+    net.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    channels_last = Execution(memory_format="channels_last")
+    for _ in range(2):
+        calls.clear()
+        with pytest.raises(OptionError, match=r"channels-last.*Execution\(memory_format='contiguous'\)") as err:
+            cnnlens.explain(net, x, methods=["gradcam"], layers=["conv"], targets=0, execution=channels_last)
+        assert isinstance(err.value.__cause__, RuntimeError)
+        assert str(err.value.__cause__) == str(premise.value)
+        assert calls == [1]  # one forward, no hidden retry
+        assert hook_count(net) == 1  # only the test's own pre-hook: the capture's hooks are gone
+    with cnnlens.capture(net, ["conv"]) as cap, pytest.raises(OptionError, match="channels-last"):
+        cap.forward(x, execution=channels_last)
     ref = cnnlens.explain(net, x, methods=["gradcam"], layers=["conv"], targets=0)
-    assert net in _NO_CHANNELS_LAST
-    torch.testing.assert_close(res["gradcam", "conv"].raw, ref["gradcam", "conv"].raw)
+    assert ref["gradcam", "conv"].raw.abs().max() > 0
 
 
 # -- Integrated Gradients: completeness and the reported delta ---------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -34,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from cnnlens.errors import CnnlensError, InputShapeError, LayerError, LayerNotFoundError, TargetError
+from cnnlens.errors import CnnlensError, InputShapeError, LayerError, LayerNotFoundError, OptionError, TargetError
+from cnnlens.execution import Execution, MemoryFormat, as_execution
 from cnnlens.outputs import OutputSelector, to_logits
 from cnnlens.targets import ClassTarget, FunctionTarget, Score, Target, TargetSpec, resolve_targets
 
@@ -42,12 +42,19 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Capture",
+    "DifferentiableCapture",
+    "Execution",
+    "GraphRecording",
     "LayerInfo",
     "LayerRef",
+    "LayerSpec",
+    "MemoryFormat",
     "Probe",
     "Recording",
     "ReluBackward",
     "capture",
+    "differentiable_capture",
+    "forward_only",
     "probe_layers",
     "record",
     "replay_path",
@@ -125,16 +132,6 @@ def resolve_layer(model: nn.Module, layer: LayerSpec, *, modules: dict[str, nn.M
         )
     return LayerRef(name, modules[name], call)
 
-
-MemoryFormat = Literal["auto", "preserve"]
-"""How a capture feeds the model: ``"preserve"`` (as given; the default, the accurate path) or ``"auto"``
-(channels-last on the CPU when the model takes it: faster, less accurate gradients; see ``Capture._call_model``)."""
-
-_LAYOUT_ERROR = re.compile(r"contiguous|stride|view size|memory.format|channels.last", re.IGNORECASE)
-"""What the errors of a model that cannot take channels-last input say (``.view()``, custom ops)."""
-
-_NO_CHANNELS_LAST: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-"""Models that failed in channels-last format once (e.g. a ``.view()`` of a feature map): never tried again."""
 
 ReluBackward = Literal["normal", "guided", "deconvnet"]
 """How gradients cross ReLU/ReLU6 during a capture: autograd's own rule, guided backprop or deconvnet."""
@@ -243,12 +240,10 @@ class Capture:
         layers: Sequence[LayerSpec],
         *,
         output_selector: OutputSelector | None = None,
-        memory_format: MemoryFormat = "preserve",
+        execution: Execution | None = None,
     ) -> None:
-        if memory_format not in ("auto", "preserve"):
-            raise InputShapeError(f"memory_format must be 'auto' or 'preserve', got {memory_format!r}.")
+        self.execution = as_execution(execution)
         self.model = model
-        self.memory_format = memory_format
         self._modules = dict(model.named_modules())  # one traversal serves resolution and the flag check
         refs = [resolve_layer(model, layer, modules=self._modules) for layer in layers]
         seen: set[str] = set()
@@ -359,42 +354,36 @@ class Capture:
 
     # -- running -----------------------------------------------------------------------------------
     def _call_model(
-        self, x: torch.Tensor, call: Callable[[torch.Tensor], Any], memory_format: MemoryFormat | None = None
+        self, x: torch.Tensor, call: Callable[[torch.Tensor], Any], execution: Execution | None = None
     ) -> Any:
-        """``call(x)``, in channels-last memory format where that is the faster choice and the model takes it.
+        """``call(x)``, in channels-last memory format when the execution asks for it (4-D CPU float input).
 
-        With ``memory_format="auto"`` (an explicit speed option; the default is ``"preserve"``), a 4-D
-        floating-point input on the CPU runs in channels-last format: oneDNN's convolutions are 1.2-1.6x faster
-        that way (measured on ResNet-50, VGG16, InceptionV3 and EfficientNet-Lite0), but PyTorch/oneDNN's
-        channels-last convolution backward on the CPU is measurably less accurate: against a float64 reference,
-        ResNet-50 (weights=None, 224 px) guided backprop 1.1e-4 relative error vs 2.6e-7 contiguous, saliency
-        3.7e-2 vs 2.1e-3, InceptionV3 ``Mixed_6e`` Grad-CAM 2.2e-4 vs 1.9e-6 (depending on the CPU's kernel
-        set; ``tests/test_accuracy.py``). A model that cannot take it (typically a ``.view()`` of a feature map)
-        raises on the first try with an error about strides or contiguity: the forward is run again in the
-        input's own format, and the model is remembered so later calls do not try again. Any other error is the
-        model's own and is raised as it is, without a second forward.
+        ``Execution(memory_format="channels_last")`` (an explicit speed option; the default is
+        ``"contiguous"``) runs a 4-D floating-point input on the CPU in channels-last format: oneDNN's
+        convolutions are 1.2-1.6x faster that way (measured on ResNet-50, VGG16, InceptionV3 and
+        EfficientNet-Lite0), but PyTorch/oneDNN's channels-last convolution backward on the CPU is measurably
+        less accurate: against a float64 reference, ResNet-50 (weights=None, 224 px) guided backprop 1.1e-4
+        relative error vs 2.6e-7 contiguous, saliency 3.7e-2 vs 2.1e-3, InceptionV3 ``Mixed_6e`` Grad-CAM
+        2.2e-4 vs 1.9e-6 (depending on the CPU's kernel set; ``tests/test_accuracy.py``). Nothing is retried:
+        a model that cannot run channels-last (typically a ``.view()`` of a feature map) fails once, with an
+        :class:`~cnnlens.errors.OptionError` that names the fix and keeps the model's error as ``__cause__``.
         """
-        if not self._wants_channels_last(x, memory_format or self.memory_format):
+        chosen = execution if execution is not None else self.execution
+        if not _wants_channels_last(x, chosen):
             return call(x)
         try:
             return call(x.contiguous(memory_format=torch.channels_last))
+        except CnnlensError:
+            raise
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as exc:
-            if isinstance(exc, CnnlensError) or not _LAYOUT_ERROR.search(str(exc)):
-                raise  # not about the memory layout: the model's own error, raised once
-            result = call(x)
-            _NO_CHANNELS_LAST.add(self.model)
-            log.debug("%s cannot run in channels-last format (%s); using the input's format", type(self.model), exc)
-            return result
-
-    def _wants_channels_last(self, x: torch.Tensor, memory_format: MemoryFormat) -> bool:
-        return (
-            memory_format == "auto"
-            and x.ndim == 4
-            and x.device.type == "cpu"
-            and x.is_floating_point()
-            and not x.is_contiguous(memory_format=torch.channels_last)
-            and self.model not in _NO_CHANNELS_LAST
-        )
+            raise OptionError(
+                f"{type(self.model).__name__} failed in channels-last memory format "
+                f"(Execution(memory_format='channels_last')): {type(exc).__name__}: {exc}. A model that reshapes "
+                "feature maps with .view() cannot run channels-last: pass execution=Execution(memory_format="
+                "'contiguous') (the default), or fix the model (.reshape instead of .view)."
+            ) from exc
 
     def _prepare_input(self, inputs: torch.Tensor) -> torch.Tensor:
         if not isinstance(inputs, torch.Tensor):
@@ -517,20 +506,22 @@ class Capture:
             self._clear()
         return recording
 
-    def forward(self, inputs: torch.Tensor, *, memory_format: MemoryFormat | None = None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, *, execution: Execution | None = None) -> torch.Tensor:
         """Run the model without recording (eval mode, no graph) and return its logits.
 
         Used by perturbation methods and metrics for their extra forwards.
 
         Args:
             inputs: The input batch.
-            memory_format: Overrides the capture's ``memory_format`` for this call.
+            execution: Overrides the capture's execution (its ``memory_format``) for this call.
         """
+        if execution is not None:
+            as_execution(execution)
         if not self._entered:
             raise LayerError("Capture.forward() needs an active capture.")
         x = self._prepare_input(inputs)
         with torch.inference_mode():
-            return to_logits(self._call_model(x, self.model, memory_format), self.output_selector)
+            return to_logits(self._call_model(x, self.model, execution), self.output_selector)
 
     def replay(
         self,
@@ -616,6 +607,16 @@ class Capture:
             )
 
 
+def _wants_channels_last(x: torch.Tensor, execution: Execution) -> bool:
+    return (
+        execution.channels_last
+        and x.ndim == 4
+        and x.device.type == "cpu"
+        and x.is_floating_point()
+        and not x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 class Probe:
     """Extra passes for methods that need more than the recorded forward and backward.
 
@@ -631,9 +632,9 @@ class Probe:
         self.targets = [_fix_target(t, recording, i) for i, t in enumerate(targets)]
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
 
-    def logits(self, inputs: torch.Tensor, *, memory_format: MemoryFormat | None = None) -> torch.Tensor:
+    def logits(self, inputs: torch.Tensor, *, execution: Execution | None = None) -> torch.Tensor:
         """Logits of ``inputs`` (no graph, eval mode, hooks silent); see :meth:`Capture.forward`."""
-        return self.cap.forward(inputs, memory_format=memory_format)
+        return self.cap.forward(inputs, execution=execution)
 
     def scores(self, logits: torch.Tensor, t: int, sample_index: torch.Tensor) -> torch.Tensor:
         """Score of target ``t`` for rows of ``logits`` that are variants of samples ``sample_index``.
@@ -765,7 +766,7 @@ def capture(
     layers: Sequence[LayerSpec] | LayerSpec,
     *,
     output_selector: OutputSelector | None = None,
-    memory_format: MemoryFormat = "preserve",
+    execution: Execution | None = None,
 ) -> Capture:
     """Open a capture of ``layers`` of ``model``: use it as a context manager.
 
@@ -773,10 +774,11 @@ def capture(
         model: Any ``nn.Module``; its output goes through :func:`cnnlens.outputs.to_logits`.
         layers: One layer or several (dotted names, ``name@k``, or modules).
         output_selector: Optional callable that picks the logits from the model output.
-        memory_format: ``"preserve"`` (default) feeds the input as given: the accurate path. ``"auto"`` runs
-            CPU forwards in channels-last format when the model takes it: 1.2-1.6x faster convolutions, but
-            less accurate gradients (ResNet-50 guided backprop 1.1e-4 relative error against float64 instead
-            of 2.6e-7; see ``Capture._call_model``). Recorded tensors are contiguous either way.
+        execution: How to run (:class:`cnnlens.Execution`); the capture reads its ``memory_format``:
+            ``"contiguous"`` (default) feeds the input as given, the accurate path; ``"channels_last"`` runs CPU
+            forwards in channels-last format: 1.2-1.6x faster convolutions, but less accurate gradients
+            (ResNet-50 guided backprop 1.1e-4 relative error against float64 instead of 2.6e-7; see
+            ``Capture._call_model``). Recorded tensors are contiguous either way.
 
     Returns:
         A :class:`Capture`; ``run()`` inside the ``with`` block records one forward and its gradients.
@@ -793,7 +795,7 @@ def capture(
         layers = [layers]
     if not layers:
         raise LayerNotFoundError("no layer given; name at least one layer (see `cnnlens layers`).")
-    return Capture(model, list(layers), output_selector=output_selector, memory_format=memory_format)
+    return Capture(model, list(layers), output_selector=output_selector, execution=execution)
 
 
 def record(

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlens.capture import LayerSpec, MemoryFormat, Probe, capture
+from cnnlens.capture import LayerSpec, Probe, capture
 from cnnlens.errors import InputShapeError, LayerError, LayerNotFoundError, NonFiniteInputError, NonFiniteOutputError
+from cnnlens.execution import Execution
 from cnnlens.explanation import Explanation, ExplanationSet
 from cnnlens.maps import finite_or_zero, upsample_normalize
 from cnnlens.methods.registry import LayerView, MethodSpec, apply_display, display_mode, resolve_methods
@@ -123,7 +124,7 @@ def explain(
     output_selector: OutputSelector | None = None,
     image_names: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
-    memory_format: MemoryFormat = "preserve",
+    execution: Execution | None = None,
 ) -> ExplanationSet:
     """Explain a batch with several methods at several layers from a single forward and backward.
 
@@ -143,8 +144,9 @@ def explain(
         output_selector: Picks the logits from unusual model outputs.
         image_names: One name per image, used for file names when saving.
         class_names: Overrides the class names used in labels.
-        memory_format: ``"preserve"`` (default, the accurate path) feeds the input in its own format.
-            ``"auto"`` runs CPU forwards in channels-last format when the model takes it: 1.2-1.6x faster
+        execution: How to run (:class:`cnnlens.Execution`). Its ``memory_format="contiguous"`` (default, the
+            accurate path) feeds the input in its own format; ``"channels_last"`` runs CPU forwards in
+            channels-last format (a model that cannot run it raises an OptionError): 1.2-1.6x faster
             convolutions, but PyTorch/oneDNN's channels-last convolution backward on the CPU makes gradients
             less accurate (against float64: ResNet-50 guided backprop 1.1e-4 relative error instead of 2.6e-7,
             saliency 3.7e-2 instead of 2.1e-3; InceptionV3 ``Mixed_6e`` Grad-CAM 2.2e-4 instead of 1.9e-6).
@@ -181,7 +183,7 @@ def explain(
     needs = set().union(*(spec.needs for spec in specs))
     names = list(class_names) if class_names is not None else (loaded.class_names if loaded else None)
     targets = name_targets(targets, names)
-    with capture(module, layer_list, output_selector=output_selector, memory_format=memory_format) as cap:
+    with capture(module, layer_list, output_selector=output_selector, execution=execution) as cap:
         rec = cap.run(
             inputs,
             targets,

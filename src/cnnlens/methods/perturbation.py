@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from cnnlens.batching import chunk_size as fit_chunk
 from cnnlens.batching import measure_peak_bytes, resolve_budget, run_in_chunks, tuner_for
-from cnnlens.capture import MemoryFormat, Probe
+from cnnlens.capture import Probe
 from cnnlens.errors import MethodError
+from cnnlens.execution import Execution
 from cnnlens.maps import precise_dtype
 from cnnlens.methods.cam import weighted_sum
 from cnnlens.methods.registry import LayerView, MethodOutput, register
@@ -127,14 +128,14 @@ class _MaskedLogits:
 _FOOTPRINT: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], int]] = weakref.WeakKeyDictionary()
 
 
-def _forward_footprint(probe: Probe, example: torch.Tensor, layout: MemoryFormat) -> int:
+def _forward_footprint(probe: Probe, example: torch.Tensor, layout: Execution) -> int:
     """Measured peak bytes of one masked forward (remembered per model, shape, dtype, memory format)."""
     model = probe.cap.model
-    key = (tuple(example.shape[1:]), example.dtype, str(example.device), layout)
+    key = (tuple(example.shape[1:]), example.dtype, str(example.device), layout.memory_format)
     known = _FOOTPRINT.setdefault(model, {})
     if key not in known:
         with torch.inference_mode():
-            known[key] = measure_peak_bytes(lambda: probe.logits(example, memory_format=layout), example.device)
+            known[key] = measure_peak_bytes(lambda: probe.logits(example, execution=layout), example.device)
     return known[key]
 
 
@@ -201,7 +202,7 @@ def _masked_logits(
     with torch.no_grad():
         example = make_batch(0, 1)
         item_bytes = example.nelement() * example.element_size() * 2 + int(size[0] * size[1]) * 8
-        layout: MemoryFormat = "auto" if channels_last else "preserve"
+        layout = Execution(memory_format="channels_last" if channels_last else "contiguous")
         per_item = _forward_footprint(probe, example, layout) + item_bytes
         budget = resolve_budget(batch_budget_mb, device)
         cap = fit_chunk(per_item, budget)
@@ -210,7 +211,7 @@ def _masked_logits(
         sync = torch.cuda.synchronize if device.type == "cuda" else None
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return probe.logits(x, memory_format=layout)
+            return probe.logits(x, execution=layout)
 
         parts = run_in_chunks(
             forward, count, make_batch, max_chunk=min(cap, count), chunk=chunk_size, tuner=tuner, sync=sync
