@@ -18,16 +18,23 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
-from torchvision.transforms.v2.functional import InterpolationMode
 
 from cnnlens.errors import InputShapeError, ModelConfigError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD", "Preprocessing"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INCEPTION_MEAN",
+    "INCEPTION_STD",
+    "Preprocessing",
+    "override_preprocessing",
+]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 """Per-channel RGB mean of ImageNet, used by torchvision's published weights."""
@@ -38,10 +45,8 @@ INCEPTION_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 INCEPTION_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 """The TensorFlow "inception" normalisation, ``x / 127.5 - 1``, written as a standard deviation."""
 
-_INTERPOLATIONS: dict[str, InterpolationMode] = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
+_INTERPOLATIONS = ("bilinear", "bicubic")
+"""The interpolation names accepted (torchvision's ``InterpolationMode`` values, imported when resizing)."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,10 @@ class Preprocessing:
     def _geometry(self, image: np.ndarray) -> torch.Tensor:
         """Resize the shorter side to ``resize`` (antialiased) and center crop; uint8 ``(3, H, W)``."""
         chw = self._as_chw_uint8(image)
-        resized = TF.resize(chw, [self.resize], interpolation=_INTERPOLATIONS[self.interpolation], antialias=True)
+        from torchvision.transforms.v2 import functional as TF  # imported when an image is resized, not with cnnlens
+
+        mode = TF.InterpolationMode(self.interpolation)
+        resized = TF.resize(chw, [self.resize], interpolation=mode, antialias=True)
         cropped: torch.Tensor = TF.center_crop(resized, list(self.input_size))
         return cropped
 
@@ -193,3 +201,74 @@ class Preprocessing:
             "interpolation": self.interpolation,
             "crop": "center",
         }
+
+
+IMAGENET_224 = Preprocessing((224, 224), 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+"""The classic ImageNet evaluation pipeline: resize 256, center crop 224, ImageNet statistics."""
+IMAGENET_224_V2 = Preprocessing((224, 224), 232, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+"""torchvision's ``IMAGENET1K_V2`` recipes: resize 232, center crop 224."""
+INCEPTION_V3_299 = Preprocessing((299, 299), 342, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+"""torchvision's InceptionV3: resize 342, center crop 299, ImageNet statistics."""
+INCEPTION_RESNET_V2_299 = Preprocessing((299, 299), math.floor(299 / 0.8975), INCEPTION_MEAN, INCEPTION_STD, "bicubic")
+"""timm's ``inception_resnet_v2.tf_in1k``: bicubic, crop_pct 0.8975, the TensorFlow "inception" statistics."""
+
+
+def override_preprocessing(
+    base: Preprocessing | None,
+    *,
+    input_size: Sequence[int] | None = None,
+    resize: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Preprocessing:
+    """``base`` with the given fields replaced (``resize`` defaults to the larger input side when changed).
+
+    Args:
+        base: The model's own preprocessing, or None (a factory's bare module).
+        input_size: ``(H, W)`` or ``(S,)``.
+        resize: Shorter side before the center crop.
+        mean: Per-channel mean, 1 or 3 values (default: the base's, else ImageNet's).
+        std: Per-channel std, 1 or 3 values (default: the base's, else ImageNet's).
+
+    Returns:
+        The new :class:`Preprocessing`.
+
+    Raises:
+        ModelConfigError: No base and no ``input_size``; malformed sizes or statistics.
+
+    Example:
+        >>> override_preprocessing(None, input_size=[32], mean=[0.5] * 3, std=[0.5] * 3).resize
+        32
+    """
+    if input_size is not None:
+        sizes = [int(s) for s in input_size]
+        if len(sizes) not in (1, 2) or min(sizes) < 1:
+            raise ModelConfigError(f"--input-size takes one or two positive ints (H [W]); got {list(input_size)}.")
+        size = (sizes[0], sizes[-1])
+    elif base is not None:
+        size = base.input_size
+    else:
+        raise ModelConfigError(
+            "a model from a factory needs its input size: pass --input-size H [W] (and --mean/--std if it was "
+            "not trained with ImageNet statistics), or return a cnnlens LoadedModel from the factory."
+        )
+    if resize is None:
+        resize = base.resize if base is not None and input_size is None else max(size)
+    triples: list[tuple[float, float, float]] = []
+    for label, given, default in (
+        ("mean", mean, base.mean if base else IMAGENET_MEAN),
+        ("std", std, base.std if base else IMAGENET_STD),
+    ):
+        values = [float(v) for v in given] if given is not None else list(default)
+        if len(values) == 1:
+            values = values * 3
+        if len(values) != 3:
+            raise ModelConfigError(f"--{label} takes one or three numbers (R G B); got {values}.")
+        triples.append((values[0], values[1], values[2]))
+    return Preprocessing(
+        input_size=size,
+        resize=int(resize),
+        mean=triples[0],
+        std=triples[1],
+        interpolation=base.interpolation if base is not None else "bilinear",
+    )
