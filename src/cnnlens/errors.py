@@ -9,12 +9,14 @@ from __future__ import annotations
 
 __all__ = [
     "CnnlensError",
+    "CnnlensWarning",
     "ImageReadError",
     "InputShapeError",
     "LayerError",
     "LayerNotFoundError",
     "MethodError",
     "MethodNotFoundError",
+    "ModelTypeError",
     "ModelConfigError",
     "ModelNotFoundError",
     "NonFiniteInputError",
@@ -33,6 +35,10 @@ class CnnlensError(Exception):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep ours readable.
         return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class CnnlensWarning(UserWarning):
+    """A result is computed but may be misleading (e.g. Grad-CAM++ on signed activations)."""
 
 
 class LayerNotFoundError(CnnlensError, KeyError):
@@ -61,6 +67,10 @@ class OptionError(CnnlensError, ValueError):
 
 class MethodError(CnnlensError, ValueError):
     """A method cannot run on what was captured (wrong shape, missing gradients...)."""
+
+
+class ModelTypeError(CnnlensError, TypeError):
+    """Something that is not a model (not a ``torch.nn.Module`` nor a ``LoadedModel``) was given as the model."""
 
 
 class ModelNotFoundError(CnnlensError, KeyError):

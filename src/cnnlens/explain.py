@@ -1,4 +1,10 @@
-"""``explain()``: every requested method at every requested layer from one capture."""
+"""``explain()``: every requested method at every requested layer from one capture.
+
+Scopes (see :mod:`cnnlens.methods.registry`): a layer-scope method gives one :class:`Explanation` per
+requested layer; an input-scope method (saliency, guided backprop, Integrated Gradients...) gives ONE, under
+the layer key ``"input"``; a network-scope method (FullGrad) gives one under ``"network"``, from a second
+capture of the modules it names (one extra forward and backward).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlens.capture import LayerSpec, Probe, capture
-from cnnlens.errors import InputShapeError, LayerError, LayerNotFoundError, NonFiniteInputError, NonFiniteOutputError
+from cnnlens.capture import LayerSpec, Probe, Recording, capture
+from cnnlens.errors import (
+    InputShapeError,
+    LayerError,
+    ModelTypeError,
+    NonFiniteInputError,
+    NonFiniteOutputError,
+    OptionError,
+)
 from cnnlens.execution import Execution
 from cnnlens.explanation import Explanation, ExplanationSet
 from cnnlens.maps import finite_or_zero, upsample_normalize
-from cnnlens.methods.registry import LayerView, MethodSpec, apply_display, display_mode, resolve_methods
+from cnnlens.methods.registry import (
+    BoundMethod,
+    LayerView,
+    MethodSpec,
+    NetworkRecord,
+    apply_display,
+    display_mode,
+    resolve_bound,
+)
 from cnnlens.models import LoadedModel
 from cnnlens.models.layers import default_target_layer
 from cnnlens.outputs import OutputSelector
@@ -86,6 +107,83 @@ def _check_default_is_spatial(activations: Mapping[str, torch.Tensor], module: n
             )
 
 
+def _variants(
+    methods: str | MethodSpec | BoundMethod | Sequence[str | MethodSpec | BoundMethod],
+    options: Mapping[str, Mapping[str, Any]] | None,
+) -> list[tuple[MethodSpec, dict[str, Any]]]:
+    """Each requested method with its full variant: bound options, then ``options=``, over the defaults.
+
+    Raises:
+        OptionError: An option bound and also given in ``options=``, options for a method not requested, or
+            any unknown or ill-typed option.
+    """
+    bound = resolve_bound(methods if isinstance(methods, (str, MethodSpec, BoundMethod)) else list(methods))
+    pending = dict(options or {})
+    out: list[tuple[MethodSpec, dict[str, Any]]] = []
+    for spec, fixed in bound:
+        given = dict(pending.pop(spec.id, None) or {})
+        twice = sorted(set(fixed or {}) & set(given))
+        if twice:
+            raise OptionError(
+                f"option(s) {twice} of {spec.id!r} are both bound (get_method(...).bind) and given in options=; "
+                "give each option once."
+            )
+        out.append((spec, spec.variant({**(fixed or {}), **given})))
+    if pending:
+        raise OptionError(
+            f"options were given for method(s) {sorted(pending)} that are not requested (requested: "
+            f"{[spec.id for spec, _ in out]}); add them to methods= or drop their options."
+        )
+    return out
+
+
+def _network_views(
+    spec: MethodSpec, module: nn.Module, rec: Recording, probe: Probe, output_selector: OutputSelector | None
+) -> list[LayerView]:
+    """One view per target for a network-scope method: a second capture of the modules it names."""
+    assert spec.records is not None  # register() enforces it for network scope
+    names = spec.records(module)
+    if not names:
+        raise LayerError(
+            f"{spec.id} found no module it can use in {type(module).__name__} (it needs conv/linear/batch-norm "
+            "layers with a bias); pick another method."
+        )
+    with capture(module, names, output_selector=output_selector, execution=probe.cap.execution) as net:
+        nrec = net.run(rec.inputs, list(probe.targets), gradients=True, input_gradients=True)
+    modules = dict(module.named_modules())
+    picked = {name: modules[name] for name in nrec.layers if name in modules}
+    return [
+        LayerView.of(
+            nrec,
+            spec.scope,
+            t,
+            probe=probe,
+            execution=probe.cap.execution,
+            network=NetworkRecord(picked, nrec.activations, {k: v[t] for k, v in nrec.gradients.items()}),
+        )
+        for t in range(nrec.num_targets)
+    ]
+
+
+def _compute(
+    spec: MethodSpec, variant: dict[str, Any], views: list[LayerView], raw_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Run one method on one view per target: raw maps ``(B, T, h, w)``, nonfinite flags and stacked extras."""
+    per_target = []
+    extras: dict[str, list[torch.Tensor]] = {}
+    for view in views:
+        out = spec.compute(view, variant)
+        per_target.append(out.raw)
+        for key, value in out.extras.items():
+            extras.setdefault(key, []).append(value.detach())
+    joined = per_target[0].unsqueeze(1) if len(per_target) == 1 else torch.stack(per_target, dim=1)
+    raw, bad = finite_or_zero(joined.to(raw_dtype))
+    stacked = {k: torch.stack(v, dim=1) for k, v in extras.items()}
+    if bool(bad.any()):  # NaN/inf gradients (weights, overflow): flagged apart from constant maps
+        stacked["nonfinite"] = bad
+    return raw, bad, stacked
+
+
 def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None = None) -> torch.Tensor:
     """The uint8 ``(B, H, W, 3)`` images that maps align with, for overlays.
 
@@ -116,7 +214,7 @@ def explain(
     model: nn.Module | LoadedModel,
     inputs: torch.Tensor,
     *,
-    methods: str | Sequence[str | MethodSpec] = ("gradcam",),
+    methods: str | MethodSpec | BoundMethod | Sequence[str | MethodSpec | BoundMethod] = ("gradcam",),
     layers: LayerSpec | Sequence[LayerSpec] | None = None,
     targets: TargetSpec = None,
     top_k: int | None = None,
@@ -132,15 +230,16 @@ def explain(
         model: An ``nn.Module`` or a :class:`cnnlens.models.LoadedModel` (whose class names,
             preprocessing and provenance then go into the results).
         inputs: ``(B, C, H, W)`` or ``(C, H, W)`` preprocessed input.
-        methods: Method ids (``"gradcam"``, ``"gradcampp"``...), or ``"all"``.
+        methods: Method ids (``"gradcam"``, ``"gradcampp"``...), ``"all"``, specs, or bound methods with
+            typed options, e.g. ``get_method("gradcampp").bind(alpha_normalize=True)``.
         layers: Layer names or modules; default: :func:`default_layer`.
         targets: What to explain: an int or a class name (``"tiger cat"``, case-insensitive; needs class
             names: a zoo model's or ``class_names=``), a list of ints/names (one per sample), None = the top
             class, a callable... (see :func:`cnnlens.targets.resolve_targets`).
         top_k: Explain the top-k classes of each image (T = k maps per image), without re-running forward.
-        options: Per-method options, e.g. ``{"gradcampp": {"alpha_normalize": True}, "gradcam": {"relu":
-            False}, "saliency": {"display": "signed"}}``. The display rule (``relu``/``display``) is applied
-            to the raw map before upsampling and normalisation.
+        options: Per-method options (the string-keyed form the CLI uses), e.g. ``{"gradcampp":
+            {"alpha_normalize": True}, "gradcam": {"relu": False}, "saliency": {"display": "signed"}}``. The
+            display rule (``relu``/``display``) is applied to the raw map before upsampling and normalisation.
         output_selector: Picks the logits from unusual model outputs.
         image_names: One name per image, used for file names when saving.
         class_names: Overrides the class names used in labels.
@@ -152,7 +251,13 @@ def explain(
             saliency 3.7e-2 instead of 2.1e-3; InceptionV3 ``Mixed_6e`` Grad-CAM 2.2e-4 instead of 1.9e-6).
 
     Returns:
-        An :class:`ExplanationSet` with one :class:`Explanation` per (method, layer).
+        An :class:`ExplanationSet` with one :class:`Explanation` per (layer-scope method, layer), and one per
+        input- or network-scope method (layer key ``"input"`` / ``"network"``; ``result["saliency", None]``
+        and, for compatibility, ``result["saliency", <any requested layer>]`` return it).
+
+    Raises:
+        ModelTypeError: ``model`` is not an ``nn.Module`` nor a ``LoadedModel``.
+        OptionError: An unknown, ill-typed or out-of-range option, or options for a method not requested.
 
     Example:
         >>> import torchvision
@@ -165,22 +270,16 @@ def explain(
     loaded = model if isinstance(model, LoadedModel) else None
     module = loaded.module if loaded is not None else model
     if not isinstance(module, nn.Module):
-        raise InputShapeError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
+        raise ModelTypeError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
     _check_finite_inputs(inputs)
-    specs = resolve_methods(list(methods) if not isinstance(methods, str) else methods)
-    options = dict(options or {})
-    variants = {spec.id: spec.variant(options.pop(spec.id, None)) for spec in specs}
-    if options:
-        raise LayerNotFoundError(
-            f"options were given for method(s) {sorted(options)} that are not requested; add them to methods=."
-        )
+    variants = _variants(methods, options)
     if layers is None:
         layer_list: list[LayerSpec] = [default_layer(loaded if loaded is not None else module)]
     elif isinstance(layers, (str, nn.Module)):
         layer_list = [layers]
     else:
         layer_list = list(layers)
-    needs = set().union(*(spec.needs for spec in specs))
+    needs = set().union(*(spec.needs for spec, _ in variants))
     names = list(class_names) if class_names is not None else (loaded.class_names if loaded else None)
     targets = name_targets(targets, names)
     with capture(module, layer_list, output_selector=output_selector, execution=execution) as cap:
@@ -207,34 +306,19 @@ def explain(
         manifest: dict[str, Any] = {"model": loaded.manifest() if loaded else {"class": type(module).__name__}}
         probe = Probe(cap, rec, rec.targets)
         computed: list[tuple[MethodSpec, str, dict[str, Any], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
-        for spec in specs:
-            variant = variants[spec.id]
-            for layer in rec.layers:
-                per_target = []
-                extras: dict[str, list[torch.Tensor]] = {}
-                for t in range(rec.num_targets):
-                    grad = rec.gradients.get(layer)
-                    view = LayerView(
-                        layer=layer,
-                        activation=rec.activations[layer],
-                        gradient=None if grad is None else grad[t],
-                        inputs=rec.inputs,
-                        input_gradient=None if rec.input_gradients is None else rec.input_gradients[t],
-                        score=rec.scores[:, t],
-                        target_class=rec.target_classes[:, t],
-                        target=t,
-                        probe=probe,
-                    )
-                    out = spec.compute(view, variant)
-                    per_target.append(out.raw)
-                    for key, value in out.extras.items():
-                        extras.setdefault(key, []).append(value.detach())
-                joined = per_target[0].unsqueeze(1) if len(per_target) == 1 else torch.stack(per_target, dim=1)
-                raw, bad = finite_or_zero(joined.to(raw_dtype))
-                stacked = {k: torch.stack(v, dim=1) for k, v in extras.items()}
-                if bool(bad.any()):  # NaN/inf gradients (weights, overflow): flagged apart from constant maps
-                    stacked["nonfinite"] = bad
-                computed.append((spec, layer, variant, raw, bad, stacked))
+        for spec, variant in variants:
+            if spec.scope == "network":
+                views = {spec.scope: _network_views(spec, module, rec, probe, output_selector)}
+            else:
+                keys = rec.layers if spec.scope == "layer" else [spec.scope]
+                views = {
+                    key: [
+                        LayerView.of(rec, key, t, probe=probe, execution=cap.execution) for t in range(rec.num_targets)
+                    ]
+                    for key in keys
+                }
+            for layer, layer_views in views.items():
+                computed.append((spec, layer, variant, *_compute(spec, variant, layer_views, raw_dtype)))
         # raw maps are finite (finite_or_zero above), so are their bilinear upsamplings: no second check. All
         # (method, layer) maps go through upsampling and normalisation together, grouped by resolution.
         shown = [apply_display(raw, display_mode(variant)) for _, _, variant, raw, _, _ in computed]

@@ -25,6 +25,7 @@ import torch
 from cnnlens.display import SPARSE_CMAP, method_traits, scrub_paths, variant_options
 from cnnlens.errors import LayerNotFoundError, MethodNotFoundError
 from cnnlens.imaging import clip_percentile, colorize, overlay, overlay_weighted, save_png
+from cnnlens.index_hook import index_writer
 from cnnlens.jsonfile import dumps_strict
 from cnnlens.outputs_dir import OutputFolderError, OwnedFolder, claim_output_dir, safe_name
 
@@ -203,11 +204,11 @@ class ExplanationSet(Sequence[Explanation]):
     @overload
     def __getitem__(self, key: slice) -> Sequence[Explanation]: ...
     @overload
-    def __getitem__(self, key: tuple[str, str]) -> Explanation: ...
+    def __getitem__(self, key: tuple[str, str | None]) -> Explanation: ...
     @overload
     def __getitem__(self, key: str) -> dict[str, Explanation]: ...
     def __getitem__(
-        self, key: int | slice | tuple[str, str] | str
+        self, key: int | slice | tuple[str, str | None] | str
     ) -> Explanation | Sequence[Explanation] | dict[str, Explanation]:
         if isinstance(key, tuple):
             return self.get(*key)
@@ -236,17 +237,24 @@ class ExplanationSet(Sequence[Explanation]):
             lines.append(f"  ... and {len(self._items) - 12} more")
         return "\n".join([head, *lines])
 
-    def get(self, method: str, layer: str) -> Explanation:
+    def get(self, method: str, layer: str | None) -> Explanation:
         """The result of ``method`` at ``layer``.
+
+        ``layer=None`` returns a method's only result (an input- or network-scope method such as
+        ``saliency`` has one, under the layer key ``"input"``/``"network"``). For compatibility, any layer
+        name also returns an input- or network-scope method's single result: its map does not depend on it.
 
         Raises:
             MethodNotFoundError: The set holds no result of ``method``.
-            LayerNotFoundError: The set holds ``method`` but not at ``layer``.
+            LayerNotFoundError: The set holds ``method`` but not at ``layer`` (or at several layers, for None).
         """
         for item in self._items:
             if item.method == method and item.layer == layer:
                 return item
-        layers = list(self.by_method(method))
+        found = self.by_method(method)
+        if len(found) == 1 and (layer is None or next(iter(found)) in ("input", "network")):
+            return next(iter(found.values()))
+        layers = list(found)
         raise LayerNotFoundError(
             f"no result for ({method!r}, {layer!r}); {method!r} was computed at layers {layers}: use one of them."
         )
@@ -560,8 +568,6 @@ class ExplainFolder:
         Returns:
             ``(manifest path, index path)``.
         """
-        from cnnlens.report import render_explain_report  # file writing: the report layer renders the index
-
         new = dict(images or {})
         for e in entries:
             new.setdefault(str(e["image"]), None)
@@ -599,7 +605,7 @@ class ExplainFolder:
         model = manifest.get("model", {})
         name = model.get("name", model.get("class", "")) if isinstance(model, Mapping) else ""
         count = len({*(str(i["name"]) for i in all_images), *(str(r.get("image")) for r in kept_results)})
-        index = render_explain_report(
+        index = index_writer()(  # the report layer's page (cnnlens.index_hook)
             self.root, title=title, subtitle=subtitle if subtitle is not None else f"{count} image(s), model {name}"
         )
         self.owned.record([*written, path, index])

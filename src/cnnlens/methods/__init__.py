@@ -3,12 +3,12 @@
 Importing this package registers every built-in method.
 """
 
+from cnnlens.errors import CnnlensWarning
 from cnnlens.methods import attribution as attribution
 from cnnlens.methods import cam as cam
 from cnnlens.methods import eigen as eigen
 from cnnlens.methods import perturbation as perturbation
 from cnnlens.methods import smooth as smooth
-from cnnlens.methods.cam import CnnlensWarning
 from cnnlens.methods.registry import (
     LayerView,
     MethodSpec,

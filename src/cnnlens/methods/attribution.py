@@ -17,27 +17,26 @@ upsampling and normalisation: every method here defaults to ``"abs"`` (the magni
 sign of a gradient says in which direction to change a pixel, not whether it is evidence), and accepts
 ``"signed"`` or ``"relu"`` (positive evidence only, the CAM convention, useful for IG and input × gradient).
 
-**The layer is ignored** by every method here except ``guided_gradcam``: :func:`cnnlens.explain.explain`
-calls a method once per requested layer, and each call returns the same map. Those calls are cheap:
-``saliency`` and ``input_x_gradient`` reuse the input gradients of the main capture (computed only when a
-requested method needs them), guided backprop and deconvnet passes are cached by the probe per (rule,
-target), and Integrated Gradients is computed once per explain call and option set (for every target at
-once) and then reused for the other layers.
+**Input scope**: every method here except ``guided_gradcam`` is registered with ``scope="input"``:
+:func:`cnnlens.explain.explain` computes it ONCE per call (one :class:`~cnnlens.Explanation` under the layer
+key ``"input"``), whatever the requested layers. ``saliency`` and ``input_x_gradient`` reuse the input
+gradients of the main capture (computed only when a requested method needs them), guided backprop and
+deconvnet passes are cached by the probe per (rule, target), and Integrated Gradients
+(:mod:`cnnlens.methods.integrated`) is computed once per call for every target at once, kept in the call's
+:meth:`~cnnlens.capture.Probe.memo` (no module-level cache).
 
 Attributions are accumulated in float64 (float32 on MPS) whatever the model's dtype.
 """
 
 from __future__ import annotations
 
-import functools
-import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 
 from cnnlens.capture import Probe, Recording
-from cnnlens.errors import MethodError
+from cnnlens.errors import MethodError, OptionError
 from cnnlens.maps import precise_dtype, upsample
 from cnnlens.methods.cam import gradcam
 from cnnlens.methods.registry import LayerView, MethodOutput, register
@@ -59,17 +58,7 @@ __all__ = [
 Reduce = Literal["sum", "abs_sum", "max_abs"]
 """How an attribution ``(B, C, H, W)`` becomes a raw map ``(B, H, W)``; see the module docstring."""
 
-QuadratureRule = Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"]
-"""The rule that approximates Integrated Gradients' path integral; see :func:`quadrature`."""
-
 _REDUCES: tuple[Reduce, ...] = ("sum", "abs_sum", "max_abs")
-_RULES: tuple[QuadratureRule, ...] = (
-    "gausslegendre",
-    "riemann_trapezoid",
-    "riemann_left",
-    "riemann_right",
-    "riemann_middle",
-)
 
 
 def reduce_channels(attribution: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
@@ -95,13 +84,10 @@ def reduce_channels(attribution: torch.Tensor, reduce: str = "sum") -> torch.Ten
         return a.abs().sum(dim=1)
     if reduce == "max_abs":
         return a.abs().amax(dim=1)
-    raise MethodError(f"reduce must be one of {', '.join(map(repr, _REDUCES))}; got {reduce!r}.")
+    raise OptionError(f"option reduce must be one of {', '.join(map(repr, _REDUCES))}; got {reduce!r}.")
 
 
 # -- shared machinery (also used by cnnlens.methods.smooth) -------------------------------------------------
-
-_T = TypeVar("_T")
-_MEMO: weakref.WeakKeyDictionary[Probe, dict[Hashable, Any]] = weakref.WeakKeyDictionary()
 
 
 def _options_key(options: Mapping[str, Any]) -> tuple[Hashable, ...]:
@@ -115,18 +101,6 @@ def _options_key(options: Mapping[str, Any]) -> tuple[Hashable, ...]:
         except TypeError:
             items.append((key, "<id>", id(value)))
     return tuple(items)
-
-
-def _memo(probe: Probe, key: Hashable, compute: Callable[[], _T]) -> _T:
-    """Compute once per probe (i.e. per explain call) and key, then reuse; forgotten with the probe.
-
-    The stored value keeps the key's unhashable option values alive (they are keyed by identity), so an
-    identity cannot be reused by another object while the entry exists.
-    """
-    store = _MEMO.setdefault(probe, {})
-    if key not in store:
-        store[key] = compute()
-    return store[key]  # type: ignore[no-any-return]
 
 
 def _row_probe(probe: Probe, sample_index: torch.Tensor) -> Probe | None:
@@ -192,12 +166,6 @@ def _accumulate(acc: torch.Tensor, dim: int, index: torch.Tensor, values: torch.
         acc.transpose(0, dim).index_put_((index,), values.transpose(0, dim), accumulate=True)
 
 
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MethodError(f"{name} must be an integer >= {minimum}; got {value!r}.")
-    return value
-
-
 def _input_gradient(view: LayerView, method: str) -> torch.Tensor:
     """The input gradient of the main capture, or the probe's when the view was built without it."""
     if view.input_gradient is not None:
@@ -215,6 +183,7 @@ def _input_gradient(view: LayerView, method: str) -> torch.Tensor:
 
 @register(
     "saliency",
+    scope="input",
     title="Saliency (vanilla gradient)",
     needs={"input_gradients"},
     paper="Simonyan, Vedaldi & Zisserman, Deep Inside Convolutional Networks: Visualising Image "
@@ -251,6 +220,7 @@ def saliency(view: LayerView, reduce: str = "sum") -> torch.Tensor:
 
 @register(
     "input_x_gradient",
+    scope="input",
     title="Input × Gradient",
     needs={"input_gradients"},
     paper="Shrikumar et al., Not Just a Black Box: Learning Important Features Through Propagating "
@@ -289,6 +259,7 @@ def input_x_gradient(view: LayerView, reduce: str = "sum") -> torch.Tensor:
 
 @register(
     "guided_backprop",
+    scope="input",
     title="Guided Backpropagation",
     needs={"probe"},
     paper="Springenberg, Dosovitskiy, Brox & Riedmiller, Striving for Simplicity: The All Convolutional "
@@ -325,6 +296,7 @@ def guided_backprop(view: LayerView, reduce: str = "sum") -> torch.Tensor:
 
 @register(
     "deconvnet",
+    scope="input",
     title="Deconvnet",
     needs={"probe"},
     paper="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014 (arXiv:1311.2901)",
@@ -393,168 +365,14 @@ def guided_gradcam(view: LayerView, reduce: str = "sum") -> torch.Tensor:
     return reduce_channels(guided.to(dtype) * upsample(cam, size).unsqueeze(1), reduce)
 
 
-@functools.lru_cache(maxsize=64)
-def _quadrature(steps: int, rule: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    n = steps
-    if rule == "gausslegendre":
-        # Golub-Welsch: nodes are the eigenvalues of the Jacobi matrix of the Legendre polynomials.
-        k = torch.arange(1, n, dtype=torch.float64)
-        beta = k / torch.sqrt(4 * k * k - 1)
-        jacobi = torch.diag(beta, 1) + torch.diag(beta, -1)
-        nodes, vectors = torch.linalg.eigh(jacobi)
-        weights = 2 * vectors[0] ** 2
-        alphas, sizes = (nodes + 1) / 2, weights / 2
-    elif rule == "riemann_trapezoid":
-        alphas = torch.linspace(0, 1, n, dtype=torch.float64)
-        sizes = torch.full((n,), 1 / (n - 1), dtype=torch.float64)
-        sizes[0] /= 2
-        sizes[-1] /= 2
-    else:
-        sizes = torch.full((n,), 1 / n, dtype=torch.float64)
-        start = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[rule]
-        alphas = (torch.arange(n, dtype=torch.float64) + start) / n
-    return tuple(alphas.tolist()), tuple(sizes.tolist())
-
-
-def quadrature(steps: int, rule: str = "gausslegendre") -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes ``alpha`` in [0, 1] and weights of the rule approximating ``integral_0^1 f(alpha) d alpha``.
-
-    Rules: ``"gausslegendre"`` (exact for polynomials of degree < 2·steps; nodes from the eigenvalues of
-    the Jacobi matrix, as numpy's ``leggauss`` up to ~1e-15), ``"riemann_trapezoid"`` (``steps`` equally
-    spaced nodes including both ends, weights ``1/(steps-1)`` halved at the ends; they sum to 1. captum's
-    "riemann_trapezoid" uses weights ``1/steps`` halved at the ends, which sum to ``1 - 1/steps``, so its
-    results are smaller by about that factor), ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``
-    (weights ``1/steps``, as captum).
-
-    Returns:
-        ``(alphas, weights)``, float64 tensors of shape ``(steps,)``.
-
-    Example:
-        >>> a, w = quadrature(2)
-        >>> [round(v, 6) for v in a.tolist()], [round(v, 12) for v in w.tolist()]
-        ([0.211325, 0.788675], [0.5, 0.5])
-    """
-    if rule not in _RULES:
-        raise MethodError(f"rule must be one of {', '.join(map(repr, _RULES))}; got {rule!r}.")
-    _check_count("steps", steps, 2 if rule == "riemann_trapezoid" else 1)
-    alphas, sizes = _quadrature(steps, rule)
-    return torch.tensor(alphas, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64)
-
-
-def _baseline_like(baseline: Any, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, float(baseline))
-    if isinstance(baseline, torch.Tensor):
-        b = baseline.detach().to(device=x.device, dtype=x.dtype)
-        try:
-            return torch.broadcast_to(b, x.shape).clone()
-        except RuntimeError:
-            pass
-    shape = tuple(baseline.shape) if isinstance(baseline, torch.Tensor) else type(baseline).__name__
-    raise MethodError(
-        f"the Integrated Gradients baseline must be a number or a tensor broadcastable to the input "
-        f"{tuple(x.shape)} (e.g. (C, H, W) or (1, C, H, W)) in the model's input space; got {shape}."
-    )
-
-
-def _integrated_gradients_all(
-    probe: Probe, baseline: Any, steps: int, rule: str, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """IG attributions ``(T, B, C, H, W)`` and convergence deltas ``(T, B)`` for every target at once."""
-    rec = probe.recording
-    x = rec.inputs
-    base = _baseline_like(baseline, x)
-    alphas, weights = quadrature(steps, rule)
-    dtype = precise_dtype(x)
-    diff = x - base
-    node = alphas.to(device=x.device, dtype=x.dtype)
-    weight = weights.to(device=x.device, dtype=dtype)
-    num_targets = len(probe.targets)
-    total = torch.zeros((num_targets, *x.shape), dtype=dtype, device=x.device)
-
-    def make_rows(copy_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
-        return base[sample_index] + node[copy_index].view(-1, 1, 1, 1) * diff[sample_index]
-
-    passes = _row_passes(probe, make_rows, steps, batch_size, gradients=False, input_gradients=True)
-    for copy_index, sample_index, chunk, _ in passes:
-        assert chunk.input_gradients is not None  # requested
-        scaled = chunk.input_gradients.to(dtype) * weight[copy_index].view(1, -1, 1, 1, 1)
-        _accumulate(total, 1, sample_index, scaled)
-    attributions = total * diff.to(dtype)
-    assert rec.scores is not None  # set by Capture.run
-    base_logits = probe.logits(base)
-    rows = torch.arange(x.shape[0], device=x.device)
-    base_scores = torch.stack([probe.scores(base_logits, t, rows) for t in range(num_targets)])
-    gap = rec.scores.T.to(dtype) - base_scores.to(dtype)
-    delta = attributions.flatten(2).sum(dim=2) - gap
-    return attributions, delta
-
-
-@register(
-    "integrated_gradients",
-    title="Integrated Gradients",
-    needs={"probe"},
-    paper="Sundararajan, Taly & Yan, Axiomatic Attribution for Deep Networks, ICML 2017 (arXiv:1703.01365)",
-    formula="a = (x - x') ⊙ sum_s w_s dS/dx(x' + alpha_s (x - x')) ;  raw = sum_c a_c ;  sum(raw) ≈ S(x) - S(x')",
-    summary="Gradients integrated along the straight path from a baseline to the input (the layer is ignored).",
-    display="abs",
-    defaults={"baseline": 0.0, "steps": 50, "rule": "gausslegendre", "batch_size": 32, "reduce": "sum"},
+# Integrated Gradients lives in its own module (the file was over the size limit); re-exported here so that
+# ``from cnnlens.methods.attribution import quadrature`` keeps working.
+from cnnlens.methods.integrated import (  # noqa: E402
+    QuadratureRule as QuadratureRule,
 )
-def integrated_gradients(
-    view: LayerView,
-    baseline: float | torch.Tensor = 0.0,
-    steps: int = 50,
-    rule: str = "gausslegendre",
-    batch_size: int = 32,
-    reduce: str = "sum",
-) -> MethodOutput:
-    """Integrated Gradients (Sundararajan et al., ICML 2017).
-
-    Formula: ``a = (x - x') ⊙ ∫_0^1 dS/dx(x' + α (x - x')) dα``, the integral approximated by a quadrature
-    rule with ``steps`` nodes (:func:`quadrature`; Gauss-Legendre by default, as captum). Completeness:
-    ``sum(a) = S(x) - S(x')``; the per-sample error ``sum(a) - (S(x) - S(x'))`` is reported as
-    ``extras["convergence_delta"]`` (captum's definition); increase ``steps`` when it is large relative to
-    the score gap. With the default ``reduce="sum"`` the raw map sums to ``sum(a)``.
-
-    The baseline ``x'`` lives in the **model's input space** (the preprocessed tensor): the default ``0.0``
-    is the all-zero tensor, i.e. the mean colour for ImageNet-normalised inputs, not a black image. Pass a
-    number or a tensor broadcastable to the input (``(C, H, W)``, ``(1, C, H, W)`` or per sample
-    ``(B, C, H, W)``, which then depends on the batch layout).
-
-    The ``steps × B`` interpolated inputs are run in chunks of at most ``batch_size`` rows (several
-    interpolation points per forward/backward), with every target of the call in the same forward; the
-    result is computed once per explain call and reused for every layer (the layer is ignored).
-
-    Args:
-        view: One target's view; needs the probe.
-        baseline: ``x'``, a number or a tensor in the model's input space.
-        steps: Number of quadrature nodes.
-        rule: ``"gausslegendre"``, ``"riemann_trapezoid"``, ``"riemann_left"``, ``"riemann_right"`` or
-            ``"riemann_middle"``.
-        batch_size: Most rows per forward/backward.
-        reduce: Channel reduction, see :func:`reduce_channels`.
-
-    Returns:
-        The raw map ``(B, H, W)`` and ``extras["convergence_delta"]`` ``(B,)``.
-
-    Example:
-        >>> import cnnlens
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-        ...                           torch.nn.Linear(144, 2))
-        >>> r = cnnlens.explain(net, torch.randn(1, 3, 8, 8), methods=["integrated_gradients"],
-        ...                     layers=["0"], options={"integrated_gradients": {"steps": 64}})
-        >>> r["integrated_gradients", "0"].extras["convergence_delta"].shape
-        torch.Size([1, 1])
-    """
-    probe = view.require_probe("integrated_gradients")
-    quadrature(steps, rule)  # validates steps and rule before any pass
-    _check_count("batch_size", batch_size, 1)
-    if reduce not in _REDUCES:
-        reduce_channels(torch.zeros(1, 1, 1, 1), reduce)  # raises the standard message
-    options = {"baseline": baseline, "steps": steps, "rule": rule, "batch_size": batch_size}
-    key = ("integrated_gradients", _options_key(options))
-    # The memo entry keeps ``options`` alive: a tensor baseline is keyed by identity.
-    attributions, delta, _ = _memo(
-        probe, key, lambda: (*_integrated_gradients_all(probe, baseline, steps, rule, batch_size), options)
-    )
-    return MethodOutput(reduce_channels(attributions[view.target], reduce), {"convergence_delta": delta[view.target]})
+from cnnlens.methods.integrated import (  # noqa: E402
+    integrated_gradients as integrated_gradients,
+)
+from cnnlens.methods.integrated import (  # noqa: E402
+    quadrature as quadrature,
+)

@@ -10,14 +10,17 @@ of the gradient, used only for signed activations, run in float64 (float32 on MP
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from cnnlens.errors import MethodError
+from cnnlens.errors import CnnlensWarning
 from cnnlens.maps import precise_dtype
 from cnnlens.methods.registry import LayerView, register
 
 __all__ = [
+    "CamMethod",
     "CnnlensWarning",
     "gradcam",
     "gradcam_elementwise",
@@ -25,21 +28,10 @@ __all__ = [
     "hirescam",
     "layercam",
     "map_dtype",
+    "register_cam",
     "weighted_sum",
     "xgradcam",
 ]
-
-
-class CnnlensWarning(UserWarning):
-    """A result is computed but may be misleading (e.g. Grad-CAM++ on signed activations)."""
-
-
-def _check_feature_map(view: LayerView, method: str) -> None:
-    if view.activation.ndim != 4:
-        raise MethodError(
-            f"{method} needs a (B, C, H, W) feature map, but layer {view.layer!r} outputs shape "
-            f"{tuple(view.activation.shape)}; target a convolutional layer or block."
-        )
 
 
 def map_dtype(activation: torch.Tensor) -> torch.dtype:
@@ -62,53 +54,105 @@ def weighted_sum(weights: torch.Tensor, activation: torch.Tensor) -> torch.Tenso
     return torch.einsum("bc,bchw->bhw", weights.to(dtype), activation.to(dtype))
 
 
-@register(
-    "gradcam",
-    title="Grad-CAM",
-    needs={"activations", "gradients"},
-    paper="Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
-    "Localization, ICCV 2017 (arXiv:1610.02391)",
-    formula="w_k = mean_ij dS/dA_k,ij ;  L = ReLU(sum_k w_k A_k)",
-    summary="Channels weighted by their spatially averaged gradient.",
-)
-def gradcam(view: LayerView) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al., ICCV 2017).
+class CamMethod:
+    """Base of the class-activation-map family: a subclass declares its channel weights, the base does the rest.
 
-    Formula: ``w_k = (1/Z) sum_ij dS/dA_k,ij`` and ``L = ReLU(sum_k w_k A_k)`` with ``Z = h*w``. This function
-    returns the signed ``sum_k w_k A_k``; the ReLU is applied when the map is rendered (``relu=False`` keeps
-    the sign). With a GAP + linear head, the raw map equals ``CAM / Z`` exactly.
-
-    Args:
-        view: The captured activation and gradient of one layer for one target.
-
-    Returns:
-        ``(B, h, w)`` raw map, float64 for float64 models and float32 otherwise.
+    A subclass sets the registry metadata as class attributes (``id``, ``title``, ``paper``, ``formula``,
+    ``summary``, optionally ``defaults`` and ``needs_gradient``) and implements
+    ``weights(activation, gradient, **options) -> (B, C)``. Calling an instance with a :class:`LayerView`
+    checks the view is a ``(B, C, h, w)`` feature map and (when ``needs_gradient``) that its gradient was
+    captured, both errors naming the method's own ``id``, then returns ``sum_k w_k A_k``
+    (:func:`weighted_sum`). Methods that are not a channel weighting (HiResCAM, LayerCAM...) override
+    :meth:`combine` instead. :func:`register_cam` registers the class under its ``id``.
 
     Example:
-        >>> import torch
-        >>> from cnnlens.methods.registry import LayerView
+        >>> class Mean(CamMethod):
+        ...     id = "toy_mean"
+        ...     title = "Toy"
+        ...     def weights(self, activation, gradient):
+        ...         return gradient.mean(dim=(2, 3))
+        >>> a = torch.ones(1, 1, 2, 2); g = torch.full((1, 1, 2, 2), 0.5)
+        >>> Mean()(LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))).tolist()
+        [[[0.5, 0.5], [0.5, 0.5]]]
+    """
+
+    id: ClassVar[str]
+    title: ClassVar[str]
+    paper: ClassVar[str] = ""
+    formula: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    needs_gradient: ClassVar[bool] = True
+
+    def weights(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
+        """Channel weights ``(B, C)`` from the layer's activation and gradient ``(B, C, h, w)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement weights() or combine().")
+
+    def combine(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
+        """The raw map ``(B, h, w)``: ``sum_k w_k A_k`` by default."""
+        return weighted_sum(self.weights(activation, gradient, **options), activation)
+
+    def check(self, view: LayerView) -> None:
+        """Extra checks or warnings on a view before the map is computed (none by default)."""
+
+    def __call__(self, view: LayerView, **options: Any) -> torch.Tensor:
+        """Check the view (feature map, gradient) with this method's id and return its raw map."""
+        activation = view.require_feature_map(self.id)
+        gradient = view.require_gradient(self.id) if self.needs_gradient else activation
+        self.check(view)
+        return self.combine(activation, gradient, **options)
+
+
+_C = TypeVar("_C", bound=type[CamMethod])
+
+
+def register_cam(cls: _C) -> _C:
+    """Register a :class:`CamMethod` subclass under its ``id`` (class decorator)."""
+    needs = {"activations", "gradients"} if cls.needs_gradient else {"activations"}
+    register(
+        cls.id,
+        title=cls.title,
+        needs=needs,  # type: ignore[arg-type]
+        defaults=cls.defaults,
+        paper=cls.paper,
+        formula=cls.formula,
+        summary=cls.summary,
+    )(cls())
+    return cls
+
+
+@register_cam
+class GradCAM(CamMethod):
+    """Grad-CAM (Selvaraju et al., ICCV 2017).
+
+    Formula: ``w_k = (1/Z) sum_ij dS/dA_k,ij`` and ``L = ReLU(sum_k w_k A_k)`` with ``Z = h*w``. The method
+    returns the signed ``sum_k w_k A_k``; the ReLU is applied when the map is rendered (``relu=False`` keeps
+    the sign). With a GAP + linear head, the raw map equals ``CAM / Z`` exactly. Raw maps are float64 for
+    float64 models and float32 otherwise.
+
+    Example:
         >>> a = torch.ones(1, 1, 2, 2); g = torch.full((1, 1, 2, 2), 0.5)
         >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
         >>> gradcam(v).tolist()
         [[[0.5, 0.5], [0.5, 0.5]]]
     """
-    _check_feature_map(view, "gradcam")
-    grad = view.require_gradient("gradcam")
-    weights = grad.to(map_dtype(grad)).mean(dim=(2, 3))  # pairwise summation: accurate in float32 too
-    return weighted_sum(weights, view.activation)
+
+    id = "gradcam"
+    title = "Grad-CAM"
+    paper = (
+        "Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
+        "Localization, ICCV 2017 (arXiv:1610.02391)"
+    )
+    formula = "w_k = mean_ij dS/dA_k,ij ;  L = ReLU(sum_k w_k A_k)"
+    summary = "Channels weighted by their spatially averaged gradient."
+
+    def weights(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
+        """``w_k = mean_ij g_k,ij`` (pairwise summation: accurate in float32 too)."""
+        return gradient.to(map_dtype(gradient)).mean(dim=(2, 3))
 
 
-@register(
-    "gradcampp",
-    title="Grad-CAM++",
-    needs={"activations", "gradients"},
-    defaults={"alpha_normalize": False},
-    paper="Chattopadhay et al., Grad-CAM++: Generalized Gradient-based Visual Explanations for Deep "
-    "Convolutional Networks, WACV 2018 (arXiv:1710.11063)",
-    formula="alpha = g^2 / (2 g^2 + sum_ab(A_k) g^3) ;  w_k = sum_ij alpha_ij relu(g_ij) ;  L = ReLU(sum_k w_k A_k)",
-    summary="Grad-CAM with per-pixel weights (closed form under the exponential-output assumption).",
-)
-def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
+@register_cam
+class GradCAMPlusPlus(CamMethod):
     """Grad-CAM++ in closed form (Chattopadhay et al., WACV 2018).
 
     With the score taken as ``Y = exp(S)`` (S the logit) and a piecewise-linear network, the paper's second
@@ -128,68 +172,66 @@ def gradcampp(view: LayerView, alpha_normalize: bool = False) -> torch.Tensor:
     Signed activations (``min A < 0``) move the pole of alpha at ``g = -2 / sum(A)`` onto positive
     gradients and can explode the weights: a :class:`CnnlensWarning` is raised; prefer post-ReLU layers.
 
-    Args:
-        view: The captured activation and gradient of one layer for one target.
-        alpha_normalize: Use the authors' per-channel alpha renormalisation.
-
-    Returns:
-        ``(B, h, w)`` raw map, float64 for float64 models and float32 otherwise.
-
     Example:
-        >>> import torch
-        >>> from cnnlens.methods.registry import LayerView
         >>> a = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]]); g = torch.full((1, 1, 2, 2), 1.0)
         >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
         >>> gradcampp(v).tolist()  # alpha = 1 / (2 + 2) per pixel, w = 4 * 0.25 = 1
         [[[1.0, 0.0], [0.0, 1.0]]]
     """
-    _check_feature_map(view, "gradcampp")
-    grad = view.require_gradient("gradcampp")
-    if bool(view.activation.amin() >= 0):
-        # sum(A) >= 0: where g > 0, alpha = g^2 / (g^2 (2 + sum(A) g)) = 1 / (2 + sum(A) g) exactly, and the
-        # denominator is at least 2. No powers of g (nothing underflows), no pole, no masking: float32 is safe.
-        dtype = map_dtype(grad)
-        positive = torch.relu(grad.to(dtype))
-        sum_a = view.activation.to(dtype).sum(dim=(2, 3), keepdim=True)
-        alpha = (sum_a * positive).add_(2).reciprocal_()
-        if alpha_normalize:
-            norm = (alpha * (positive > 0)).sum(dim=(2, 3), keepdim=True)
-            alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
-        return weighted_sum((alpha * positive).sum(dim=(2, 3)), view.activation)
-    warnings.warn(
-        f"Grad-CAM++ on layer {view.layer!r} whose activations take negative values: alpha has a pole "
-        "at g = -2/sum(A), which then falls on positive gradients and can blow up the weights. Prefer a "
-        "post-ReLU layer (e.g. the block output after its activation).",
-        CnnlensWarning,
-        stacklevel=3,
+
+    id = "gradcampp"
+    title = "Grad-CAM++"
+    defaults: ClassVar[Mapping[str, Any]] = {"alpha_normalize": False}
+    paper = (
+        "Chattopadhay et al., Grad-CAM++: Generalized Gradient-based Visual Explanations for Deep "
+        "Convolutional Networks, WACV 2018 (arXiv:1710.11063)"
     )
-    dtype = precise_dtype(grad)  # the powers of g below underflow early in float32
-    g = grad.to(dtype)
-    act = view.activation.to(dtype)
-    sum_a = act.sum(dim=(2, 3), keepdim=True)
-    positive = torch.relu(g)
-    g2 = g * g
-    g3 = g2 * g
-    denom = 2 * g2 + sum_a * g3
-    ok = (g != 0) & (denom.abs() > torch.finfo(dtype).tiny)
-    alpha = torch.where(ok, g2 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(g))
-    if alpha_normalize:
-        norm = (alpha * (g > 0)).sum(dim=(2, 3), keepdim=True)
-        alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
-    weights = (alpha * positive).sum(dim=(2, 3))
-    return weighted_sum(weights, view.activation)
+    formula = "alpha = g^2 / (2 g^2 + sum_ab(A_k) g^3) ;  w_k = sum_ij alpha_ij relu(g_ij) ;  L = ReLU(sum_k w_k A_k)"
+    summary = "Grad-CAM with per-pixel weights (closed form under the exponential-output assumption)."
+
+    def check(self, view: LayerView) -> None:
+        """Warn when the activations take negative values (the pole of alpha then falls on positive g)."""
+        if not bool(view.activation.amin() >= 0):
+            warnings.warn(
+                f"Grad-CAM++ on layer {view.layer!r} whose activations take negative values: alpha has a pole "
+                "at g = -2/sum(A), which then falls on positive gradients and can blow up the weights. Prefer a "
+                "post-ReLU layer (e.g. the block output after its activation).",
+                CnnlensWarning,
+                stacklevel=4,
+            )
+
+    def weights(
+        self, activation: torch.Tensor, gradient: torch.Tensor, alpha_normalize: bool = False, **options: Any
+    ) -> torch.Tensor:
+        """``w_k = sum_ij alpha_ij relu(g_ij)``, without powers of g for non-negative activations."""
+        if bool(activation.amin() >= 0):
+            # sum(A) >= 0: where g > 0, alpha = g^2 / (g^2 (2 + sum(A) g)) = 1 / (2 + sum(A) g) exactly, and
+            # the denominator is at least 2. No powers of g (nothing underflows), no pole: float32 is safe.
+            dtype = map_dtype(gradient)
+            positive = torch.relu(gradient.to(dtype))
+            sum_a = activation.to(dtype).sum(dim=(2, 3), keepdim=True)
+            alpha = (sum_a * positive).add_(2).reciprocal_()
+            if alpha_normalize:
+                norm = (alpha * (positive > 0)).sum(dim=(2, 3), keepdim=True)
+                alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
+            return (alpha * positive).sum(dim=(2, 3))
+        dtype = precise_dtype(gradient)  # the powers of g below underflow early in float32
+        g = gradient.to(dtype)
+        sum_a = activation.to(dtype).sum(dim=(2, 3), keepdim=True)
+        positive = torch.relu(g)
+        g2 = g * g
+        g3 = g2 * g
+        denom = 2 * g2 + sum_a * g3
+        ok = (g != 0) & (denom.abs() > torch.finfo(dtype).tiny)
+        alpha = torch.where(ok, g2 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(g))
+        if alpha_normalize:
+            norm = (alpha * (g > 0)).sum(dim=(2, 3), keepdim=True)
+            alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
+        return (alpha * positive).sum(dim=(2, 3))
 
 
-@register(
-    "xgradcam",
-    title="XGrad-CAM",
-    needs={"activations", "gradients"},
-    paper="Fu et al., Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of CNNs, "
-    "BMVC 2020 (arXiv:2008.02312)",
-    formula="w_k = sum_xy (A_k,xy / sum_ab A_k,ab) dS/dA_k,xy ;  L = ReLU(sum_k w_k A_k)",
-    summary="Channel weights from the activation-weighted gradient (satisfies sensitivity and conservation).",
-)
-def xgradcam(view: LayerView) -> torch.Tensor:
+@register_cam
+class XGradCAM(CamMethod):
     """XGrad-CAM (Fu et al., BMVC 2020).
 
     Formula: ``w_k = sum_xy (A_k,xy / sum_ab A_k,ab) * g_k,xy`` and ``L = ReLU(sum_k w_k A_k)``. A channel
@@ -197,104 +239,115 @@ def xgradcam(view: LayerView) -> torch.Tensor:
     agree whenever the sum is not tiny).
 
     Example:
-        >>> import torch
-        >>> from cnnlens.methods.registry import LayerView
         >>> a = torch.tensor([[[[1.0, 3.0]]]]); g = torch.tensor([[[[2.0, 4.0]]]])
         >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
         >>> xgradcam(v).tolist()  # w = (1*2 + 3*4) / 4 = 3.5
         [[[3.5, 10.5]]]
     """
-    _check_feature_map(view, "xgradcam")
-    grad = view.require_gradient("xgradcam")
-    dtype = map_dtype(grad)
-    act = view.activation.to(dtype)
-    total = act.sum(dim=(2, 3))
-    numer = (act * grad.to(dtype)).sum(dim=(2, 3))
-    weights = torch.where(
-        total != 0, numer / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total)
+
+    id = "xgradcam"
+    title = "XGrad-CAM"
+    paper = (
+        "Fu et al., Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of CNNs, "
+        "BMVC 2020 (arXiv:2008.02312)"
     )
-    return weighted_sum(weights, act)
+    formula = "w_k = sum_xy (A_k,xy / sum_ab A_k,ab) dS/dA_k,xy ;  L = ReLU(sum_k w_k A_k)"
+    summary = "Channel weights from the activation-weighted gradient (satisfies sensitivity and conservation)."
+
+    def weights(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
+        """``w_k = sum_xy A_k,xy g_k,xy / sum_ab A_k,ab``, 0 for a channel summing to 0."""
+        dtype = map_dtype(gradient)
+        act = activation.to(dtype)
+        total = act.sum(dim=(2, 3))
+        numer = (act * gradient.to(dtype)).sum(dim=(2, 3))
+        return torch.where(
+            total != 0, numer / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total)
+        )
 
 
-@register(
-    "hirescam",
-    title="HiResCAM",
-    needs={"activations", "gradients"},
-    paper="Draelos & Carin, Use HiResCAM instead of Grad-CAM for faithful explanations of convolutional "
-    "neural networks, arXiv:2011.08891",
-    formula="L = ReLU(sum_k g_k ⊙ A_k)",
-    summary="Element-wise gradient times activation summed over channels (no spatial averaging).",
-)
-def hirescam(view: LayerView) -> torch.Tensor:
+@register_cam
+class HiResCAM(CamMethod):
     """HiResCAM (Draelos & Carin, 2020).
 
     Formula: ``L = ReLU(sum_k g_k ⊙ A_k)``. With a GAP + linear head it equals Grad-CAM; with a head without
     global pooling only HiResCAM is guaranteed to show the locations the score used.
 
     Example:
-        >>> import torch
-        >>> from cnnlens.methods.registry import LayerView
         >>> a = torch.tensor([[[[1.0, 3.0]]]]); g = torch.tensor([[[[2.0, -4.0]]]])
         >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
         >>> hirescam(v).tolist()
         [[[2.0, -12.0]]]
     """
-    _check_feature_map(view, "hirescam")
-    grad = view.require_gradient("hirescam")
-    dtype = map_dtype(grad)
-    return (grad.to(dtype) * view.activation.to(dtype)).sum(dim=1)
+
+    id = "hirescam"
+    title = "HiResCAM"
+    paper = (
+        "Draelos & Carin, Use HiResCAM instead of Grad-CAM for faithful explanations of convolutional "
+        "neural networks, arXiv:2011.08891"
+    )
+    formula = "L = ReLU(sum_k g_k ⊙ A_k)"
+    summary = "Element-wise gradient times activation summed over channels (no spatial averaging)."
+
+    def combine(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
+        """``sum_k g_k ⊙ A_k``."""
+        dtype = map_dtype(gradient)
+        return (gradient.to(dtype) * activation.to(dtype)).sum(dim=1)
 
 
-@register(
-    "gradcam_elementwise",
-    title="Grad-CAM element-wise",
-    needs={"activations", "gradients"},
-    paper="pytorch-grad-cam's GradCAMElementWise (Gildenblat et al.), a HiResCAM variant with a per-element ReLU",
-    formula="L = sum_k ReLU(g_k ⊙ A_k)",
-    summary="HiResCAM with the ReLU applied to each channel's product before summing.",
-)
-def gradcam_elementwise(view: LayerView) -> torch.Tensor:
+@register_cam
+class GradCAMElementWise(CamMethod):
     """Grad-CAM element-wise: ``L = sum_k ReLU(g_k ⊙ A_k)``.
 
     The raw map is already non-negative (the ReLU is inside the sum); the outer ReLU is then a no-op.
 
     Example:
-        >>> import torch
-        >>> from cnnlens.methods.registry import LayerView
         >>> a = torch.tensor([[[[1.0, 3.0]], [[1.0, 1.0]]]]); g = torch.tensor([[[[2.0, -4.0]], [[1.0, 1.0]]]])
         >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
         >>> gradcam_elementwise(v).tolist()
         [[[3.0, 1.0]]]
     """
-    _check_feature_map(view, "gradcam_elementwise")
-    grad = view.require_gradient("gradcam_elementwise")
-    dtype = map_dtype(grad)
-    return torch.relu(grad.to(dtype) * view.activation.to(dtype)).sum(dim=1)
+
+    id = "gradcam_elementwise"
+    title = "Grad-CAM element-wise"
+    paper = "pytorch-grad-cam's GradCAMElementWise (Gildenblat et al.), a HiResCAM variant with a per-element ReLU"
+    formula = "L = sum_k ReLU(g_k ⊙ A_k)"
+    summary = "HiResCAM with the ReLU applied to each channel's product before summing."
+
+    def combine(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
+        """``sum_k ReLU(g_k ⊙ A_k)``."""
+        dtype = map_dtype(gradient)
+        return torch.relu(gradient.to(dtype) * activation.to(dtype)).sum(dim=1)
 
 
-@register(
-    "layercam",
-    title="LayerCAM",
-    needs={"activations", "gradients"},
-    paper="Jiang et al., LayerCAM: Exploring Hierarchical Class Activation Maps for Localization, IEEE TIP 2021",
-    formula="L = ReLU(sum_k ReLU(g_k) ⊙ A_k)",
-    summary="Activations weighted by their positive gradients, per position (works at shallow layers).",
-)
-def layercam(view: LayerView) -> torch.Tensor:
+@register_cam
+class LayerCAM(CamMethod):
     """LayerCAM (Jiang et al., TIP 2021).
 
     Formula: ``L = ReLU(sum_k ReLU(g_k) ⊙ A_k)``. Normalisation is per sample in cnnlens; the authors' code
     normalises over the whole batch tensor, which makes a map depend on the other images of its batch.
 
     Example:
-        >>> import torch
-        >>> from cnnlens.methods.registry import LayerView
         >>> a = torch.tensor([[[[1.0, 3.0]]]]); g = torch.tensor([[[[2.0, -4.0]]]])
         >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
         >>> layercam(v).tolist()
         [[[2.0, 0.0]]]
     """
-    _check_feature_map(view, "layercam")
-    grad = view.require_gradient("layercam")
-    dtype = map_dtype(grad)
-    return (torch.relu(grad.to(dtype)) * view.activation.to(dtype)).sum(dim=1)
+
+    id = "layercam"
+    title = "LayerCAM"
+    paper = "Jiang et al., LayerCAM: Exploring Hierarchical Class Activation Maps for Localization, IEEE TIP 2021"
+    formula = "L = ReLU(sum_k ReLU(g_k) ⊙ A_k)"
+    summary = "Activations weighted by their positive gradients, per position (works at shallow layers)."
+
+    def combine(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
+        """``sum_k ReLU(g_k) ⊙ A_k``."""
+        dtype = map_dtype(gradient)
+        return (torch.relu(gradient.to(dtype)) * activation.to(dtype)).sum(dim=1)
+
+
+gradcam = GradCAM()
+gradcampp = GradCAMPlusPlus()
+xgradcam = XGradCAM()
+hirescam = HiResCAM()
+gradcam_elementwise = GradCAMElementWise()
+layercam = LayerCAM()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from cnnlens.maps import precise_dtype
-from cnnlens.methods.cam import _check_feature_map
 from cnnlens.methods.registry import LayerView, register
 
 __all__ = ["eigencam", "eigengradcam", "principal_projection"]
@@ -77,8 +76,7 @@ def eigencam(view: LayerView) -> torch.Tensor:
         >>> eigencam(v).round(decimals=4).tolist()
         [[[-1.0, 0.0, 1.0]]]
     """
-    _check_feature_map(view, "eigencam")
-    return principal_projection(view.activation)
+    return principal_projection(view.require_feature_map("eigencam"))
 
 
 @register(
@@ -104,7 +102,7 @@ def eigengradcam(view: LayerView) -> torch.Tensor:
         >>> eigengradcam(v).round(decimals=4).tolist()
         [[[-1.0, 0.0, 1.0]]]
     """
-    _check_feature_map(view, "eigengradcam")
+    view.require_feature_map("eigengradcam")
     grad = view.require_gradient("eigengradcam")
     dtype = precise_dtype(grad)
     return principal_projection(grad.to(dtype) * view.activation.to(dtype))

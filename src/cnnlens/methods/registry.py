@@ -1,34 +1,56 @@
 """The method registry: every explanation method is a pure function registered under a lowercase id.
 
 The CLI's ``--method`` choices, the docs' method list and the contract tests are all generated from this
-registry, so adding a method is one registered function plus its tests.
+registry, so adding a method is one registered function (or one :class:`cnnlens.methods.cam.CamMethod`
+subclass) plus its tests.
+
+Scopes: a method declares what it explains. ``"layer"`` methods (the CAM family) give one map per requested
+layer; ``"input"`` methods (pixel-space attributions) give ONE map for the call whatever the layers, stored
+under the layer key ``"input"``; ``"network"`` methods (FullGrad) declare the modules they need recorded
+(``records(model) -> names``) and get them in :attr:`LayerView.network`, stored under the layer key
+``"network"``.
+
+Options: ``get_method("gradcampp").bind(alpha_normalize=True)`` checks option names and types when it is
+called and returns a frozen :class:`BoundMethod` that ``explain(methods=[...])`` accepts beside ids.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from cnnlens.capture import Probe
-from cnnlens.errors import MethodError, MethodNotFoundError
+from cnnlens.errors import MethodError, MethodNotFoundError, OptionError
 from cnnlens.execution import DEFAULT, Execution
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from cnnlens.capture import Recording
+
 __all__ = [
+    "BoundMethod",
     "Display",
     "LayerView",
     "MethodFn",
     "MethodOutput",
     "MethodSpec",
+    "NetworkRecord",
+    "Scope",
     "apply_display",
+    "check_count",
     "display_mode",
     "get_method",
     "iter_methods",
     "method_ids",
     "register",
+    "resolve_bound",
     "resolve_methods",
 ]
 
@@ -38,6 +60,41 @@ Display = Literal["relu", "abs", "signed"]
 """How a raw map is shown before upsampling and normalisation: ``ReLU(raw)``, ``|raw|`` or ``raw`` itself."""
 
 _DISPLAYS: tuple[Display, ...] = ("relu", "abs", "signed")
+
+Scope = Literal["layer", "input", "network"]
+"""What a method explains: one layer (a map per requested layer), the input (one pixel-space map per call),
+or the whole network (one map per call from modules the method names itself)."""
+
+_SCOPES: tuple[Scope, ...] = ("layer", "input", "network")
+
+
+def check_count(method: str, name: str, value: Any, minimum: int = 1) -> int:
+    """Return ``value`` when it is an integer >= ``minimum``, else raise an :class:`OptionError` naming it.
+
+    Example:
+        >>> check_count("scorecam", "top_k", 0)
+        Traceback (most recent call last):
+        ...
+        cnnlens.errors.OptionError: scorecam: option top_k must be an integer >= 1; got 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionError(f"{method}: option {name} must be an integer >= {minimum}; got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class NetworkRecord:
+    """What a network-scope method sees: every module it asked for, recorded for one target.
+
+    Attributes:
+        modules: Module name -> module (to read parameters such as biases).
+        activations: Module name -> its output ``(B, ...)``.
+        gradients: Module name -> d score / d output, same shape.
+    """
+
+    modules: Mapping[str, Any]
+    activations: Mapping[str, torch.Tensor]
+    gradients: Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -57,6 +114,7 @@ class LayerView:
             Integrated Gradients, smoothing); None when a method is called outside :func:`cnnlens.explain`.
         execution: How to run extra forwards (layout, memory budget, chunk size); never changes the result's
             meaning and is not part of the method's variant.
+        network: For network-scope methods, the modules they asked for (:class:`NetworkRecord`); else None.
     """
 
     layer: str
@@ -69,6 +127,55 @@ class LayerView:
     target: int = 0
     probe: Probe | None = None
     execution: Execution = DEFAULT
+    network: NetworkRecord | None = None
+
+    @classmethod
+    def of(
+        cls,
+        rec: Recording,
+        layer: str,
+        t: int,
+        *,
+        probe: Probe | None = None,
+        execution: Execution = DEFAULT,
+        network: NetworkRecord | None = None,
+    ) -> LayerView:
+        """The view of target ``t`` at ``layer`` of a recording: the one LayerView builder.
+
+        ``layer`` may be unrecorded for input- and network-scope views, which then see the input as their
+        activation.
+        """
+        assert rec.scores is not None  # set by Capture.run()
+        assert rec.target_classes is not None
+        grad = rec.gradients.get(layer)
+        return cls(
+            layer=layer,
+            activation=rec.activations.get(layer, rec.inputs),
+            gradient=None if grad is None else grad[t],
+            inputs=rec.inputs,
+            input_gradient=None if rec.input_gradients is None else rec.input_gradients[t],
+            score=rec.scores[:, t],
+            target_class=rec.target_classes[:, t],
+            target=t,
+            probe=probe,
+            execution=execution,
+            network=network,
+        )
+
+    def require_feature_map(self, method: str) -> torch.Tensor:
+        """Return the ``(B, C, h, w)`` activation or raise a clear error naming ``method`` and the shape."""
+        if self.activation.ndim != 4:
+            raise MethodError(
+                f"{method} needs a (B, C, H, W) feature map, but layer {self.layer!r} outputs shape "
+                f"{tuple(self.activation.shape)}; target a convolutional layer or block."
+            )
+        return self.activation
+
+    def require_network(self, method: str) -> NetworkRecord:
+        """Return the network record or raise a clear error when the method runs outside explain()."""
+        if self.network is None:
+            raise MethodError(f"{method} needs every module it names recorded: call it through explain().")
+        return self.network
 
     def require_probe(self, method: str) -> Probe:
         """Return the probe or raise a clear error when the method runs outside a capture."""
@@ -116,6 +223,10 @@ class MethodSpec:
             ``"abs"`` or ``"signed"``), exposed as the option ``display`` instead of ``relu`` (gradient
             attributions default to ``"abs"``). See :func:`display_mode`.
         defaults: Option names and default values; the variant of a result is these merged with the user's.
+            A user value must have its default's type (a bool for a bool, an int for an int, a number for a
+            float, a str for a str); a None default accepts anything the method itself validates.
+        scope: ``"layer"``, ``"input"`` or ``"network"`` (see the module docstring).
+        records: For network scope: ``records(model) -> module names`` the method needs recorded.
         paper: The reference.
         formula: The formula in one line.
         summary: One sentence for CLI help and docs.
@@ -131,9 +242,15 @@ class MethodSpec:
     paper: str = ""
     formula: str = ""
     summary: str = ""
+    scope: Scope = "layer"
+    records: Callable[[nn.Module], list[str]] | None = None
 
     def variant(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Merge user options into the defaults, refusing unknown option names."""
+        """Merge user options into the defaults, refusing unknown option names and wrongly typed values.
+
+        Raises:
+            OptionError: An option the method does not have, or a value of the wrong type.
+        """
         merged = dict(self.defaults)
         if self.display is None:
             merged.setdefault("relu", self.relu)
@@ -142,16 +259,83 @@ class MethodSpec:
         for key, value in (options or {}).items():
             if key not in merged:
                 known = ", ".join(sorted(merged)) or "none"
-                raise MethodError(f"method {self.id!r} has no option {key!r}; its options are: {known}.")
+                raise OptionError(f"method {self.id!r} has no option {key!r}; its options are: {known}.")
+            _check_type(self.id, key, value, merged[key])
             merged[key] = value
-        display_mode(merged)  # validates a user-given display
+        try:
+            display_mode(merged)  # validates a user-given display
+        except MethodError as err:
+            raise OptionError(f"method {self.id!r}: {err}") from None
         return merged
+
+    def bind(self, **options: Any) -> BoundMethod:
+        """This method with options fixed, checked now (names, types): usable in ``explain(methods=[...])``.
+
+        Example:
+            >>> import cnnlens.methods
+            >>> bound = get_method("gradcampp").bind(alpha_normalize=True)
+            >>> bound.id, dict(bound.options)
+            ('gradcampp', {'alpha_normalize': True})
+            >>> get_method("gradcampp").bind(alpha_normalise=True)
+            Traceback (most recent call last):
+            ...
+            cnnlens.errors.OptionError: method 'gradcampp' has no option 'alpha_normalise'; its options are: ...
+        """
+        self.variant(options)
+        return BoundMethod(self, MappingProxyType(dict(options)))
 
     def compute(self, view: LayerView, options: Mapping[str, Any]) -> MethodOutput:
         """Run the method on one layer view with the given (merged) options."""
         kwargs = {k: v for k, v in options.items() if k not in ("relu", "display")}
         out = self.fn(view, **kwargs)
         return out if isinstance(out, MethodOutput) else MethodOutput(out)
+
+
+def _check_type(method: str, name: str, value: Any, default: Any) -> None:
+    """Refuse a value whose type does not match the option's default (bool, int, float or str)."""
+    if default is None or name == "display":
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        want = "True or False"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer"
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        want = "a finite number"
+    elif isinstance(default, str):
+        ok = isinstance(value, str) or name == "baseline"  # a baseline may be a tensor or a number too
+        want = "a string"
+    else:
+        return
+    if not ok:
+        raise OptionError(
+            f"method {method!r}: option {name} must be {want} (its default is {default!r}); got "
+            f"{value!r} ({type(value).__name__})."
+        )
+
+
+@dataclass(frozen=True)
+class BoundMethod:
+    """A registered method with some options fixed: ``get_method(id).bind(**options)``.
+
+    Attributes:
+        spec: The method.
+        options: The options given to :meth:`MethodSpec.bind` (checked when bound; read-only).
+    """
+
+    spec: MethodSpec
+    options: Mapping[str, Any]
+
+    @property
+    def id(self) -> str:
+        """The method's id."""
+        return self.spec.id
+
+    def variant(self) -> dict[str, Any]:
+        """The full variant: the method's defaults merged with the bound options."""
+        return self.spec.variant(self.options)
 
 
 def display_mode(variant: Mapping[str, Any]) -> Display:
@@ -197,6 +381,8 @@ def register(
     paper: str = "",
     formula: str = "",
     summary: str = "",
+    scope: Scope = "layer",
+    records: Callable[[nn.Module], list[str]] | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a method function under ``id`` (decorator).
 
@@ -212,6 +398,10 @@ def register(
         raise MethodError(f"method ids are lowercase identifiers, got {id!r}.")
     if display is not None and display not in _DISPLAYS:
         raise MethodError(f"display must be None or one of {', '.join(map(repr, _DISPLAYS))}; got {display!r}.")
+    if scope not in _SCOPES:
+        raise MethodError(f"scope must be one of {', '.join(map(repr, _SCOPES))}; got {scope!r}.")
+    if (scope == "network") != (records is not None):
+        raise MethodError(f"method {id!r}: a network-scope method names its modules with records=, others do not.")
 
     def decorator(fn: MethodFn) -> MethodFn:
         if id in _REGISTRY:
@@ -227,6 +417,8 @@ def register(
             paper=paper,
             formula=formula,
             summary=summary,
+            scope=scope,
+            records=records,
         )
         return fn
 
@@ -255,18 +447,43 @@ def iter_methods() -> Iterator[MethodSpec]:
 
 
 def resolve_methods(
-    methods: str | MethodSpec | list[str | MethodSpec] | tuple[str | MethodSpec, ...],
+    methods: str | MethodSpec | BoundMethod | list[str | MethodSpec | BoundMethod] | tuple[Any, ...],
 ) -> list[MethodSpec]:
-    """Turn ``"all"``, an id, or a list of ids/specs into a de-duplicated list of specs."""
-    if isinstance(methods, (str, MethodSpec)):
+    """Turn ``"all"``, an id, or a list of ids/specs/bound methods into a de-duplicated list of specs."""
+    return [spec for spec, _ in resolve_bound(methods)]
+
+
+def resolve_bound(
+    methods: str | MethodSpec | BoundMethod | list[str | MethodSpec | BoundMethod] | tuple[Any, ...],
+) -> list[tuple[MethodSpec, Mapping[str, Any] | None]]:
+    """Like :func:`resolve_methods`, keeping each bound method's options (None for ids and specs).
+
+    Raises:
+        OptionError: The same method bound twice with different options.
+    """
+    if isinstance(methods, (str, MethodSpec, BoundMethod)):
         methods = [methods]
-    out: list[MethodSpec] = []
+    out: dict[str, tuple[MethodSpec, Mapping[str, Any] | None]] = {}
     for m in methods:
+        if isinstance(m, BoundMethod):
+            known = out.get(m.id)
+            if known is not None and known[1] is not None and dict(known[1]) != dict(m.options):
+                raise OptionError(
+                    f"method {m.id!r} is bound twice with different options ({dict(known[1])} and "
+                    f"{dict(m.options)}); request it once."
+                )
+            out[m.id] = (m.spec, m.options)
+            continue
         if isinstance(m, str) and m.lower() == "all":
             specs = list(_REGISTRY.values())
-        else:
+        elif isinstance(m, (str, MethodSpec)):
             specs = [m if isinstance(m, MethodSpec) else get_method(m)]
-        out.extend(s for s in specs if s not in out)
+        else:
+            raise MethodError(
+                f"methods= takes ids, MethodSpecs or bound methods (get_method(id).bind(...)); got {type(m).__name__}."
+            )
+        for spec in specs:
+            out.setdefault(spec.id, (spec, None))
     if not out:
         raise MethodError("no method given; name at least one (e.g. 'gradcam').")
-    return out
+    return list(out.values())

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 
 from cnnlens.capture import Probe, Recording
-from cnnlens.errors import MethodError
+from cnnlens.errors import CnnlensWarning, MethodError, OptionError
 from cnnlens.maps import precise_dtype
-from cnnlens.methods.attribution import _accumulate, _check_count, _memo, _options_key, _row_passes
-from cnnlens.methods.cam import CnnlensWarning, weighted_sum
-from cnnlens.methods.registry import LayerView, MethodOutput, MethodSpec, get_method, register
+from cnnlens.methods.attribution import _accumulate, _options_key, _row_passes
+from cnnlens.methods.cam import weighted_sum
+from cnnlens.methods.registry import LayerView, MethodOutput, MethodSpec, Scope, check_count, get_method, register
 
 __all__ = ["SMOOTH_OPTIONS", "noise", "noisy_inputs", "smooth", "smoothgradcampp"]
 
@@ -85,13 +85,15 @@ def noisy_inputs(inputs: torch.Tensor, n: int, sigma: float, seed: int = 0) -> t
     return out.view(n, *inputs.shape)
 
 
-def _check_smooth(n: Any, sigma: Any, seed: Any, batch_size: Any) -> None:
-    _check_count("n", n, 1)
-    _check_count("batch_size", batch_size, 1)
+def _check_smooth(n: Any, sigma: Any, seed: Any, batch_size: Any, method: str = "smooth") -> None:
+    check_count(method, "n", n)
+    check_count(method, "batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise MethodError(f"seed must be an integer; got {seed!r}.")
+        raise OptionError(f"{method}: option seed must be an integer; got {seed!r}.")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
-        raise MethodError(f"sigma must be a number >= 0 (a fraction of each input's value range); got {sigma!r}.")
+        raise OptionError(
+            f"{method}: option sigma must be a number >= 0 (a fraction of each input's value range); got {sigma!r}."
+        )
 
 
 def _noisy_passes(
@@ -108,23 +110,11 @@ def _noisy_passes(
         yield sample_index, rec, chunk_probe
 
 
-def _views(rec: Recording, probe: Probe) -> Iterator[LayerView]:
-    assert rec.scores is not None  # set by Capture.run
-    assert rec.target_classes is not None
-    for layer in rec.layers:
-        grads = rec.gradients.get(layer)
+def _views(rec: Recording, probe: Probe, scope: Scope) -> Iterator[LayerView]:
+    """One view per (layer, target): every recorded layer for a layer-scope method, else the one input view."""
+    for layer in rec.layers if scope == "layer" else [scope]:
         for t in range(rec.num_targets):
-            yield LayerView(
-                layer=layer,
-                activation=rec.activations[layer],
-                gradient=None if grads is None else grads[t],
-                inputs=rec.inputs,
-                input_gradient=None if rec.input_gradients is None else rec.input_gradients[t],
-                score=rec.scores[:, t],
-                target_class=rec.target_classes[:, t],
-                target=t,
-                probe=probe,
-            )
+            yield LayerView.of(rec, layer, t, probe=probe, execution=probe.cap.execution)
 
 
 _Averages = dict[tuple[str, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -146,7 +136,7 @@ def _average_maps(
         gradients="gradients" in base.needs,
         input_gradients="input_gradients" in base.needs,
     ):
-        for view in _views(rec, chunk_probe):
+        for view in _views(rec, chunk_probe, base.scope):
             out = base.compute(view, base_options)
             key = (view.layer, view.target)
             raw = out.raw.to(precise_dtype(out.raw))
@@ -177,8 +167,7 @@ class _Smoothed:
             base_options = {**base_options, "batch_size": batch_size}
         options = {"n": n, "sigma": sigma, "seed": seed, "batch_size": batch_size, **base_options}
         key = ("smooth", base.id, base.fn, _options_key(options))
-        averages, _ = _memo(
-            probe,
+        averages, _ = probe.memo(
             key,
             lambda: (_average_maps(probe, base, base_options, n, sigma, seed, batch_size), options),
         )
@@ -243,6 +232,8 @@ def smooth(
     """
     base = method if isinstance(method, MethodSpec) else get_method(method)
     _check_smooth(n, sigma, seed, batch_size)
+    if base.scope == "network":
+        raise MethodError(f"cannot smooth {base.id!r}: network-scope methods are not supported by smooth().")
     clash = [key for key in SMOOTH_OPTIONS if key in base.defaults and key != "batch_size"]
     if clash:
         raise MethodError(f"cannot smooth {base.id!r}: it already has the option(s) {clash} (is it smoothed already?).")
@@ -252,6 +243,7 @@ def smooth(
         title=title or f"Smooth {base.title}",
         fn=_Smoothed(base),
         needs=frozenset({"probe"}),
+        scope=base.scope,
         relu=base.relu,
         display=base.display,
         defaults=defaults,
@@ -267,6 +259,7 @@ register(
     _smoothgrad.id,
     title=_smoothgrad.title,
     needs=_smoothgrad.needs,
+    scope=_smoothgrad.scope,
     relu=_smoothgrad.relu,
     display=_smoothgrad.display,
     defaults=_smoothgrad.defaults,
@@ -340,15 +333,11 @@ def smoothgradcampp(
         >>> r["smoothgradcampp", "1"].variant
         {'n': 8, 'sigma': 0.15, 'seed': 0, 'batch_size': 32, 'relu': True}
     """
-    if view.activation.ndim != 4:
-        raise MethodError(
-            f"smoothgradcampp needs a (B, C, H, W) feature map, but layer {view.layer!r} outputs shape "
-            f"{tuple(view.activation.shape)}; target a convolutional layer or block."
-        )
+    view.require_feature_map("smoothgradcampp")
     probe = view.require_probe("smoothgradcampp")
-    _check_smooth(n, sigma, seed, batch_size)
+    _check_smooth(n, sigma, seed, batch_size, "smoothgradcampp")
     key = ("smoothgradcampp", _options_key({"n": n, "sigma": sigma, "seed": seed, "batch_size": batch_size}))
-    moments = _memo(probe, key, lambda: _moments(probe, n, sigma, seed, batch_size))
+    moments = probe.memo(key, lambda: _moments(probe, n, sigma, seed, batch_size))
     if view.layer not in moments:
         raise MethodError(f"smoothgradcampp has no gradients for layer {view.layer!r} in the probe's capture.")
     d1, d2, d3 = (m[view.target] for m in moments[view.layer])
