@@ -15,10 +15,10 @@ from PIL import Image
 import cnnlens
 from cnnlens.display import describe_preprocessing, method_traits, public_path, scrub_paths
 from cnnlens.report import colorbar_html, render_explain_report
+from cnnlens.report.demo import demo_predictions_html
 from cnnlens.report.study import curves_figure, layer_grid, models_summary, render_study_report
 from cnnlens.studies import LayerStudy, ModelRow, ModelStudy, compare_layers
 from cnnlens.studies.layers import _group_notes
-from cnnlens.views.demo import demo_predictions_html
 
 SITE = "/opt/venv/lib/python3.11/site-packages/pkg/models/w.pth"
 PREP = {"input_size": [224, 224], "resize": 256, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -247,3 +247,37 @@ def test_forward_view_figures_have_readable_labels() -> None:
     for fig in (grid, rows):
         small = [(t, px) for t, px in _texts_px(fig) if px < 11]
         assert not small, small
+
+
+# ------------------------------------------------------------------------------------------------ run report
+RUN_NET = """
+from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+"""
+
+
+def test_run_report_mean_maps_have_a_colour_bar(tmp_path: Path) -> None:
+    from cnnlens.report import render_run_report
+    from cnnlens.runs import RunSettings, load_run_model, read_dataset, run_dataset
+
+    torch.manual_seed(0)
+    (tmp_path / "net.py").write_text(RUN_NET)
+    rng = torch.Generator().manual_seed(1)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(2):
+            pixels = (torch.rand(16, 16, 3, generator=rng) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "data" / cls / f"{i}.png")
+    model = load_run_model(f"{tmp_path / 'net.py'}:build", class_names=["a", "b"], input_size=[16])
+    data = read_dataset(tmp_path / "data", model.class_names)
+    run_dataset(tmp_path / "run", data, model, RunSettings(methods=("gradcam",)), workers=0)
+    html = (render_run_report(tmp_path / "run", cmap="viridis")).read_text("utf-8")
+    means = html[html.index("Per-class mean maps") :]
+    assert 'alt="mean map of a"' in means  # the mean maps are there ...
+    bar = re.search(r'<div class="cbar">.*?</div>', means, flags=re.S)
+    assert bar is not None and "cbar-bar" in bar.group(0)  # ... with a colour bar
+    assert "rgb(68,1,84) 0%" in bar.group(0)  # of the maps' own colour map (viridis' first colour)
+    assert ".cbar-bar {" in html  # styled

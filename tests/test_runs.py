@@ -35,6 +35,7 @@ from cnnlens.errors import ModelConfigError, ModelNotFoundError
 from cnnlens.explain import explain
 from cnnlens.models import Preprocessing
 from cnnlens.outputs_dir import MARKER, OutputFolderError
+from cnnlens.report import render_run_report
 from cnnlens.runs import (
     DatasetError,
     RunSettings,
@@ -45,7 +46,6 @@ from cnnlens.runs import (
     open_results,
     process_batch,
     read_dataset,
-    render_run_report,
     run_dataset,
 )
 from cnnlens.runs.__main__ import main as runs_main

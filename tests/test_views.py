@@ -474,7 +474,7 @@ def test_views_on_seed_architectures(name: str, stem: str, layer: str) -> None:
 
 def test_demo_section(lite: LoadedModel, tmp_path: Path) -> None:
     from cnnlens.data import sample_image
-    from cnnlens.views.demo import demo_section
+    from cnnlens.report.demo import demo_section
 
     section = demo_section(lite, sample_image("chelsea"), tmp_path, steps=2, size=48, channels=2)
     assert section["title"] and "<p>" in section["intro"]

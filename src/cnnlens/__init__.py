@@ -15,11 +15,14 @@ The public names are imported on first use (a module ``__getattr__``), so ``impo
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnlens._names import __version__
+from cnnlens.index_hook import set_index_writer
 
 if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time they load lazily
     from cnnlens.capture import Capture, Recording, capture, record, resolve_layer
@@ -113,3 +116,14 @@ class _Package(types.ModuleType):
 
 _SAME_NAME = frozenset({"capture", "explain"})
 sys.modules[__name__].__class__ = _Package
+
+
+def _render_explain_index(directory: str | os.PathLike[str], *, title: str, subtitle: str) -> Path:
+    """:func:`cnnlens.report.render_explain_report`, imported (with jinja2) when an index is first written."""
+    from cnnlens.report import render_explain_report
+
+    return render_explain_report(directory, title=title, subtitle=subtitle)
+
+
+# ``ExplanationSet.save`` writes its index through this hook: the core never imports the report layer.
+set_index_writer(_render_explain_index)

@@ -916,7 +916,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from cnnlens.report import render_explain_report
     from cnnlens.report.study import render_study_report
     from cnnlens.studies import compare_layers
-    from cnnlens.views.demo import demo_predictions_html, demo_section
+    from cnnlens.report.demo import demo_predictions_html, demo_section
 
     started = time.perf_counter()
     device = _device(args.device)

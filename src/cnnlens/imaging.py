@@ -1,4 +1,4 @@
-"""Pixel-level rendering helpers: colour maps, overlays and PNG writing (numpy, PIL, matplotlib).
+"""Pixel-level rendering helpers: colour maps, overlays and PNG writing (numpy, PIL; matplotlib when colouring).
 
 This module is a leaf: it imports nothing from cnnlens, so both the core's file writing and the viz/report
 layers can use it.
@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -30,6 +29,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=32)
 def _lut(cmap: str) -> np.ndarray:
     """The colour map's lookup table as uint8 ``(N, 3)``: row ``i`` is the colour of bin ``i``."""
+    from matplotlib import colormaps  # only when a map is coloured: ``import cnnlens`` stays light
+
     cm = colormaps[cmap]
     table: np.ndarray = to_uint8(np.asarray(cm(np.arange(cm.N)))[:, :3])
     table.setflags(write=False)

@@ -231,7 +231,7 @@ def demo_predictions_html(
         HTML (trusted: render with ``| safe``).
     """
     from cnnlens.display import scrub_paths
-    from cnnlens.report import _env
+    from cnnlens.report._env import environment
 
     columns = [{"id": m, "title": title, "layer": ly} for ly in layers for m, title in methods]
     top = {str(p["image"]): list(p.get("top", []))[:3] for p in predictions}
@@ -248,7 +248,7 @@ def demo_predictions_html(
         rows.append({"name": name, "top": top.get(name, []), "cells": cells})
     early = layers[1] if len(layers) > 1 else layers[0]
     return (
-        _env()
+        environment()
         .get_template("demo_part1.html")
         .render(
             model=model,

@@ -4,7 +4,8 @@ Contents: accuracy and the confusion matrix, per-class accuracy, the most confus
 a gallery of misclassified images with the predicted-class and true-class maps side by side (most confident
 mistakes first), per-class mean maps (the true-class map of every image of the class, averaged), and, when
 the dataset has boxes, the share of map energy inside the box and the pointing accuracy for correct versus
-wrong predictions. Error rows are listed with their reasons.
+wrong predictions. Error rows are listed with their reasons. The mean maps carry the colour bar of the other
+reports (:func:`cnnlens.report.colorbar_html`).
 
 The report folder is self-contained: the pictures it shows are copied into it, so it opens from disk (and can
 be zipped and sent) on its own; it links only files that exist. ``report.json`` holds the same numbers for
@@ -28,19 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from jinja2 import Environment, PackageLoader, select_autoescape
 
 from cnnlens.imaging import colorize, save_png
 from cnnlens.outputs_dir import claim_output_dir, read_marker
+from cnnlens.report._env import environment
 from cnnlens.runs.batch import Pair
 from cnnlens.runs.errors import RunConfigError
 from cnnlens.runs.store import atomic_write, derive_maps
 
 __all__ = ["confusion", "render_run_report"]
-
-
-def _env() -> Environment:
-    return Environment(loader=PackageLoader("cnnlens.runs", "templates"), autoescape=select_autoescape(["html"]))
 
 
 def confusion(labels: Sequence[int], predictions: Sequence[int], classes: Sequence[int]) -> np.ndarray:
@@ -367,7 +364,7 @@ def render_run_report(
 
     model = meta.get("model", {})
     html = (
-        _env()
+        environment()
         .get_template("run_report.html")
         .render(
             data=data,
@@ -378,6 +375,7 @@ def render_run_report(
             confusion_png="confusion.png" if confusion_png is not None else None,
             matrix_table=len(matrix_classes) <= 20,
             class_maps=class_maps,
+            cmap=cmap,
             total_wrong=len(wrong),
             small=max(size) < 96,
         )

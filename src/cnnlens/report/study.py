@@ -19,7 +19,7 @@ from cnnlens.display import CAM_CMAP, SPARSE_CMAP, method_traits, scrub_paths
 from cnnlens.explanation import environment_versions
 from cnnlens.imaging import clip_percentile, overlay, overlay_weighted
 from cnnlens.jsonfile import dumps_strict
-from cnnlens.report import _env
+from cnnlens.report._env import environment
 from cnnlens.studies import LayerStudy, ModelStudy
 
 __all__ = [
@@ -289,7 +289,7 @@ def render_study_report(
     }
     (out / "study.json").write_text(dumps_strict(doc, indent=2, default=str) + "\n", encoding="utf-8")
     html = (
-        _env()
+        environment()
         .get_template("study.html")
         .render(
             title=title,

@@ -6,11 +6,12 @@ Pieces, bottom to top:
 * :func:`load_run_model`: zoo/torchvision/timm models with a checkpoint, or ``package.module:factory``.
 * :func:`process_batch`: the per-batch work, ``(model, batch, settings) -> BatchResult``, free of global state.
 * :class:`DatasetRun` / :func:`run_dataset`: sharded, atomic, resumable runs with worker decoding.
-* :func:`render_run_report`: the HTML error-analysis report.
+* The HTML error-analysis report is drawn by the report layer: :func:`cnnlens.report.render_run_report`.
 * :func:`open_results`: read a run back (rows, maps).
 
 Example:
-    >>> from cnnlens.runs import RunSettings, load_run_model, read_dataset, render_run_report, run_dataset
+    >>> from cnnlens.runs import RunSettings, load_run_model, read_dataset, run_dataset
+    >>> from cnnlens.report import render_run_report
     >>> model = load_run_model("resnet18", num_classes=10, weights="cifar.pt", input_size=[32],
     ...                        class_names="classes.txt")  # doctest: +SKIP
     >>> data = read_dataset("cifar10/test", model.class_names)  # doctest: +SKIP
@@ -23,7 +24,6 @@ from cnnlens.runs.dataset import Dataset, Sample, read_dataset, resolve_label
 from cnnlens.runs.decode import Batch, collate, decode_sample
 from cnnlens.runs.errors import DatasetError, RunConfigError, RunError
 from cnnlens.runs.model import is_entry_point, load_run_model
-from cnnlens.runs.report import render_run_report
 from cnnlens.runs.results import RunResults, open_results
 from cnnlens.runs.runner import DatasetRun, RunSummary, run_dataset
 from cnnlens.runs.store import derive_maps
@@ -51,7 +51,6 @@ __all__ = [
     "open_results",
     "process_batch",
     "read_dataset",
-    "render_run_report",
     "resolve_label",
     "run_dataset",
 ]

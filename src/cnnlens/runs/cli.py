@@ -170,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """``cnnlens report RUN_DIR``; returns the exit code."""
     from cnnlens.runs.errors import RunError
-    from cnnlens.runs.report import render_run_report
+    from cnnlens.report import render_run_report
 
     console, _ = _consoles()
     if args.gallery < 0 or args.max_classes < 1:

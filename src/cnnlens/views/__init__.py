@@ -10,7 +10,7 @@
   and transforms (:mod:`cnnlens.views.transforms`) are small composable pieces.
 
 The functions here return tensors and metadata; :mod:`cnnlens.viz.views` draws them, and
-:func:`cnnlens.views.demo.demo_section` writes the demo report's "filters and feature maps" section.
+:func:`cnnlens.report.demo.demo_section` writes the demo report's "filters and feature maps" section.
 
 Example:
     >>> from cnnlens.models import load_model
