@@ -7,6 +7,7 @@ from cnnlens.errors import CnnlensWarning
 from cnnlens.methods import attribution as attribution
 from cnnlens.methods import cam as cam
 from cnnlens.methods import eigen as eigen
+from cnnlens.methods import fullgrad as fullgrad
 from cnnlens.methods import perturbation as perturbation
 from cnnlens.methods import smooth as smooth
 from cnnlens.methods.registry import (
