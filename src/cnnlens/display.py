@@ -77,7 +77,7 @@ def method_traits(method: str) -> MethodTraits:
         return MethodTraits()
     scope = getattr(spec, "scope", None)
     layered = bool({"activations", "gradients"} & set(spec.needs))
-    input_level = scope == "input" if scope is not None else (spec.display is not None and not layered)
+    input_level = scope in ("input", "network") if scope is not None else (spec.display is not None and not layered)
     return MethodTraits(
         input_level=input_level,
         class_independent=set(spec.needs) == {"activations"},
