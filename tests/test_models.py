@@ -642,3 +642,71 @@ def test_one_default_layer_policy_for_api_and_cli() -> None:
         default_target_layer(mlp)
     with pytest.raises(LayerNotFoundError, match="--layer"):
         default_layer(mlp)
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_zoo_default_layer_is_the_bare_module_policy(name: str) -> None:
+    from cnnlens.explain import default_layer
+    from cnnlens.models.layers import default_target_layer
+    from cnnlens.models.registry import zoo_entry
+
+    entry = zoo_entry(name)
+    assert entry is not None
+    with torch.device("meta"):  # the architecture only: the policy reads the module tree, never the weights
+        bare = entry.build(entry.spec.num_classes, "random", None)
+    # one policy: the zoo's explicit default is what the bare architecture gets from default_target_layer
+    assert entry.spec.default_layer == default_target_layer(bare) == default_layer(bare)
+    expected = {"efficientnet_lite0": "bn2", "resnet50": "layer4", "vgg16": "features.29", "inception_v3": "Mixed_7c"}
+    assert entry.spec.default_layer == expected.get(name, entry.spec.default_layer)
+
+
+def test_default_layer_agrees_for_bare_module_api_and_cli_loading() -> None:
+    from cnnlens.explain import default_layer
+
+    bare = torchvision.models.resnet18(num_classes=3)
+    loaded = load_model("resnet18", num_classes=3, random_weights=True)  # what `--model resnet18` loads
+    assert default_layer(bare) == default_layer(loaded) == loaded.spec.default_layer == "layer4"
+    zoo = get_spec("resnet50").default_layer
+    assert zoo == default_layer(torchvision.models.resnet50(num_classes=3)) == "layer4"
+    lite_bare = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
+    assert default_layer(lite_bare) == get_spec("efficientnet_lite0").default_layer == "bn2"
+
+
+def test_registry_refuses_a_taken_or_non_lowercase_name() -> None:
+    from dataclasses import replace
+
+    from cnnlens.models.registry import register_model, zoo_entry
+
+    entry = zoo_entry("resnet50")
+    assert entry is not None
+    for spec in (entry.spec, replace(entry.spec, name="ResNet50x")):
+        with pytest.raises(ModelConfigError, match="lowercase with '_' and unique"):
+            register_model(spec, weights=entry.weights)(entry.build)
+    assert available_models() == [
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+        "vgg16",
+        "resnet50",
+        "inception_v3",
+        "inception_resnet_v2",
+    ]
+
+
+def test_importing_the_models_package_builds_nothing_and_imports_no_torchvision_or_timm() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cnnlens.models as m; m.available_models(); m.get_spec('vgg16'); "
+        "print(sorted(k for k in ('torchvision', 'timm', 'matplotlib') if k in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_one_loader_overrides_preprocessing_for_any_name() -> None:
+    lm = load_model("resnet18", num_classes=3, random_weights=True, input_size=[32], mean=[0.5], std=[0.5])
+    assert lm.spec.preprocessing == Preprocessing((32, 32), 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    with pytest.raises(ModelConfigError, match="--mean takes one or three"):
+        load_model("resnet18", num_classes=3, random_weights=True, mean=[0.5, 0.5])
