@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, TypeGuard, TypeVar
@@ -826,13 +826,6 @@ def record(
             input_gradients=input_gradients,
             relu_backward=relu_backward,
         )
-
-
-def iter_layer_names(model: nn.Module) -> Iterator[str]:
-    """Yield every non-root dotted module name of ``model`` in definition order."""
-    for name, _ in model.named_modules():
-        if name:
-            yield name
 
 
 @dataclass(frozen=True)
