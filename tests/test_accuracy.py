@@ -102,11 +102,12 @@ def test_every_default_forward_is_contiguous_and_channels_last_is_an_option() ->
         cap.forward(x)
     maps = res["gradcam", "conv"].maps[:, 0]
     metrics.average_drop(net, x, maps, space="normalized")
-    metrics.deletion(net, x, maps, step=16, mean=0.0, std=1.0)
+    metrics.deletion(net, x, maps, step=16, options=metrics.MetricOptions(mean=0.0, std=1.0))
     assert net.contiguous and all(net.contiguous), net.contiguous
     net.contiguous.clear()
     cnnlens.explain(
         net, x, methods=["gradcam"], layers=["conv"], execution=cnnlens.Execution(memory_format="channels_last")
     )
-    metrics.average_drop(net, x, maps, space="normalized", channels_last=True)
+    channels_last = metrics.MetricOptions(execution=cnnlens.Execution(memory_format="channels_last"))
+    metrics.average_drop(net, x, maps, space="normalized", options=channels_last)
     assert net.contiguous and not any(net.contiguous), net.contiguous

@@ -30,11 +30,14 @@ from torch import nn
 import cnnlens
 from cnnlens import metrics
 from cnnlens.errors import InputShapeError, TargetError
-from cnnlens.metrics import MetricError
+from cnnlens.execution import Execution
+from cnnlens.metrics import MetricError, MetricOptions
 from cnnlens.models import LoadedModel, ModelSpec, Preprocessing
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+IMAGENET = MetricOptions(mean=MEAN, std=STD)
+UNIT = MetricOptions(mean=0.0, std=1.0)
 
 
 # -- toy models ---------------------------------------------------------------------------------------
@@ -104,7 +107,7 @@ def probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_all_ones_map_gives_no_drop_and_no_increase(space: str) -> None:
     net = tiny_cnn()
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
-    r = metrics.average_drop(net, x, torch.ones(3, 16, 16), space=space, mean=MEAN, std=STD)  # type: ignore[arg-type]
+    r = metrics.average_drop(net, x, torch.ones(3, 16, 16), space=space, options=IMAGENET)  # type: ignore[arg-type]
     assert r.average_drop == 0.0 and r.increase_in_confidence == 0.0
     assert torch.equal(r.original, r.explained)
     assert r.drop.tolist() == [0.0, 0.0, 0.0]
@@ -127,7 +130,7 @@ def test_zero_map_gives_the_score_of_the_baseline() -> None:
     normalized = metrics.average_drop(net, x, zeros, classes, space="normalized")
     expected = probs(net, torch.zeros_like(x))[torch.arange(2), classes]
     torch.testing.assert_close(normalized.explained, expected, rtol=0, atol=1e-12)
-    pixel = metrics.average_drop(net, x, zeros, classes, space="pixel", mean=MEAN, std=STD)
+    pixel = metrics.average_drop(net, x, zeros, classes, space="pixel", options=IMAGENET)
     black = (
         ((0 - torch.tensor(MEAN, dtype=torch.float64)) / torch.tensor(STD, dtype=torch.float64))
         .view(1, 3, 1, 1)
@@ -153,7 +156,13 @@ def test_average_drop_formula_by_hand() -> None:
     assert r.average_drop == pytest.approx(100 * float(drop.mean()), abs=1e-10)
     assert r.increase_in_confidence == pytest.approx(100 * float((o > y).double().mean()))
     assert torch.equal(r.target_classes, c)
-    one_by_one = metrics.average_drop(net, x, maps, space="normalized", chunk_size=1, channels_last=True)
+    one_by_one = metrics.average_drop(
+        net,
+        x,
+        maps,
+        space="normalized",
+        options=MetricOptions(execution=Execution(chunk_size=1, memory_format="channels_last")),
+    )
     torch.testing.assert_close(one_by_one.explained, r.explained, rtol=0, atol=1e-12)
 
 
@@ -178,7 +187,7 @@ def test_average_drop_from_an_explanation_and_a_loaded_model() -> None:
     exp = cnnlens.explain(model, x, methods=["gradcam"], layers=["4"], targets=[1, 2])[0]
     r = metrics.average_drop(model, x, exp)  # pixel space, normalisation from the LoadedModel
     assert r.target_classes.tolist() == [1, 2] and r.space == "pixel"
-    same = metrics.average_drop(net, x, exp.maps[:, 0], [1, 2], mean=MEAN, std=STD)
+    same = metrics.average_drop(net, x, exp.maps[:, 0], [1, 2], options=IMAGENET)
     torch.testing.assert_close(r.explained, same.explained)
     assert 0.0 <= r.average_drop <= 100.0
 
@@ -187,7 +196,7 @@ def test_identity_normalisation_makes_pixel_space_the_normalised_space() -> None
     net = tiny_cnn(seed=6)
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     maps = torch.rand(2, 16, 16, dtype=torch.float64)
-    pixel = metrics.average_drop(net, x, maps, torch.tensor(2), mean=0.0, std=1.0)  # one value for all channels
+    pixel = metrics.average_drop(net, x, maps, torch.tensor(2), options=UNIT)  # one value for all channels
     normalized = metrics.average_drop(net, x, maps, [2, 2], space="normalized")
     torch.testing.assert_close(pixel.explained, normalized.explained, rtol=0, atol=1e-12)
     assert pixel.target_classes.tolist() == [2, 2]
@@ -206,6 +215,7 @@ def test_metrics_layering_and_no_hooks_left() -> None:
         "cnnlens.targets",
         "cnnlens.batching",
         "cnnlens.errors",
+        "cnnlens.execution",
         "cnnlens.outputs",
         "cnnlens.metrics",
     )
@@ -385,7 +395,9 @@ def test_deletion_batching_invariance_and_explanation_input() -> None:
     x = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64)
     exp = cnnlens.explain(net, x, methods=["gradcam"], layers=["4"], targets=[0, 1, 2])[0]
     runs = [
-        metrics.deletion_insertion(net, x, exp, step=11, chunk_size=size, batch_budget_mb=budget)
+        metrics.deletion_insertion(
+            net, x, exp, step=11, options=MetricOptions(execution=Execution(chunk_size=size, memory_budget_mb=budget))
+        )
         for size, budget in [(None, None), (1, None), (5, None), (None, 0.001), (64, None)]
     ]
     for d, i in runs[1:]:
@@ -401,7 +413,7 @@ def test_deletion_baselines_and_errors() -> None:
     net = tiny_cnn()
     x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
     maps = torch.rand(1, 16, 16, dtype=torch.float64)
-    black = metrics.deletion(net, x, maps, step=256, baseline="black", mean=MEAN, std=STD)
+    black = metrics.deletion(net, x, maps, step=256, baseline="black", options=IMAGENET)
     pixel_zero = (
         ((0 - torch.tensor(MEAN, dtype=torch.float64)) / torch.tensor(STD, dtype=torch.float64))
         .view(1, 3, 1, 1)
@@ -484,10 +496,13 @@ def test_road_is_seeded_and_independent_of_batching() -> None:
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 16, 16, generator=gen, dtype=torch.float64)
     maps = torch.rand(2, 16, 16, generator=gen, dtype=torch.float64)
-    kw = {"percentages": [20, 60], "mean": MEAN, "std": STD}
+    kw = {"percentages": [20, 60], "options": IMAGENET}
+    one = IMAGENET.with_(execution=Execution(chunk_size=1))
     a = metrics.road(net, x, maps, **kw)  # type: ignore[arg-type]
-    b = metrics.road(net, x, maps, chunk_size=1, **kw)  # type: ignore[arg-type]
-    c = metrics.road(net, x, maps, chunk_size=3, orders=["lerf"], **kw)  # type: ignore[arg-type]
+    b = metrics.road(net, x, maps, percentages=[20, 60], options=one)
+    c = metrics.road(
+        net, x, maps, orders=["lerf"], percentages=[20, 60], options=one.with_(execution=Execution(chunk_size=3))
+    )
     assert a.morf is not None and b.morf is not None and a.lerf is not None and c.lerf is not None
     torch.testing.assert_close(a.morf, b.morf, rtol=0, atol=1e-12)
     torch.testing.assert_close(a.lerf, c.lerf, rtol=0, atol=1e-12)

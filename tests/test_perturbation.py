@@ -33,14 +33,16 @@ from torch import nn
 
 import cnnlens
 from cnnlens.batching import (
-    ChunkTuner,
     chunk_size,
     measure_peak_bytes,
+    plan_chunk,
     resolve_budget,
     run_in_chunks,
+    run_measured,
 )
 from cnnlens.capture import capture, replay_path
-from cnnlens.errors import InputShapeError, LayerError, MethodError
+from cnnlens.errors import InputShapeError, LayerError, MethodError, OptionError
+from cnnlens.execution import Execution
 from cnnlens.methods.perturbation import channel_masks, select_channels
 
 # -- tiny hand-weighted networks ----------------------------------------------------------------------
@@ -188,17 +190,17 @@ def test_scorecam_chunking_budget_and_layout_do_not_change_the_result() -> None:
     net = _net_with_duplicate_and_dead_channels().float()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     ref = cnnlens.explain(net, x, methods=["scorecam"], layers=["body.4"], targets=[1, 2])["scorecam", "body.4"]
-    for opts in (
-        {"batch_budget_mb": 0.01},  # one masked input per chunk
-        {"batch_budget_mb": 4096},
-        {"chunk_size": 3},
-        {"channels_last": True},
+    for ex in (
+        Execution(memory_budget_mb=0.01),  # one masked input per chunk
+        Execution(memory_budget_mb=4096),
+        Execution(chunk_size=3),
+        Execution(memory_format="channels_last"),
     ):
-        got = cnnlens.explain(
-            net, x, methods=["scorecam"], layers=["body.4"], targets=[1, 2], options={"scorecam": opts}
-        )["scorecam", "body.4"]
+        got = cnnlens.explain(net, x, methods=["scorecam"], layers=["body.4"], targets=[1, 2], execution=ex)[
+            "scorecam", "body.4"
+        ]
         # chunk sizes and layouts select different kernels: equal up to float32 rounding of the map's scale
-        assert float((got.raw - ref.raw).abs().max()) <= 1e-5 * float(ref.raw.abs().max()), opts
+        assert float((got.raw - ref.raw).abs().max()) <= 1e-5 * float(ref.raw.abs().max()), ex
 
 
 def test_scorecam_several_targets_share_one_set_of_forwards() -> None:
@@ -207,8 +209,6 @@ def test_scorecam_several_targets_share_one_set_of_forwards() -> None:
     handle = net.body.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     try:
         x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-        cnnlens.explain(net, x, methods=["scorecam"], layers=["body.4"], top_k=1)  # measures the footprint once
-        calls.clear()
         cnnlens.explain(net, x, methods=["scorecam"], layers=["body.4"], top_k=1)
         one = sum(calls)
         calls.clear()
@@ -255,10 +255,7 @@ def test_scorecam_fast_mode() -> None:
     ("method", "options", "match"),
     [
         ("scorecam", {"top_k": 0}, "top_k"),
-        ("scorecam", {"chunk_size": -1}, "chunk_size"),
-        ("scorecam", {"batch_budget_mb": -5}, "batch_budget_mb"),
         ("ablationcam", {"eps": 0.0}, "eps"),
-        ("ablationcam", {"batch_budget_mb": "big"}, "batch_budget_mb"),
     ],
 )
 def test_invalid_options_raise_clear_errors(method: str, options: dict[str, object], match: str) -> None:
@@ -409,31 +406,52 @@ def test_run_in_chunks_covers_every_item_once_in_order() -> None:
     out = run_in_chunks(lambda b: b, 11, make, max_chunk=4)
     assert [v for part in out for v in part] == list(range(11))
     assert seen == [(0, 4), (4, 8), (8, 11)]
-    tuner = ChunkTuner(max_chunk=64, start=2)
-    out = run_in_chunks(lambda b: b, 100, lambda i, j: list(range(i, j)), max_chunk=64, tuner=tuner)
-    assert [v for part in out for v in part] == list(range(100))
+    seen.clear()
+    out = run_in_chunks(lambda b: b, 11, make, max_chunk=4, chunk=3, start=1)
+    assert [v for part in out for v in part] == list(range(1, 11))
+    assert seen == [(1, 4), (4, 7), (7, 10), (10, 11)]
     assert run_in_chunks(lambda b: b, 0, make, max_chunk=4) == []
 
 
-def test_chunk_tuner_keeps_the_fastest_size() -> None:
-    def tune(cost: dict[int, float], cap: int = 64) -> tuple[list[int], int | None]:
-        tuner, tried = ChunkTuner(max_chunk=cap), []
-        while tuner.best is None:
-            size = tuner.next_size(1000)
-            tried.append(size)
-            tuner.report(size, cost[size] * size)
-        return tried, tuner.best
+def test_chunks_are_a_pure_function_of_the_budget_and_the_chunk_size() -> None:
+    per_item = 10 * 2**20
+    assert plan_chunk(per_item, Execution(memory_budget_mb=512)) == chunk_size(per_item, 512 * 2**20) == 34
+    assert plan_chunk(per_item, None, "cpu") == 34  # the CPU default budget: 512 MiB
+    assert plan_chunk(per_item, Execution(memory_budget_mb=512, chunk_size=8)) == 8
+    assert plan_chunk(per_item, Execution(memory_budget_mb=512, chunk_size=100)) == 34  # still capped by the budget
+    assert plan_chunk(per_item, Execution(memory_budget_mb=512), n_items=5) == 5
+    with pytest.raises(OptionError, match="chunk_size"):
+        Execution(chunk_size=0)
+    # the first item is measured as real work (no extra call), the rest run in equal planned chunks
+    calls: list[tuple[int, int]] = []
 
-    # stops at the first clearly slower size, keeps the fastest
-    assert tune({4: 1.0, 8: 0.5, 16: 0.6}) == ([4, 8, 16], 8)
-    # a flat curve grows to the cap and keeps the largest size within 3 % of the best
-    assert tune({4: 1.0, 8: 0.5, 16: 0.51, 32: 0.505, 64: 0.514}) == ([4, 8, 16, 32, 64], 64)
-    assert tune({4: 1.0, 8: 0.5, 16: 0.52, 32: 0.53, 64: 0.54}) == ([4, 8, 16, 32, 64], 8)
-    # the cap is tried even when it is not a power of two
-    assert tune({4: 1.0, 8: 0.9, 12: 0.8}, cap=12) == ([4, 8, 12], 12)
-    tuner = ChunkTuner(max_chunk=64)
-    tuner.best = 16
-    assert tuner.next_size(5) == 5
+    def make(i: int, j: int) -> torch.Tensor:
+        calls.append((i, j))
+        return torch.ones(j - i, 1 << 16)  # 256 KiB per item
+
+    def work(batch: torch.Tensor) -> torch.Tensor:
+        return (batch * 2).sum(dim=1)
+
+    for _ in range(2):  # nothing is remembered: the same call plans the same chunks
+        calls.clear()
+        parts = run_measured(work, 40, make, execution=Execution(memory_budget_mb=4), item_bytes=1 << 18)
+        assert torch.equal(torch.cat(parts), torch.full((40,), 2.0 * (1 << 16)))
+        # one item: 256 KiB (x * 2) + 4 B (sum) measured, plus 256 KiB held: 4 MiB // (1.5 * ~512 KiB) = 5
+        assert calls == [(0, 1), (1, 6), (6, 11), (11, 16), (16, 21), (21, 26), (26, 31), (31, 36), (36, 40)]
+    calls.clear()
+    run_measured(work, 10, make, execution=Execution(chunk_size=4))
+    assert calls == [(0, 1), (1, 5), (5, 9), (9, 10)]
+    assert run_measured(work, 0, make, execution=None) == []
+
+
+def test_no_process_wide_caches_remain() -> None:
+    import cnnlens.batching as batching
+    import cnnlens.methods.perturbation as perturbation
+    import cnnlens.metrics._forward as forward
+
+    for module in (batching, perturbation, forward):
+        assert not hasattr(module, "_TUNERS") and not hasattr(module, "_FOOTPRINT"), module.__name__
+    assert batching.tuner_for(object(), "key", 8) is None  # kept for old callers; remembers nothing
 
 
 def test_measure_peak_bytes_counts_live_intermediates() -> None:

@@ -1,33 +1,36 @@
 """Memory-bounded batching of extra forward passes (Score-CAM, Ablation-CAM, faithfulness metrics).
 
 Perturbation methods run hundreds or thousands of forwards per image (one per channel, per mask, per
-step). Building all perturbed inputs at once would need gigabytes, and the batch size that runs fastest
-depends on the model and the machine. This module holds the one shared answer:
+step). Building all perturbed inputs at once would need gigabytes. This module holds the one shared answer,
+driven by a :class:`cnnlens.Execution` and keeping nothing between calls:
 
-1. **A memory budget** (:func:`resolve_budget`): 512 MiB on CPU and MPS by default, half of the free memory
-   on CUDA (between 256 MiB and 4 GiB), overridable per call (methods take ``batch_budget_mb``).
-2. **A measured per-item footprint** (:func:`measure_peak_bytes`): the peak of live tensor bytes while the
-   work runs on one item. On CUDA this is the allocator's peak; elsewhere a ``TorchDispatchMode`` adds up
-   the storages that operators create and subtracts them when they are freed (allocator caches and
-   library-internal scratch space are not seen, hence the safety factor of :func:`chunk_size`).
-3. **The largest chunk that fits** (:func:`chunk_size`): ``budget // (factor * per_item)``.
-4. **A throughput tuner** (:class:`ChunkTuner`): within that cap, the first chunks of a run double in size
-   (from ``max(4, cap // 16)``) until one is clearly slower per item than the best (by 10 %) or the cap is
-   reached; the largest size within 3 % of the best time per item is then kept for the rest of the run and
-   remembered (per model, input shape, dtype, device and budget) for later calls. Tuning chunks do real
-   work: nothing is computed twice.
-5. **The loop** (:func:`run_in_chunks`): builds each chunk lazily with ``make_batch(start, stop)``, so at
+1. **A memory budget** (:func:`resolve_budget`): ``Execution.memory_budget_mb``, else 512 MiB on CPU and MPS
+   and, on CUDA, half of the device's *total* memory (between 256 MiB and 4 GiB). With ``tune=True`` the CUDA
+   default is half of the currently *free* memory instead (measured, so it depends on what else runs).
+2. **A per-item footprint** (:func:`measure_peak_bytes`): the peak of live tensor bytes while the work runs
+   on one item. By default a ``TorchDispatchMode`` adds up the storages that operators create and subtracts
+   them when they are freed: an exact count that depends only on the model's operators and the shapes, never
+   on the machine's load. With ``tune=True`` on CUDA the allocator's peak is used (it also sees library
+   workspaces). The one-item run that is measured is real work: its result is kept (:func:`run_measured`),
+   so measuring costs no extra forward.
+3. **The largest chunk that fits** (:func:`chunk_size`): ``budget // (factor * per_item)``, or
+   ``Execution.chunk_size`` when given (still capped by the budget): :func:`plan_chunk`.
+4. **The loop** (:func:`run_in_chunks`): builds each chunk lazily with ``make_batch(start, stop)``, so at
    most one chunk of perturbed inputs exists at a time, and returns the per-chunk results in order.
 
-Results never depend on the chunk size beyond floating-point reassociation inside the model's kernels.
+Reproducibility: with ``tune=False`` (the default) chunk boundaries are a pure function of the shapes, the
+model's operators, the budget and ``chunk_size``, so the same call gives bitwise identical results on the
+same machine whatever its load. Earlier versions timed the first chunks and remembered the fastest size per
+model (a process-wide cache): chunk boundaries, and so float rounding inside batched kernels, then depended
+on the load of the machine. That cache is gone; nothing here outlives a call.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -35,16 +38,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from cnnlens.errors import MethodError
+from cnnlens.execution import Execution, as_execution
 
 __all__ = [
     "DEFAULT_BUDGET_MB",
     "SAFETY_FACTOR",
-    "ChunkTuner",
     "chunk_size",
     "default_budget_bytes",
     "measure_peak_bytes",
+    "measured_call",
+    "plan_chunk",
     "resolve_budget",
     "run_in_chunks",
+    "run_measured",
     "tuner_for",
 ]
 
@@ -60,11 +66,11 @@ SAFETY_FACTOR = 1.5
 _MIB = 1 << 20
 
 
-def default_budget_bytes(device: torch.device | str | None = None) -> int:
+def default_budget_bytes(device: torch.device | str | None = None, *, tune: bool = False) -> int:
     """The default memory budget for one chunk on ``device``.
 
-    CPU and MPS: :data:`DEFAULT_BUDGET_MB` MiB. CUDA: half of the currently free device memory, clamped to
-    [256 MiB, 4 GiB].
+    CPU and MPS: :data:`DEFAULT_BUDGET_MB` MiB. CUDA: half of the device's total memory (``tune=False``, a
+    constant of the machine) or of its currently free memory (``tune=True``), clamped to [256 MiB, 4 GiB].
 
     Example:
         >>> default_budget_bytes("cpu") == 512 * 2**20
@@ -72,13 +78,13 @@ def default_budget_bytes(device: torch.device | str | None = None) -> int:
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and torch.cuda.is_available():
-        free, _total = torch.cuda.mem_get_info(dev)
-        return int(min(max(free // 2, 256 * _MIB), 4096 * _MIB))
+        free, total = torch.cuda.mem_get_info(dev)
+        return int(min(max((free if tune else total) // 2, 256 * _MIB), 4096 * _MIB))
     return DEFAULT_BUDGET_MB * _MIB
 
 
-def resolve_budget(budget_mb: float | None, device: torch.device | str | None = None) -> int:
-    """Turn a user's ``batch_budget_mb`` option (None = default) into bytes, validating it.
+def resolve_budget(budget_mb: float | None, device: torch.device | str | None = None, *, tune: bool = False) -> int:
+    """Turn a memory budget in MiB (None = the device default) into bytes, validating it.
 
     Raises:
         MethodError: When the budget is not a positive finite number.
@@ -88,7 +94,7 @@ def resolve_budget(budget_mb: float | None, device: torch.device | str | None = 
         True
     """
     if budget_mb is None:
-        return default_budget_bytes(device)
+        return default_budget_bytes(device, tune=tune)
     if isinstance(budget_mb, bool) or not isinstance(budget_mb, (int, float)):
         raise MethodError(
             f"batch_budget_mb must be a number of MiB (e.g. 256) or None for the default, got "
@@ -130,6 +136,33 @@ def chunk_size(
     if n_items is not None:
         size = min(size, max(1, n_items))
     return int(size)
+
+
+def plan_chunk(
+    per_item_bytes: int,
+    execution: Execution | None,
+    device: torch.device | str | None = None,
+    *,
+    n_items: int | None = None,
+    fixed_bytes: int = 0,
+) -> int:
+    """The chunk size an :class:`~cnnlens.Execution` asks for, given one item's footprint.
+
+    ``execution.chunk_size`` when given, else the largest chunk that fits the budget (:func:`chunk_size`);
+    either way capped by the budget and by ``n_items``. A pure function of its arguments (and, for the CUDA
+    default budget with ``tune=True``, of the free device memory).
+
+    Example:
+        >>> from cnnlens.execution import Execution
+        >>> plan_chunk(10 * 2**20, Execution(memory_budget_mb=512))
+        34
+        >>> plan_chunk(10 * 2**20, Execution(memory_budget_mb=512, chunk_size=8), n_items=5)
+        5
+    """
+    ex = as_execution(execution)
+    budget = resolve_budget(ex.memory_budget_mb, device, tune=ex.tune)
+    cap = chunk_size(per_item_bytes, budget, n_items=n_items, fixed_bytes=fixed_bytes)
+    return cap if ex.chunk_size is None else max(1, min(ex.chunk_size, cap))
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -174,105 +207,57 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str | None = None) -> int:
-    """Peak bytes of the tensors created while ``fn()`` runs (what it returns included).
+def measured_call(
+    fn: Callable[[], R], device: torch.device | str | None = None, *, allocator: bool = False
+) -> tuple[R, int]:
+    """``fn()`` and the peak bytes of the tensors created while it ran (what it returns included).
 
-    On CUDA the allocator's peak is used. Elsewhere a dispatch mode follows every storage an operator
-    returns until the last tensor using it is freed; tensors that existed before the call (parameters,
-    inputs) are not counted, library-internal scratch space is not seen.
+    By default a dispatch mode follows every storage an operator returns until the last tensor using it is
+    freed: an exact count, the same on every run. Tensors that existed before the call (parameters, inputs)
+    are not counted; library-internal scratch space is not seen (hence :data:`SAFETY_FACTOR`). With
+    ``allocator=True`` on CUDA the allocator's peak is read instead (it sees cuDNN workspaces, but can
+    depend on what else the device holds).
 
     Example:
-        >>> measure_peak_bytes(lambda: torch.ones(1024) * 2) >= 4096
+        >>> value, peak = measured_call(lambda: torch.ones(1024) * 2)
+        >>> peak >= 4096
         True
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda" and torch.cuda.is_available():
+    if allocator and dev.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(dev)
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         result = fn()
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - base
-        del result
-        return int(max(0, peak))
+        return result, int(max(0, torch.cuda.max_memory_allocated(dev) - base))
     mode = _LiveBytes()
     with mode:
         result = fn()
-    del result
-    return int(mode.peak)
+    return result, int(mode.peak)
 
 
-class ChunkTuner:
-    """Chooses chunk sizes within a memory cap by measured throughput (see the module docstring).
-
-    The first chunks grow from ``start`` (default ``max(4, max_chunk // 16)``: at most five doublings to the
-    cap) by doubling up to ``max_chunk``, and each is timed; growth stops once a size is
-    clearly slower per item than the best so far (by more than ``worse``), since the time per item rarely
-    improves again beyond that point. The size kept is the largest whose time per item is within ``tie``
-    of the best: on a flat curve larger chunks amortise per-call costs (weights read once per call,
-    Python overhead). A size fixed once is reused by later runs that share the tuner (see
-    :func:`tuner_for`).
+def measure_peak_bytes(
+    fn: Callable[[], object], device: torch.device | str | None = None, *, allocator: bool = False
+) -> int:
+    """Peak bytes of the tensors created while ``fn()`` runs (see :func:`measured_call`).
 
     Example:
-        >>> tuner = ChunkTuner(max_chunk=20)
-        >>> sizes = []
-        >>> while tuner.best is None:
-        ...     size = tuner.next_size(1000)
-        ...     sizes.append(size)
-        ...     tuner.report(size, size * {4: 0.3, 8: 0.2, 16: 0.29}[size])
-        >>> sizes, tuner.best
-        ([4, 8, 16], 8)
+        >>> measure_peak_bytes(lambda: torch.ones(1024) * 2) >= 4096
+        True
     """
-
-    def __init__(self, max_chunk: int, *, start: int | None = None, worse: float = 0.10, tie: float = 0.03) -> None:
-        if max_chunk < 1:
-            raise MethodError(f"max_chunk must be at least 1, got {max_chunk}.")
-        self.max_chunk = int(max_chunk)
-        self.worse = float(worse)
-        self.tie = float(tie)
-        self.best: int | None = None
-        self.rates: dict[int, float] = {}
-        first = max(4, self.max_chunk // 16) if start is None else start
-        self._trial = min(max(1, first), self.max_chunk)
-        if self._trial == self.max_chunk:
-            self.best = self.max_chunk
-
-    def next_size(self, remaining: int) -> int:
-        """The size of the next chunk, given how many items are left."""
-        size = self.best if self.best is not None else self._trial
-        return max(1, min(size, remaining))
-
-    def report(self, size: int, seconds: float) -> None:
-        """Record that a chunk of ``size`` items took ``seconds``; advances the search."""
-        if self.best is not None or size != self._trial:
-            return  # a fixed tuner, or a short trailing chunk: nothing to learn
-        rate = seconds / size
-        self.rates[size] = rate
-        fastest = min(self.rates.values())
-        if rate > fastest * (1.0 + self.worse) or size >= self.max_chunk:
-            self.best = max(s for s, r in self.rates.items() if r <= fastest * (1.0 + self.tie))
-        else:
-            self._trial = min(size * 2, self.max_chunk)
+    result, peak = measured_call(fn, device, allocator=allocator)
+    del result
+    return peak
 
 
-_TUNERS: weakref.WeakKeyDictionary[Any, dict[Hashable, ChunkTuner]] = weakref.WeakKeyDictionary()
+def tuner_for(owner: object, key: object, max_chunk: int) -> None:
+    """Deprecated: chunk sizes are no longer tuned by time or remembered per model; always None.
 
-
-def tuner_for(owner: object, key: Hashable, max_chunk: int) -> ChunkTuner:
-    """The tuner remembered for ``owner`` (e.g. the model) and ``key``; a new one when none fits.
-
-    ``owner`` is held weakly, so tuners go away with their model. A remembered tuner whose cap differs
-    (another budget) is replaced.
+    Kept so that callers written for the old throughput tuner still run (``run_in_chunks`` ignores the
+    ``tuner`` it is given); use :func:`plan_chunk` instead.
     """
-    try:
-        per_owner = _TUNERS.setdefault(owner, {})
-    except TypeError:  # not weak-referenceable: do not remember
-        return ChunkTuner(max_chunk)
-    tuner = per_owner.get(key)
-    if tuner is None or tuner.max_chunk != max_chunk:
-        tuner = ChunkTuner(max_chunk)
-        per_owner[key] = tuner
-    return tuner
+    del owner, key, max_chunk
 
 
 def run_in_chunks(
@@ -282,22 +267,24 @@ def run_in_chunks(
     *,
     max_chunk: int,
     chunk: int | None = None,
-    tuner: ChunkTuner | None = None,
-    sync: Callable[[], None] | None = None,
+    start: int = 0,
+    tuner: object = None,
+    sync: object = None,
 ) -> list[R]:
-    """Run ``fn(make_batch(start, stop))`` over consecutive ranges that cover ``[0, n_items)``, in order.
+    """Run ``fn(make_batch(i, j))`` over consecutive ranges that cover ``[start, n_items)``, in order.
 
-    Only one batch exists at a time. The chunk size is ``chunk`` when given, else the ``tuner``'s choice,
-    else ``max_chunk``.
+    Only one batch exists at a time. Every chunk has ``min(chunk, max_chunk)`` items (``max_chunk`` when
+    ``chunk`` is None), the last one what remains: chunk boundaries are a pure function of the arguments.
 
     Args:
         fn: The work on one batch (e.g. a forward returning logits).
         n_items: How many items in total.
-        make_batch: Builds the batch of items ``start..stop-1``.
+        make_batch: Builds the batch of items ``i..j-1``.
         max_chunk: The largest chunk allowed (see :func:`chunk_size`).
-        chunk: A fixed chunk size (overrides the tuner, still capped by ``max_chunk``).
-        tuner: Picks sizes by throughput (see :class:`ChunkTuner`).
-        sync: Called before reading the clock (e.g. ``torch.cuda.synchronize``) when tuning.
+        chunk: A fixed chunk size (still capped by ``max_chunk``).
+        start: The first item (items before it were done elsewhere, e.g. by :func:`run_measured`).
+        tuner: Ignored (the throughput tuner is gone; kept for old callers).
+        sync: Ignored (kept for old callers).
 
     Returns:
         One result per chunk, in order.
@@ -307,27 +294,52 @@ def run_in_chunks(
         >>> out
         [6, 22, 17]
     """
+    del tuner, sync
     if n_items < 0:
         raise MethodError(f"n_items must be non-negative, got {n_items}.")
     if chunk is not None and chunk < 1:
         raise MethodError(f"chunk_size must be a positive number of items, got {chunk}.")
-    cap = max(1, int(max_chunk))
+    size = max(1, min(int(max_chunk), chunk if chunk is not None else int(max_chunk)))
     results: list[R] = []
-    start = 0
-    while start < n_items:
-        remaining = n_items - start
-        if chunk is not None:
-            size = min(chunk, cap, remaining)
-        elif tuner is not None:
-            size = min(tuner.next_size(remaining), cap)
-        else:
-            size = min(cap, remaining)
-        timing = chunk is None and tuner is not None and tuner.best is None
-        began = time.perf_counter() if timing else 0.0
-        results.append(fn(make_batch(start, start + size)))
-        if timing and tuner is not None:
-            if sync is not None:
-                sync()
-            tuner.report(size, time.perf_counter() - began)
-        start += size
+    for i in range(max(0, start), n_items, size):
+        results.append(fn(make_batch(i, min(i + size, n_items))))
     return results
+
+
+def run_measured(
+    fn: Callable[[B], R],
+    n_items: int,
+    make_batch: Callable[[int, int], B],
+    *,
+    execution: Execution | None,
+    device: torch.device | str | None = None,
+    item_bytes: int = 0,
+) -> list[R]:
+    """Run ``fn`` over all items in chunks sized from the measured footprint of the first item.
+
+    The first chunk is one item, run under :func:`measured_call` (its result is kept: measuring costs no
+    extra work); its peak plus ``item_bytes`` (what ``make_batch`` needs per item) is the per-item footprint
+    from which :func:`plan_chunk` sizes the remaining chunks. With ``execution.tune`` on CUDA the allocator's
+    peak is measured, else the exact count of created storages (see the module docstring).
+
+    Args:
+        fn: The work on one batch.
+        n_items: How many items in total.
+        make_batch: Builds the batch of items ``i..j-1`` (outside the measurement).
+        execution: Budget, chunk size and tuning (None: :data:`cnnlens.execution.DEFAULT`).
+        device: Where the work runs (for the budget and the measurement).
+        item_bytes: Bytes per item held outside ``fn`` (the batch itself, masks...).
+
+    Returns:
+        One result per chunk, in order (an empty list when ``n_items`` is 0).
+
+    Example:
+        >>> run_measured(lambda b: sum(b), 5, lambda i, j: list(range(i, j)), execution=None)
+        [0, 10]
+    """
+    ex = as_execution(execution)
+    if n_items <= 0:
+        return []
+    result, peak = measured_call(functools.partial(fn, make_batch(0, 1)), device, allocator=ex.tune)
+    size = plan_chunk(peak + max(0, item_bytes), ex, device, n_items=n_items)
+    return [result, *run_in_chunks(fn, n_items, make_batch, max_chunk=size, start=1)]

@@ -11,22 +11,23 @@ are applied by :func:`cnnlens.explain.explain`), compute weights in float64, run
 ``torch.inference_mode`` in memory-bounded chunks (:mod:`cnnlens.batching`), and keep them in the probe so
 that several targets (e.g. the top-3 classes) share one set of forwards. Targets are fixed by the probe: a
 perturbed copy of sample ``b`` is scored for the class explained for sample ``b``.
+
+How the extra forwards run (memory layout, memory budget, chunk size) comes from ``view.execution`` (the
+:class:`cnnlens.Execution` given to :func:`cnnlens.explain`), never from method options: it is not part of
+a method's variant. Nothing is remembered between calls: the footprint of one masked forward is measured on
+the first chunk of every call, which is real work (its logits are kept).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from cnnlens.batching import chunk_size as fit_chunk
-from cnnlens.batching import measure_peak_bytes, resolve_budget, run_in_chunks, tuner_for
+from cnnlens.batching import run_measured
 from cnnlens.capture import Probe
 from cnnlens.errors import MethodError
-from cnnlens.execution import Execution
 from cnnlens.maps import precise_dtype
 from cnnlens.methods.cam import weighted_sum
 from cnnlens.methods.registry import LayerView, MethodOutput, register
@@ -125,30 +126,7 @@ class _MaskedLogits:
     distinct: torch.Tensor  # (B,) distinct masked inputs of each sample (the shared all-zero one included)
 
 
-_FOOTPRINT: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], int]] = weakref.WeakKeyDictionary()
-
-
-def _forward_footprint(probe: Probe, example: torch.Tensor, layout: Execution) -> int:
-    """Measured peak bytes of one masked forward (remembered per model, shape, dtype, memory format)."""
-    model = probe.cap.model
-    key = (tuple(example.shape[1:]), example.dtype, str(example.device), layout.memory_format)
-    known = _FOOTPRINT.setdefault(model, {})
-    if key not in known:
-        with torch.inference_mode():
-            known[key] = measure_peak_bytes(lambda: probe.logits(example, execution=layout), example.device)
-    return known[key]
-
-
-def _masked_logits(
-    view: LayerView,
-    probe: Probe,
-    *,
-    top_k: int | None,
-    align_corners: bool,
-    channels_last: bool,
-    batch_budget_mb: float | None,
-    chunk_size: int | None,
-) -> _MaskedLogits:
+def _masked_logits(view: LayerView, probe: Probe, *, top_k: int | None, align_corners: bool) -> _MaskedLogits:
     act = view.activation.detach()
     inputs = view.inputs.detach()
     batch, channels = act.shape[:2]
@@ -199,23 +177,14 @@ def _masked_logits(
     )
     if count == 0:
         return _MaskedLogits(row_of, torch.zeros(0, 0, device=device), distinct)
+    execution = view.execution
+    item_bytes = inputs[:1].nelement() * inputs.element_size() * 2 + int(size[0] * size[1]) * 8
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return probe.logits(x, execution=execution)
+
     with torch.no_grad():
-        example = make_batch(0, 1)
-        item_bytes = example.nelement() * example.element_size() * 2 + int(size[0] * size[1]) * 8
-        layout = Execution(memory_format="channels_last" if channels_last else "contiguous")
-        per_item = _forward_footprint(probe, example, layout) + item_bytes
-        budget = resolve_budget(batch_budget_mb, device)
-        cap = fit_chunk(per_item, budget)
-        key = ("scorecam", tuple(inputs.shape[1:]), inputs.dtype, str(device), channels_last, budget)
-        tuner = tuner_for(probe.cap.model, key, cap)
-        sync = torch.cuda.synchronize if device.type == "cuda" else None
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return probe.logits(x, execution=layout)
-
-        parts = run_in_chunks(
-            forward, count, make_batch, max_chunk=min(cap, count), chunk=chunk_size, tuner=tuner, sync=sync
-        )
+        parts = run_measured(forward, count, make_batch, execution=execution, device=device, item_bytes=item_bytes)
     return _MaskedLogits(row_of, torch.cat(parts), distinct)
 
 
@@ -237,26 +206,13 @@ def _unique_rows(values: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]
     "scorecam",
     title="Score-CAM",
     needs={"activations", "probe"},
-    defaults={
-        "top_k": None,
-        "align_corners": False,
-        "channels_last": False,
-        "batch_budget_mb": None,
-        "chunk_size": None,
-    },
+    defaults={"top_k": None, "align_corners": False},
     paper="Wang et al., Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural Networks, "
     "CVPR Workshops 2020 (arXiv:1910.01279)",
     formula="H_k = norm(up(A_k)) ;  w = softmax_k(S(X ⊙ H_k)) ;  L = ReLU(sum_k w_k A_k)",
     summary="Channels weighted by the softmax of the target score of the input masked by each channel.",
 )
-def scorecam(
-    view: LayerView,
-    top_k: int | None = None,
-    align_corners: bool = False,
-    channels_last: bool = False,
-    batch_budget_mb: float | None = None,
-    chunk_size: int | None = None,
-) -> MethodOutput:
+def scorecam(view: LayerView, top_k: int | None = None, align_corners: bool = False) -> MethodOutput:
     """Score-CAM (Wang et al., CVPRW 2020, arXiv:1910.01279).
 
     Formula: each channel ``A_k`` is upsampled bilinearly to the input size and min-max normalised,
@@ -280,10 +236,10 @@ def scorecam(
 
     Exact mode (``top_k=None``) scores every channel, but runs each distinct masked input once (flat and
     duplicate channels share a forward); the maps equal the definition. Masked inputs are built chunk by
-    chunk (never all at once), sized to ``batch_budget_mb`` from the measured footprint of one masked
-    forward and tuned for throughput (:mod:`cnnlens.batching`); ``chunk_size`` fixes the size instead.
-    ``channels_last=True`` feeds the masked inputs in channels-last memory format (faster convolutions on CPU;
-    same values up to float32 rounding); off by default, like every cnnlens forward (the accurate path).
+    chunk (never all at once), sized to the memory budget of ``view.execution`` from the measured footprint
+    of the first masked forward (:mod:`cnnlens.batching`); ``Execution(chunk_size=)`` fixes the size instead,
+    and ``Execution(memory_format="channels_last")`` feeds the masked inputs in channels-last memory format
+    (faster convolutions on CPU; same values up to float32 rounding).
 
     Fast mode (``top_k=k``): only the ``k`` channels with the largest spatial mean activation of each image
     are scored (:func:`select_channels`), and the softmax is taken over those ``k`` scores only; the other
@@ -295,11 +251,6 @@ def scorecam(
         view: The captured activation of one layer for one target, with its probe.
         top_k: Score only this many channels per image (None: all, exact).
         align_corners: Bilinear upsampling convention of the masks.
-        channels_last: Run the masked forwards in channels-last memory format (default False).
-        batch_budget_mb: Memory budget of one chunk of masked forwards in MiB (None: 512 MiB on CPU, half
-            the free memory on CUDA).
-        chunk_size: A fixed number of masked inputs per forward, still capped by the budget (None: tuned
-            within the budget).
 
     Returns:
         :class:`MethodOutput` with the ``(B, h, w)`` raw map (float64) and the per-sample extra
@@ -316,21 +267,9 @@ def scorecam(
     """
     _check_feature_map(view, "scorecam")
     _check_count(top_k, "top_k", "scorecam")
-    _check_count(chunk_size, "chunk_size", "scorecam")
     probe = view.require_probe("scorecam")
-    key = ("scorecam", view.layer, top_k, bool(align_corners), bool(channels_last))
-    masked = probe.memo(
-        key,
-        lambda: _masked_logits(
-            view,
-            probe,
-            top_k=top_k,
-            align_corners=bool(align_corners),
-            channels_last=bool(channels_last),
-            batch_budget_mb=batch_budget_mb,
-            chunk_size=chunk_size,
-        ),
-    )
+    key = ("scorecam", view.layer, top_k, bool(align_corners))
+    masked = probe.memo(key, lambda: _masked_logits(view, probe, top_k=top_k, align_corners=bool(align_corners)))
     act = view.activation
     dtype = precise_dtype(act)
     batch, channels = act.shape[:2]
@@ -357,9 +296,7 @@ class _AblatedLogits:
     logits: torch.Tensor  # (P, K)
 
 
-def _ablated_logits(
-    view: LayerView, probe: Probe, *, batch_budget_mb: float | None, chunk_size: int | None
-) -> _AblatedLogits:
+def _ablated_logits(view: LayerView, probe: Probe) -> _AblatedLogits:
     act = view.activation.detach()
     # Zeroing a channel that is already all zero changes nothing: y_k = y and w_k = 0, no forward needed.
     live = act.flatten(2).ne(0).any(dim=2)
@@ -382,8 +319,13 @@ def _ablated_logits(
         rows[torch.arange(n, device=rows.device), k] = 0
         return rows, b
 
+    execution = view.execution
     logits = probe.replay_rows(
-        view.layer, int(pair_b.numel()), make_rows, batch_budget_mb=batch_budget_mb, chunk_size=chunk_size
+        view.layer,
+        int(pair_b.numel()),
+        make_rows,
+        batch_budget_mb=execution.memory_budget_mb,
+        chunk_size=execution.chunk_size,
     )
     return _AblatedLogits(pair_b, pair_k, logits)
 
@@ -392,18 +334,13 @@ def _ablated_logits(
     "ablationcam",
     title="Ablation-CAM",
     needs={"activations", "probe"},
-    defaults={"eps": 1e-6, "batch_budget_mb": None, "chunk_size": None},
+    defaults={"eps": 1e-6},
     paper="Desai & Ramaswamy, Ablation-CAM: Visual Explanations for Deep Convolutional Network via "
     "Gradient-free Localization, WACV 2020",
     formula="w_k = (y - y_k) / y  (y_k: score with channel k set to 0) ;  L = ReLU(sum_k w_k A_k)",
     summary="Channels weighted by the relative drop of the target score when each is set to zero.",
 )
-def ablationcam(
-    view: LayerView,
-    eps: float = 1e-6,
-    batch_budget_mb: float | None = None,
-    chunk_size: int | None = None,
-) -> MethodOutput:
+def ablationcam(view: LayerView, eps: float = 1e-6) -> MethodOutput:
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020).
 
     Formula: ``w_k = (y - y_k) / y`` where ``y`` is the target score and ``y_k`` the score with channel ``k``
@@ -422,14 +359,12 @@ def ablationcam(
 
     The ablations only re-run the part of the network after the layer where ``torch.fx`` can trace the model
     (:meth:`cnnlens.capture.Capture.replay`), else full forwards with a temporary hook; both in
-    memory-bounded chunks (``batch_budget_mb``, ``chunk_size``; see :mod:`cnnlens.batching`).
+    memory-bounded chunks sized by ``view.execution`` (its memory budget and chunk size; see
+    :mod:`cnnlens.batching`).
 
     Args:
         view: The captured activation of one layer for one target, with its probe.
         eps: Smallest ``|y|`` used as denominator.
-        batch_budget_mb: Memory budget of one chunk of ablations in MiB (None: device default).
-        chunk_size: A fixed number of ablations per pass, still capped by the budget (None: tuned within
-            the budget).
 
     Returns:
         :class:`MethodOutput` with the ``(B, h, w)`` raw map (float64) and per-sample extras
@@ -444,14 +379,10 @@ def ablationcam(
         torch.Size([1, 1])
     """
     _check_feature_map(view, "ablationcam")
-    _check_count(chunk_size, "chunk_size", "ablationcam")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise MethodError(f"ablationcam: eps must be a positive number, got {eps!r}.")
     probe = view.require_probe("ablationcam")
-    ablated = probe.memo(
-        ("ablationcam", view.layer),
-        lambda: _ablated_logits(view, probe, batch_budget_mb=batch_budget_mb, chunk_size=chunk_size),
-    )
+    ablated = probe.memo(("ablationcam", view.layer), lambda: _ablated_logits(view, probe))
     act = view.activation
     dtype = precise_dtype(act)
     batch, channels = act.shape[:2]

@@ -14,9 +14,12 @@ Sanity (does the map depend on the model?): :func:`cascading_randomisation` with
 
 Every metric takes the model (an ``nn.Module`` or a :class:`~cnnlens.models.LoadedModel`), the preprocessed
 inputs ``(B, C, H, W)`` and the maps ``(B, H, W)`` or an :class:`~cnnlens.explanation.Explanation`, and
-returns a small dataclass with per-image tensors and summary floats. Forwards run in memory-bounded batches
-(:mod:`cnnlens.batching`) inside a layer-less capture (eval mode, no graph, the model's state restored). No
-result is ever NaN: undefined cases are flagged instead.
+returns a small dataclass with per-image tensors and summary floats. The metrics that run the model share one
+:class:`MetricOptions` (score, input normalisation, target index, output selector, and the
+:class:`cnnlens.Execution` that says how to run); each keeps only its own protocol parameters as keywords.
+Forwards run in memory-bounded batches (:mod:`cnnlens.batching`) inside a layer-less capture (eval mode, no
+graph, the model's state restored); nothing is remembered between calls. No result is ever NaN: undefined
+cases are flagged instead.
 
 Example:
     >>> import cnnlens
@@ -25,6 +28,8 @@ Example:
     >>> exp = cnnlens.explain(model, x, methods=["gradcam"])[0]  # doctest: +SKIP
     >>> metrics.average_drop(model, x, exp).average_drop  # doctest: +SKIP
     >>> deletion, insertion = metrics.deletion_insertion(model, x, exp)  # doctest: +SKIP
+    >>> opts = metrics.MetricOptions(execution=cnnlens.Execution(memory_format="channels_last"))
+    >>> metrics.deletion(model, x, exp, options=opts).mean_auc  # doctest: +SKIP
 """
 
 from cnnlens.metrics._common import MeanStd, MetricError, Normalization, Space
@@ -42,6 +47,7 @@ from cnnlens.metrics.causal import (
 )
 from cnnlens.metrics.confidence import AverageDropResult, WinResult, average_drop, explanation_images, win_percent
 from cnnlens.metrics.localisation import EnergyResult, PointingResult, boxes_to_masks, energy_in_box, pointing_game
+from cnnlens.metrics.options import MetricOptions
 from cnnlens.metrics.randomisation import (
     RandomisationResult,
     cascade_layers,
@@ -59,6 +65,7 @@ __all__ = [
     "EnergyResult",
     "MeanStd",
     "MetricError",
+    "MetricOptions",
     "Normalization",
     "PointingResult",
     "RandomisationResult",

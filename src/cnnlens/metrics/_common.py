@@ -162,8 +162,8 @@ def need_normalization(norm: Normalization | None, why: str) -> Normalization:
     if norm is None:
         raise MetricError(
             f"{why} needs to know how the inputs were normalised: pass a cnnlens LoadedModel, or "
-            "preprocessing=<object with mean and std>, or mean=(...) and std=(...) (use mean=0, std=1 for inputs "
-            "that are plain [0, 1] images), or choose space='normalized'."
+            "options=MetricOptions(preprocessing=<object with mean and std>) or MetricOptions(mean=(...), "
+            "std=(...)) (use mean=0, std=1 for inputs that are plain [0, 1] images), or choose space='normalized'."
         )
     return norm
 

@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from cnnlens.capture import forward_only
 from cnnlens.metrics._common import (
     ClassSpec,
-    MeanStd,
     MetricError,
     ModelLike,
     Normalization,
     Saliency,
     Space,
     check_choice,
-    module_of,
     need_normalization,
-    prepare_inputs,
-    prepare_maps,
     resolve_classes,
-    resolve_normalization,
 )
-from cnnlens.metrics._forward import ScoreKind, batched_logits, batched_scores, class_scores
-from cnnlens.outputs import OutputSelector
+from cnnlens.metrics._forward import batched_logits, batched_scores, class_scores
+from cnnlens.metrics.options import MetricOptions, Prepared
 
 __all__ = ["AverageDropResult", "WinResult", "average_drop", "explanation_images", "win_percent"]
 
 _SPACES = ("normalized", "pixel")
-_SCORES = ("probability", "logit")
 
 
 @dataclass(frozen=True)
@@ -117,15 +109,7 @@ def average_drop(
     targets: ClassSpec = None,
     *,
     space: Space = "pixel",
-    preprocessing: MeanStd | None = None,
-    mean: Sequence[float] | float | None = None,
-    std: Sequence[float] | float | None = None,
-    target_index: int = 0,
-    score: ScoreKind = "probability",
-    output_selector: OutputSelector | None = None,
-    batch_budget_mb: float | None = None,
-    chunk_size: int | None = None,
-    channels_last: bool = False,
+    options: MetricOptions | None = None,
 ) -> AverageDropResult:
     """Average Drop % and % Increase in Confidence of saliency maps (one forward per image and map).
 
@@ -144,10 +128,10 @@ def average_drop(
 
     Masking space (see REFERENCE §1.1/§1.9): ``space="pixel"`` (default, the authors' original: the
     ``[0, 1]`` image is multiplied, so a map value of 0 gives black, and the result is normalised again)
-    needs the input normalisation: a :class:`~cnnlens.models.LoadedModel`, ``preprocessing=`` (an object with
-    ``mean``/``std``) or ``mean=``/``std=``. ``space="normalized"`` multiplies the model-input tensor (0 gives
-    the dataset mean colour), as pytorch-grad-cam and torch-cam do; their numbers are only comparable in
-    that space.
+    needs the input normalisation: a :class:`~cnnlens.models.LoadedModel`, or ``MetricOptions(preprocessing=)``
+    (an object with ``mean``/``std``) or ``MetricOptions(mean=, std=)``. ``space="normalized"`` multiplies
+    the model-input tensor (0 gives the dataset mean colour), as pytorch-grad-cam and torch-cam do; their
+    numbers are only comparable in that space.
 
     Args:
         model: The network (``nn.Module`` or LoadedModel); its state is restored afterwards.
@@ -155,16 +139,8 @@ def average_drop(
         saliency: ``(B, H, W)`` maps in [0, 1] (upsampled bilinearly if smaller), or an Explanation.
         targets: The class per image; default: the Explanation's classes, else the top class.
         space: ``"pixel"`` or ``"normalized"`` (above).
-        preprocessing: Anything with ``mean`` and ``std`` (e.g. ``LoadedModel.spec.preprocessing``).
-        mean: Per-channel mean of the input normalisation (with ``std``).
-        std: Per-channel std of the input normalisation (with ``mean``).
-        target_index: Which target of a multi-target Explanation.
-        score: ``"probability"`` (softmax, the paper) or ``"logit"``.
-        output_selector: Picks the logits from unusual model outputs.
-        batch_budget_mb: Memory budget of one chunk of forwards in MiB.
-        chunk_size: A fixed number of images per forward (None: chosen within the budget).
-        channels_last: Run forwards in channels-last memory format (faster on CPU; off by default, the
-            contiguous path is the accurate one).
+        options: Score (``"probability"``, the paper, or ``"logit"``), normalisation, target index, output
+            selector and execution (:class:`~cnnlens.metrics.MetricOptions`; None: the defaults).
 
     Returns:
         An :class:`AverageDropResult` (``.average_drop``, ``.increase_in_confidence``, per-image tensors).
@@ -175,30 +151,24 @@ def average_drop(
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
         >>> x = torch.rand(2, 3, 2, 2)
-        >>> r = average_drop(net, x, torch.ones(2, 2, 2), mean=0.0, std=1.0)
+        >>> r = average_drop(net, x, torch.ones(2, 2, 2), options=MetricOptions(mean=0.0, std=1.0))
         >>> r.average_drop, r.increase_in_confidence
         (0.0, 0.0)
     """
     check_choice(space, _SPACES, "space")
-    check_choice(score, _SCORES, "score")
-    module = module_of(model)
-    norm = resolve_normalization(model, preprocessing=preprocessing, mean=mean, std=std)
+    p = Prepared.of(model, inputs, saliency, options)
+    x, maps, norm, score, ex = p.x, p.maps, p.norm, p.options.score, p.options.run
     if space == "pixel":
         need_normalization(norm, "Average Drop with space='pixel'")
-    x = prepare_inputs(module, inputs)
-    batch, size = int(x.shape[0]), (int(x.shape[-2]), int(x.shape[-1]))
-    maps, explained_classes = prepare_maps(saliency, batch, size, x.device, target_index=target_index)
     if float(maps.min()) < 0.0 or float(maps.max()) > 1.0:
         raise MetricError(
             f"Average Drop multiplies the image by a map in [0, 1]; these maps range over [{float(maps.min()):.4g}, "
             f"{float(maps.max()):.4g}]. Pass normalised maps (Explanation.maps or cnnlens.maps.normalize)."
         )
     unchanged = (maps == 1).flatten(1).all(dim=1)
-    with forward_only(module, output_selector=output_selector) as cap:
-        logits = batched_logits(
-            cap, x, batch_budget_mb=batch_budget_mb, chunk_size=chunk_size, channels_last=channels_last
-        )
-        classes = resolve_classes(targets, explained_classes, logits)
+    with p.forwards() as cap:
+        logits = batched_logits(cap, x, execution=ex)
+        classes = resolve_classes(targets, p.explained_classes, logits)
         original = class_scores(logits, classes, score)
         todo = (~unchanged).nonzero().flatten()
 
@@ -213,10 +183,7 @@ def average_drop(
             example=x[:1],
             score=score,
             extra_item_bytes=8 * x[0].nelement(),
-            batch_budget_mb=batch_budget_mb,
-            chunk_size=chunk_size,
-            channels_last=channels_last,
-            key="average_drop",
+            execution=ex,
         )
     explained = original.clone()
     explained[todo] = scored

@@ -8,25 +8,19 @@ from dataclasses import dataclass
 
 import torch
 
-from cnnlens.capture import forward_only
 from cnnlens.metrics._common import (
     ClassSpec,
-    MeanStd,
     MetricError,
     ModelLike,
     Saliency,
     Space,
     check_choice,
-    module_of,
     need_normalization,
-    prepare_inputs,
-    prepare_maps,
     resolve_classes,
-    resolve_normalization,
 )
-from cnnlens.metrics._forward import ScoreKind, batched_logits, batched_scores, class_scores
+from cnnlens.metrics._forward import batched_logits, batched_scores, class_scores
 from cnnlens.metrics.causal import saliency_order
-from cnnlens.outputs import OutputSelector
+from cnnlens.metrics.options import MetricOptions, Prepared
 
 __all__ = ["NEIGHBOUR_WEIGHTS", "RoadResult", "noisy_linear_imputation", "removal_count", "road"]
 
@@ -45,7 +39,6 @@ NEIGHBOUR_WEIGHTS: tuple[tuple[int, int, float], ...] = (
 DEFAULT_PERCENTAGES: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
 _ORDERS = ("morf", "lerf")
 _SPACES = ("normalized", "pixel")
-_SCORES = ("probability", "logit")
 
 
 def _solve_one(image: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -277,15 +270,7 @@ def road(
     noise: float = 0.01,
     seed: int = 0,
     space: Space = "pixel",
-    score: ScoreKind = "probability",
-    preprocessing: MeanStd | None = None,
-    mean: Sequence[float] | float | None = None,
-    std: Sequence[float] | float | None = None,
-    target_index: int = 0,
-    output_selector: OutputSelector | None = None,
-    batch_budget_mb: float | None = None,
-    chunk_size: int | None = None,
-    channels_last: bool = False,
+    options: MetricOptions | None = None,
 ) -> RoadResult:
     """ROAD: remove the most (MoRF) or least (LeRF) relevant p % of pixels, impute them, re-score.
 
@@ -301,7 +286,7 @@ def road(
     Space: the imputation is space-independent (each equation's weights sum to 1, so it commutes with the
     per-channel normalisation); only the noise σ has a unit. ``space="pixel"`` (default, as the authors, who
     impute before normalising) adds ``N(0, noise²)`` on the [0, 1] image, i.e. ``noise / std_c`` on the
-    normalised tensor, and needs the normalisation (LoadedModel, ``preprocessing=`` or ``mean``/``std``);
+    normalised tensor, and needs the normalisation (a LoadedModel, or ``MetricOptions(mean=, std=)``);
     ``space="normalized"`` adds ``N(0, noise²)`` to the model-input tensor (pytorch-grad-cam). The noise of
     each (image, order, p) comes from its own generator seeded from ``seed``, so results do not depend on
     batching. Defaults: ``p ∈ {10, …, 90}``, σ = 0.01, the softmax probability of the class (default: the
@@ -318,16 +303,8 @@ def road(
         noise: Imputation noise σ (in ``space``).
         seed: Noise seed.
         space: ``"pixel"`` or ``"normalized"`` (where σ is measured).
-        score: ``"probability"`` or ``"logit"``.
-        preprocessing: Anything with ``mean``/``std`` (for ``space="pixel"``).
-        mean: Per-channel mean (with ``std``).
-        std: Per-channel std (with ``mean``).
-        target_index: Which target of a multi-target Explanation.
-        output_selector: Picks the logits from unusual model outputs.
-        batch_budget_mb: Memory budget of one chunk of forwards in MiB.
-        chunk_size: A fixed number of imputed images per forward (None: chosen within the budget).
-        channels_last: Run forwards in channels-last memory format (faster on CPU; off by default, the
-            contiguous path is the accurate one).
+        options: Score, normalisation, target index, output selector and execution
+            (:class:`~cnnlens.metrics.MetricOptions`; None: the defaults).
 
     Returns:
         A :class:`RoadResult`.
@@ -339,7 +316,6 @@ def road(
         ((1, 2), True)
     """
     check_choice(space, _SPACES, "space")
-    check_choice(score, _SCORES, "score")
     order_list = [check_choice(o, _ORDERS, "each of orders") for o in orders]
     if not order_list or len(set(order_list)) != len(order_list):
         raise MetricError(f"orders must name 'morf' and/or 'lerf' once each, got {list(orders)!r}.")
@@ -350,17 +326,15 @@ def road(
         raise MetricError(f"noise must be a non-negative number, got {noise!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise MetricError(f"seed must be an int, got {seed!r}.")
-    module = module_of(model)
-    norm = resolve_normalization(model, preprocessing=preprocessing, mean=mean, std=std)
-    x = prepare_inputs(module, inputs)
+    p = Prepared.of(model, inputs, saliency, options)
+    x, norm, score, ex = p.x, p.norm, p.options.score, p.options.run
     batch, channels, height, width = (int(v) for v in x.shape)
     pixels = height * width
     if space == "pixel":
         sigma = noise / need_normalization(norm, "ROAD with space='pixel'").std_of(x.double()).flatten().cpu()
     else:
         sigma = torch.full((channels,), float(noise), dtype=torch.float64)
-    maps, explained_classes = prepare_maps(saliency, batch, (height, width), x.device, target_index=target_index)
-    rank = saliency_order(maps)
+    rank = saliency_order(p.maps)
     counts = [removal_count(p, pixels) for p in pcts]
     n_p, n_o = len(pcts), len(order_list)
     # Items in (image, order, percentage) order; the noise seed uses the canonical order index (morf 0, lerf 1).
@@ -370,11 +344,9 @@ def road(
         r = rank[b].view(height, width)
         return r < count if order == "morf" else r >= pixels - count
 
-    with forward_only(module, output_selector=output_selector) as cap:
-        logits = batched_logits(
-            cap, x, batch_budget_mb=batch_budget_mb, chunk_size=chunk_size, channels_last=channels_last
-        )
-        classes = resolve_classes(targets, explained_classes, logits)
+    with p.forwards() as cap:
+        logits = batched_logits(cap, x, execution=ex)
+        classes = resolve_classes(targets, p.explained_classes, logits)
         original = class_scores(logits, classes, score)
 
         def make_batch(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,10 +368,7 @@ def road(
             example=x[:1],
             score=score,
             extra_item_bytes=pixels * 8 * (channels + 2),
-            batch_budget_mb=batch_budget_mb,
-            chunk_size=chunk_size,
-            channels_last=channels_last,
-            key="road",
+            execution=ex,
         )
     table = scored.view(batch, n_o, n_p)
     correct = (top1 == classes.repeat_interleave(n_o * n_p)).view(batch, n_o, n_p)

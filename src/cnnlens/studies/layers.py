@@ -14,9 +14,10 @@ from torch import nn
 
 from cnnlens.candidates import LayerCatalog, candidate_layers
 from cnnlens.errors import LayerError
+from cnnlens.execution import Execution
 from cnnlens.explain import explain
 from cnnlens.explanation import Explanation, ExplanationSet
-from cnnlens.metrics import average_drop, deletion_insertion
+from cnnlens.metrics import MetricOptions, average_drop, deletion_insertion
 from cnnlens.models import LoadedModel
 from cnnlens.targets import TargetSpec
 
@@ -195,6 +196,7 @@ def compare_layers(
     image_names: Sequence[str] | None = None,
     catalog: LayerCatalog | None = None,
     progress: Callable[[int, int], None] | None = None,
+    execution: Execution | None = None,
 ) -> LayerStudy:
     """Compare target layers: one capture for every layer and method, every map measured.
 
@@ -213,6 +215,8 @@ def compare_layers(
         catalog: A precomputed :func:`cnnlens.candidates.candidate_layers` result.
         progress: Called as ``progress(done, total)`` with the maps measured so far (``(0, total)`` once the
             maps are computed), for progress bars.
+        execution: How to run the capture and the metrics' forwards (:class:`cnnlens.Execution`; None: the
+            default). Never changes what is measured.
 
     Returns:
         A :class:`LayerStudy` with the table, the recommendation and the maps.
@@ -235,7 +239,15 @@ def compare_layers(
     info = {c.name: c for c in catalog.layers}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = explain(model, inputs, methods=list(methods), layers=names, targets=targets, image_names=image_names)
+        result = explain(
+            model,
+            inputs,
+            methods=list(methods),
+            layers=names,
+            targets=targets,
+            image_names=image_names,
+            execution=execution,
+        )
     notes = _group_notes(str(w.message) for w in caught)
     space = "pixel" if loaded is not None else "normalized"
     pixels = int(inputs.shape[-2] * inputs.shape[-1])
@@ -244,8 +256,9 @@ def compare_layers(
     curves: dict[tuple[str, str], dict[str, list[float]]] = {}
     if progress is not None:
         progress(0, len(result))
+    options = MetricOptions(execution=execution)
     for exp in result:
-        rows.append(_measure(model, inputs, exp, info, space, step, curves))
+        rows.append(_measure(model, inputs, exp, info, space, step, curves, options))
         if progress is not None:
             progress(len(rows), len(result))
     recommended = recommend(rows)
@@ -296,9 +309,10 @@ def _measure(
     space: str,
     step: int,
     curves: dict[tuple[str, str], dict[str, list[float]]],
+    options: MetricOptions,
 ) -> LayerRow:
-    drop = average_drop(model, inputs, exp, space=space)  # type: ignore[arg-type]
-    dele, ins = deletion_insertion(model, inputs, exp, step=step)
+    drop = average_drop(model, inputs, exp, space=space, options=options)  # type: ignore[arg-type]
+    dele, ins = deletion_insertion(model, inputs, exp, step=step, options=options)
     curves[(exp.method, exp.layer)] = {
         "fractions": dele.fractions.tolist(),
         "deletion": dele.mean_curve.tolist(),

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cnnlens.errors import ModelConfigError
+from cnnlens.execution import Execution
 from cnnlens.models import LoadedModel
 from cnnlens.studies.layers import DEFAULT_STUDY_ROLES, LayerStudy, compare_layers
 
@@ -72,6 +73,7 @@ def compare_models(
     steps: int = 16,
     last_n: int | None = 3,
     progress: Callable[[int, int], None] | None = None,
+    execution: Execution | None = None,
 ) -> ModelStudy:
     """Compare architectures on the same images, each at its best layer.
 
@@ -88,6 +90,7 @@ def compare_models(
         steps: Deletion/insertion steps.
         last_n: How many of the last merges/block outputs each layer study keeps.
         progress: Passed to each model's :func:`~cnnlens.studies.compare_layers` (maps measured, per model).
+        execution: How to run (:class:`cnnlens.Execution`), passed to each layer study.
 
     Returns:
         A :class:`ModelStudy`.
@@ -114,6 +117,7 @@ def compare_models(
             steps=steps,
             image_names=names,
             progress=progress,
+            execution=execution,
         )
         studies[model.spec.name] = study
         top = study.explanations.top_k(1)
