@@ -46,6 +46,7 @@ def _bn_net(seed: int = 0) -> nn.Sequential:
     )
     bn = net[1]
     assert isinstance(bn, nn.BatchNorm2d)
+    assert bn.running_mean is not None and bn.running_var is not None
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
@@ -61,6 +62,7 @@ def _fold(net: nn.Sequential) -> nn.Sequential:
     assert bn.running_var is not None and bn.running_mean is not None
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     folded = nn.Conv2d(3, 5, 3, padding=1).double()
+    assert folded.bias is not None
     with torch.no_grad():
         folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         folded.bias.copy_(scale * (conv.bias - bn.running_mean) + bn.bias)
@@ -150,7 +152,7 @@ def test_decomposition_matches_pytorch_grad_cam_fullgrad() -> None:
     """Same terms, then pgc's own post-processing applied to ours: equal to their FullGrad output."""
     pytest.importorskip("cv2")
     pgc = pytest.importorskip("pytorch_grad_cam")
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # type: ignore[import-untyped]
 
     net = _bn_net().float()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
@@ -183,6 +185,7 @@ def test_single_channel_maps_match_pytorch_grad_cam() -> None:
     ).eval()
     with torch.no_grad():
         for m in (net[0], net[2]):
+            assert isinstance(m, nn.Conv2d) and m.bias is not None
             m.bias.fill_(0.3)
     x = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(6))
     with pgc.FullGrad(model=net, target_layers=[]) as cam:

@@ -121,7 +121,7 @@ def _variants(
     pending = dict(options or {})
     out: list[tuple[MethodSpec, dict[str, Any]]] = []
     for spec, fixed in bound:
-        given = dict(pending.pop(spec.id, None) or {})
+        given = dict(pending.pop(spec.id, {}) or {})
         twice = sorted(set(fixed or {}) & set(given))
         if twice:
             raise OptionError(
@@ -307,6 +307,7 @@ def explain(
         probe = Probe(cap, rec, rec.targets)
         computed: list[tuple[MethodSpec, str, dict[str, Any], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
         for spec, variant in variants:
+            views: dict[str, list[LayerView]]
             if spec.scope == "network":
                 views = {spec.scope: _network_views(spec, module, rec, probe, output_selector)}
             else:
