@@ -20,7 +20,7 @@ from tests.nets import GapHead, hook_count
 from torch import nn
 
 from cnnlens.capture import differentiable_capture, record
-from cnnlens.errors import CnnlensError, LayerError, LayerNotFoundError, TargetError
+from cnnlens.errors import CnnlensError, LayerError, LayerNotFoundError, OptionError, TargetError
 from cnnlens.explain import explain
 from cnnlens.imaging import save_png
 from cnnlens.models import LoadedModel, load_model
@@ -412,7 +412,7 @@ def test_maximize_failures_leave_no_hooks(lite: LoadedModel) -> None:
         maximize(lite, "blocks.2", [0, 999], steps=1, size=32)
     with pytest.raises(LayerNotFoundError):
         maximize(lite, "blocks.22", [0], steps=1, size=32)
-    with pytest.raises(TargetError):
+    with pytest.raises(OptionError, match="learning rate"):
         maximize(lite, "blocks.2", [0], steps=1, size=32, lr=-1.0)
     assert _state(module) == before
     assert all(p.grad is None for p in module.parameters())
@@ -492,7 +492,8 @@ def test_demo_section(lite: LoadedModel, tmp_path: Path) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    from cnnlens.views.cli import VIEWS_COMMANDS, add_views_commands
+    from cnnlens.cli.parser_more import add_views_commands
+    from cnnlens.cli.views import VIEWS_COMMANDS
 
     parser = argparse.ArgumentParser(prog="cnnlens")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -507,9 +508,9 @@ def _cli(argv: list[str]) -> int:
 def test_cli_commands(
     lite: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import cnnlens.cli
+    import cnnlens.cli.common
 
-    monkeypatch.setattr(cnnlens.cli, "load_model", lambda *a, **k: lite)
+    monkeypatch.setattr(cnnlens.cli.common, "load_model", lambda *a, **k: lite)
     assert _cli(["filters", "--out", str(tmp_path / "f"), "--order", "norm", "--top-k", "8"]) == 0
     doc = json.loads((tmp_path / "f" / "filters.json").read_text())
     assert doc["layer"] == "conv_stem" and len(doc["filters"]) == 8

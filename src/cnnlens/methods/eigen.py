@@ -6,12 +6,14 @@ autograd graph. The sign of a principal component is arbitrary; cnnlens fixes it
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from cnnlens.maps import precise_dtype
-from cnnlens.methods.registry import LayerView, register
+from cnnlens.methods.cam import CamMethod, register_cam
 
-__all__ = ["eigencam", "eigengradcam", "principal_projection"]
+__all__ = ["EigenCAM", "EigenGradCAM", "eigencam", "eigengradcam", "principal_projection"]
 
 
 def principal_projection(features: torch.Tensor) -> torch.Tensor:
@@ -52,16 +54,8 @@ def principal_projection(features: torch.Tensor) -> torch.Tensor:
         return (proj * sign[:, None]).reshape(batch, h, w)
 
 
-@register(
-    "eigencam",
-    title="Eigen-CAM",
-    needs={"activations"},
-    paper="Bany Muhammad & Yeasin, Eigen-CAM: Class Activation Map using Principal Components, IJCNN 2020 "
-    "(arXiv:2008.00299)",
-    formula="L = ReLU(M v_1), M = centred (h*w, C) activations, v_1 its first right singular vector",
-    summary="First principal component of the activations (not class-specific; no backward pass).",
-)
-def eigencam(view: LayerView) -> torch.Tensor:
+@register_cam
+class EigenCAM(CamMethod):
     """Eigen-CAM (Bany Muhammad & Yeasin, IJCNN 2020).
 
     Formula: with ``M`` the activations as an ``(h*w, C)`` matrix centred over positions and ``v_1`` its first
@@ -69,40 +63,55 @@ def eigencam(view: LayerView) -> torch.Tensor:
     is fixed as in :func:`principal_projection`.
 
     Example:
-        >>> import torch
-        >>> from cnnlens.methods.registry import LayerView
         >>> a = torch.zeros(1, 2, 1, 3); a[0, 0, 0] = torch.tensor([0.0, 1.0, 2.0])
         >>> v = LayerView("x", a, None, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
         >>> eigencam(v).round(decimals=4).tolist()
         [[[-1.0, 0.0, 1.0]]]
     """
-    return principal_projection(view.require_feature_map("eigencam"))
+
+    id = "eigencam"
+    title = "Eigen-CAM"
+    needs_gradient = False
+    paper = (
+        "Bany Muhammad & Yeasin, Eigen-CAM: Class Activation Map using Principal Components, IJCNN 2020 "
+        "(arXiv:2008.00299)"
+    )
+    formula = "L = ReLU(M v_1), M = centred (h*w, C) activations, v_1 its first right singular vector"
+    summary = "First principal component of the activations (not class-specific; no backward pass)."
+
+    def combine(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
+        """The activations' principal projection (``gradient`` is unused)."""
+        return principal_projection(activation)
 
 
-@register(
-    "eigengradcam",
-    title="EigenGrad-CAM",
-    needs={"activations", "gradients"},
-    paper="Eigen-CAM (Bany Muhammad & Yeasin, 2020) applied to gradient-weighted activations, as in "
-    "pytorch-grad-cam's EigenGradCAM",
-    formula="L = ReLU(M v_1), M = centred (h*w, C) matrix of g ⊙ A, v_1 its first right singular vector",
-    summary="First principal component of the gradient-weighted activations (class-specific).",
-)
-def eigengradcam(view: LayerView) -> torch.Tensor:
+@register_cam
+class EigenGradCAM(CamMethod):
     """EigenGrad-CAM: Eigen-CAM on ``g ⊙ A`` (class-specific through the gradient).
 
     Formula: ``L = ReLU(M v_1)`` with ``M`` the centred ``(h*w, C)`` matrix of ``g ⊙ A``. The sign is fixed so
     the map correlates positively with ``sum_c g_c ⊙ A_c`` (see :func:`principal_projection`).
 
     Example:
-        >>> import torch
-        >>> from cnnlens.methods.registry import LayerView
         >>> a = torch.zeros(1, 2, 1, 3); a[0, 0, 0] = torch.tensor([0.0, 1.0, 2.0]); g = torch.ones_like(a)
         >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
         >>> eigengradcam(v).round(decimals=4).tolist()
         [[[-1.0, 0.0, 1.0]]]
     """
-    view.require_feature_map("eigengradcam")
-    grad = view.require_gradient("eigengradcam")
-    dtype = precise_dtype(grad)
-    return principal_projection(grad.to(dtype) * view.activation.to(dtype))
+
+    id = "eigengradcam"
+    title = "EigenGrad-CAM"
+    paper = (
+        "Eigen-CAM (Bany Muhammad & Yeasin, 2020) applied to gradient-weighted activations, as in "
+        "pytorch-grad-cam's EigenGradCAM"
+    )
+    formula = "L = ReLU(M v_1), M = centred (h*w, C) matrix of g ⊙ A, v_1 its first right singular vector"
+    summary = "First principal component of the gradient-weighted activations (class-specific)."
+
+    def combine(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
+        """The principal projection of ``g ⊙ A`` in float64 (float32 on MPS)."""
+        dtype = precise_dtype(gradient)
+        return principal_projection(gradient.to(dtype) * activation.to(dtype))
+
+
+eigencam = EigenCAM()
+eigengradcam = EigenGradCAM()

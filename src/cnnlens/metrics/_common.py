@@ -14,7 +14,7 @@ from typing import Literal, Protocol, TypeAlias
 import torch
 from torch import nn
 
-from cnnlens.errors import CnnlensError, InputShapeError, TargetError
+from cnnlens.errors import CnnlensError, InputShapeError, ModelTypeError, TargetError
 from cnnlens.explanation import Explanation
 from cnnlens.maps import upsample
 from cnnlens.models import LoadedModel
@@ -188,7 +188,7 @@ def module_of(model: ModelLike) -> nn.Module:
     """The ``nn.Module`` of a model or LoadedModel, or a clear error."""
     module = model.module if isinstance(model, LoadedModel) else model
     if not isinstance(module, nn.Module):
-        raise InputShapeError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
+        raise ModelTypeError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
     return module
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnlens.errors import InputShapeError, LayerError, ModelConfigError
+from cnnlens.errors import InputShapeError, LayerError, ModelConfigError, ModelTypeError
 from cnnlens.models import LoadedModel, Preprocessing
 from cnnlens.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
@@ -35,7 +35,7 @@ def unwrap(model: nn.Module | LoadedModel) -> nn.Module:
     """
     module = model.module if isinstance(model, LoadedModel) else model
     if not isinstance(module, nn.Module):
-        raise ModelConfigError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
+        raise ModelTypeError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
     return module
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from cnnlens.capture import DifferentiableCapture, differentiable_capture, resolve_layer
-from cnnlens.errors import InputShapeError, LayerError, TargetError
+from cnnlens.errors import InputShapeError, LayerError, OptionError, TargetError
 from cnnlens.models import LoadedModel
 from cnnlens.outputs import OutputSelector
 from cnnlens.views._common import (
@@ -131,15 +131,15 @@ def _size(size: int | tuple[int, int]) -> tuple[int, int]:
 
 def _check_schedule(steps: int, lr: float) -> None:
     if not isinstance(steps, int) or steps < 0:
-        raise TargetError(f"steps must be a non-negative integer; got {steps!r}.")
+        raise OptionError(f"steps must be a non-negative integer; got {steps!r}.")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise TargetError(f"the learning rate must be a positive finite number; got {lr!r}.")
+        raise OptionError(f"the learning rate must be a positive finite number; got {lr!r}.")
 
 
 def _transform(spec: TransformSpec, size: tuple[int, int]) -> Transform | None:
     if isinstance(spec, str):
         if spec != "standard":
-            raise TargetError(f"transforms must be a transform, 'standard' or None; got {spec!r}.")
+            raise OptionError(f"transforms must be a transform, 'standard' or None; got {spec!r}.")
         return standard_transforms(min(size))
     return spec
 
@@ -310,7 +310,7 @@ def _chunked(
     options: dict[str, Any],
 ) -> MaximizeResult:
     if max_batch is not None and max_batch < 1:
-        raise TargetError(f"max_batch must be at least 1 (or None for one batch); got {max_batch}.")
+        raise OptionError(f"max_batch must be at least 1 (or None for one batch); got {max_batch}.")
     chunk = len(keys) if max_batch is None else max_batch
     chunks = [keys[i : i + chunk] for i in range(0, len(keys), chunk)]
     steps = int(options["steps"])
