@@ -22,7 +22,7 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +105,23 @@ def _checkpoint_source(weights: str | os.PathLike[str]) -> str:
     return f"checkpoint {Path(os.fspath(weights)).resolve()}"
 
 
-def _load_zoo(
-    entry: ZooEntry,
-    state_dict: Mapping[str, torch.Tensor] | None,
-    mode: LoadMode,
-    *,
-    source: str,
-    download: bool,
-    num_classes: int | None,
-    class_names: Sequence[str] | str | os.PathLike[str] | None,
-    seed: int,
-) -> tuple[nn.Module, ModelSpec, list[str], str]:
-    """A zoo entry: (module, spec, class names, weights source); ``source`` is the checkpoint/random label."""
-    n = entry.spec.num_classes if num_classes is None else num_classes
+@dataclass(frozen=True)
+class _Request:
+    """What :func:`load_model` was asked, for the zoo and architecture paths."""
+
+    mode: LoadMode
+    state_dict: Mapping[str, torch.Tensor] | None
+    source: str  # the checkpoint's or the random init's label
+    num_classes: int | None
+    class_names: Sequence[str] | str | os.PathLike[str] | None
+    seed: int
+    download: bool
+
+
+def _load_zoo(entry: ZooEntry, req: _Request) -> tuple[nn.Module, ModelSpec, list[str], str]:
+    """A zoo entry: (module, spec, class names, weights source)."""
+    mode, state_dict, source = req.mode, req.state_dict, req.source
+    n = entry.spec.num_classes if req.num_classes is None else req.num_classes
     if mode == "published":
         if n != entry.spec.num_classes:
             raise ModelConfigError(
@@ -126,36 +130,29 @@ def _load_zoo(
                 "classes, or --random-weights."
             )
         ok, _ = entry.weights.status()
-        if not ok and not download:
+        if not ok and not req.download:
             raise entry.weights.unavailable(entry.spec.name)
-    names = resolve_class_names(class_names, n)
+    names = resolve_class_names(req.class_names, n)
     build = entry.build
-    module = _seeded(seed, lambda: build(n, "random", None)) if mode == "random" else build(n, mode, state_dict)
+    module = _seeded(req.seed, lambda: build(n, "random", None)) if mode == "random" else build(n, mode, state_dict)
     preprocessing = entry.spec.preprocessing
     if state_dict is not None:
         sd = entry.adapt_checkpoint(state_dict, module) if entry.adapt_checkpoint else state_dict
         load_state_dict_checked(module, sd, origin=source)
     elif mode == "published":
-        source, override = entry.weights.load(module, name=entry.spec.name, download=download)
+        source, override = entry.weights.load(module, name=entry.spec.name, download=req.download)
         preprocessing = override or preprocessing
     spec = replace(entry.spec, num_classes=n, preprocessing=preprocessing, known_layers=dict(entry.spec.known_layers))
     return module, spec, names, source
 
 
 def _load_architecture(
-    name: str,
-    architecture: tuple[str, str],
-    state_dict: Mapping[str, torch.Tensor] | None,
-    mode: LoadMode,
-    *,
-    source: str,
-    num_classes: int | None,
-    class_names: Sequence[str] | str | os.PathLike[str] | None,
-    seed: int,
+    name: str, architecture: tuple[str, str], req: _Request
 ) -> tuple[nn.Module, ModelSpec, list[str], str]:
     """A torchvision/timm ``(library, architecture)``: (module, spec, class names, weights source)."""
     src, arch = architecture
-    if mode == "published":
+    num_classes, class_names = req.num_classes, req.class_names
+    if req.mode == "published":
         raise WeightsUnavailableError(
             f"{name!r} is not a zoo model, so cnnlens has no published weights for it ({src} "
             f"architecture {arch!r}).\nFix it in one of these ways:\n"
@@ -166,14 +163,14 @@ def _load_architecture(
         )
     # with num_classes known, a class-names mismatch fails before the (slow) build
     early_names = resolve_class_names(class_names, num_classes) if num_classes is not None else None
-    if mode == "random":
-        module = _seeded(seed, lambda: build_architecture(src, arch, num_classes))
+    if req.mode == "random":
+        module = _seeded(req.seed, lambda: build_architecture(src, arch, num_classes))
     else:
         module = build_architecture(src, arch, num_classes)
     n = num_classes if num_classes is not None else infer_num_classes(module) or 1000
     names = early_names if early_names is not None else resolve_class_names(class_names, n)
-    if state_dict is not None:
-        load_state_dict_checked(module, state_dict, origin=source)
+    if req.state_dict is not None:
+        load_state_dict_checked(module, req.state_dict, origin=req.source)
     default_layer, known = guess_layers(module)
     spec = ModelSpec(
         name=name,
@@ -185,7 +182,7 @@ def _load_architecture(
         known_layers=known,
         description=f"User architecture {arch!r} built by {src} with {n} classes.",
     )
-    return module, spec, names, source
+    return module, spec, names, req.source
 
 
 def _call_factory(name: str, num_classes: int | None) -> object:
@@ -342,12 +339,12 @@ def load_model(
     mode: LoadMode = "checkpoint" if state_dict is not None else "random" if random_weights else "published"
     random_source = RANDOM_WEIGHTS_TEMPLATE.format(seed=seed)
     source = _checkpoint_source(weights) if weights is not None else random_source
-    how: dict[str, Any] = {"source": source, "num_classes": num_classes, "class_names": class_names, "seed": seed}
+    req = _Request(mode, state_dict, source, num_classes, class_names, seed, download)
     if entry is not None:
-        module, spec, names, source = _load_zoo(entry, state_dict, mode, download=download, **how)
+        module, spec, names, source = _load_zoo(entry, req)
     else:
         assert architecture is not None  # resolved above
-        module, spec, names, source = _load_architecture(name, architecture, state_dict, mode, **how)
+        module, spec, names, source = _load_architecture(name, architecture, req)
     if preprocess is not None:
         spec = replace(spec, preprocessing=preprocess(spec.preprocessing))
     module = module.to(device).eval()

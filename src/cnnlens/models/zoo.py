@@ -12,28 +12,15 @@ name                        source        published weights
 ``inception_resnet_v2``     timm          ``timm/inception_resnet_v2.tf_in1k`` from the HF hub cache
 ==========================  ============  ========================================================
 
-Weights are resolved in this order: a checkpoint path (``weights=``) always wins; else
-``random_weights=True`` builds a seeded random model that is flagged everywhere; else the published
-weights, from the local cache (no network call is ever made to check it), or fetched only when
-``download=True``. Offline without weights, loading fails with :class:`WeightsUnavailableError` saying how
-to fix it; cnnlens never silently falls back to random weights.
-
-A user's own architecture is loaded by naming a zoo entry, a torchvision builder (``resnet18``) or a timm
-model (``convnext_tiny``) with a checkpoint: ``load_model("resnet18", num_classes=10, weights="ckpt.pt")``.
-Names are looked up in the zoo first, then torchvision, then timm; prefix ``timm:`` or ``torchvision:`` to
-choose explicitly.
-
 Adding a model is one decorated builder here: :func:`~cnnlens.models.registry.register_model` with its
 :class:`~cnnlens.models.spec.ModelSpec` and a weights source from :mod:`cnnlens.models.weights`. Loading,
 names and weights status live in :mod:`cnnlens.models.loader`, :mod:`cnnlens.models.registry` and
 :mod:`cnnlens.models.custom`. torchvision and timm are imported inside the builders, when a model is built.
 
 Example:
-    >>> from cnnlens.models import load_model
-    >>> lm = load_model("efficientnet_lite0")  # doctest: +SKIP
-    >>> x = lm.spec.preprocessing.to_tensor(image)[None]  # doctest: +SKIP
-    >>> lm.class_names[int(lm.module(x).argmax())]  # doctest: +SKIP
-    'Egyptian cat'
+    >>> from cnnlens.models import get_spec
+    >>> get_spec("inception_v3").default_layer
+    'Mixed_7c'
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlens.candidates import LayerCatalog, candidate_layers
+from cnnlens.candidates import ROLES, LayerCatalog, candidate_layers
 from cnnlens.errors import LayerError
 from cnnlens.execution import Execution
 from cnnlens.explain import explain
@@ -23,14 +23,7 @@ from cnnlens.targets import TargetSpec
 
 __all__ = ["DEFAULT_STUDY_ROLES", "RULE", "LayerRow", "LayerStudy", "compare_layers", "recommend", "select_layers"]
 
-DEFAULT_STUDY_ROLES = (
-    "highest_numbered_conv",
-    "deepest_conv",
-    "last_branch_conv",
-    "merge",
-    "block_output",
-    "final_spatial",
-)
+DEFAULT_STUDY_ROLES = tuple(role for role in ROLES if role != "conv")
 """Roles the study compares by default (every plain ``conv`` would be 50+ layers for ResNet50)."""
 
 RULE = (
