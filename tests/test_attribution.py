@@ -38,12 +38,20 @@ def _x(batch: int = 3, size: int = 8, dtype: torch.dtype = torch.float64, seed: 
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def _raw(net: nn.Module, x: torch.Tensor, method: str | Any, layer: str, targets: Any, **opts: Any) -> torch.Tensor:
+def _raw(
+    net: nn.Module,
+    x: torch.Tensor,
+    method: str | Any,
+    layer: str,
+    targets: Any,
+    execution: Execution | None = None,
+    **opts: Any,
+) -> torch.Tensor:
     spec_id = method if isinstance(method, str) else method.id
     options = {spec_id: opts} if opts else None
-    return cnnlens.explain(net, x, methods=[method], layers=[layer], targets=targets, options=options)[
-        spec_id, layer
-    ].raw
+    return cnnlens.explain(
+        net, x, methods=[method], layers=[layer], targets=targets, options=options, execution=execution
+    )[spec_id, layer].raw
 
 
 # -- captum agreement ------------------------------------------------------------------------------------------
@@ -88,7 +96,8 @@ def test_integrated_gradients_matches_captum_float64(rule: str) -> None:
         methods=["integrated_gradients"],
         layers=["features.4"],
         targets=targets,
-        options={"integrated_gradients": {"steps": 20, "rule": rule, "baseline": baseline, "batch_size": 7}},
+        options={"integrated_gradients": {"steps": 20, "rule": rule, "baseline": baseline}},
+        execution=Execution(chunk_size=7),
     )["integrated_gradients", "features.4"]
     torch.testing.assert_close(res.raw[:, 0], ref.sum(dim=1), rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(res.extras["convergence_delta"][:, 0], ref_delta, rtol=1e-5, atol=1e-9)
@@ -254,8 +263,8 @@ def test_integrated_gradients_completeness_and_reported_delta(rule: str) -> None
 def test_integrated_gradients_batching_and_custom_targets() -> None:
     net = seeded(GapHead(), seed=5)
     x = _x(3)
-    ref = _raw(net, x, "integrated_gradients", "body.4", [1, 2, 3], steps=9, batch_size=1)
-    big = _raw(net, x, "integrated_gradients", "body.4", [1, 2, 3], steps=9, batch_size=1000)
+    ref = _raw(net, x, "integrated_gradients", "body.4", [1, 2, 3], Execution(chunk_size=1), steps=9)
+    big = _raw(net, x, "integrated_gradients", "body.4", [1, 2, 3], Execution(chunk_size=1000), steps=9)
     torch.testing.assert_close(big, ref)
     # a custom target cannot be re-laid out per row: whole copies of the batch are run instead
     classes = torch.tensor([1, 2, 3])
@@ -263,17 +272,17 @@ def test_integrated_gradients_batching_and_custom_targets() -> None:
     def custom(logits: torch.Tensor) -> torch.Tensor:
         return logits.gather(1, classes.view(-1, 1))[:, 0]
 
-    got = _raw(net, x, "integrated_gradients", "body.4", custom, steps=9, batch_size=4)
+    got = _raw(net, x, "integrated_gradients", "body.4", custom, Execution(chunk_size=4), steps=9)
     torch.testing.assert_close(got, ref)
 
 
 def test_integrated_gradients_rejects_bad_options() -> None:
     net, x = seeded(GapHead()), _x(1)
-    with pytest.raises(MethodError, match="rule must be one of"):
+    with pytest.raises(OptionError, match="rule must be one of"):
         _raw(net, x, "integrated_gradients", "body.4", 0, rule="simpson")
-    with pytest.raises(MethodError, match="steps must be an integer"):
+    with pytest.raises(OptionError, match="steps must be an integer"):
         _raw(net, x, "integrated_gradients", "body.4", 0, steps=0)
-    with pytest.raises(MethodError, match="baseline must be a number or a tensor"):
+    with pytest.raises(OptionError, match="baseline must be a number or a tensor"):
         _raw(net, x, "integrated_gradients", "body.4", 0, baseline=torch.zeros(2, 5, 5))
 
 
@@ -488,10 +497,11 @@ def test_layer_is_ignored_and_passes_are_shared(monkeypatch: pytest.MonkeyPatch)
         methods=["saliency", "guided_backprop", "guided_gradcam", "integrated_gradients", "smoothgrad"],
         layers=layers,
         top_k=2,
-        options={"integrated_gradients": {"steps": 8, "batch_size": 4}, "smoothgrad": {"n": 6, "batch_size": 5}},
+        options={"integrated_gradients": {"steps": 8}, "smoothgrad": {"n": 6}},
+        execution=Execution(chunk_size=4),
     )
     # main capture + one guided pass per target (shared by guided_backprop and guided_gradcam) + 16/4 IG
-    # chunks + ceil(12/5) smoothing chunks (both targets in each), whatever the number of layers
+    # chunks + ceil(12/4) smoothing chunks (both targets in each), whatever the number of layers
     assert len(calls) == 1 + 2 + 4 + 3
     for method in ("saliency", "guided_backprop", "integrated_gradients", "smoothgrad"):
         for layer in layers[1:]:
@@ -507,9 +517,9 @@ def test_display_modes() -> None:
     assert display_mode({"relu": False}) == "signed"
     assert display_mode({"relu": True}) == "relu"
     assert display_mode({"display": "abs", "relu": True}) == "abs"
-    with pytest.raises(MethodError, match="display must be one of"):
+    with pytest.raises(OptionError, match="display must be one of"):
         get_method("saliency").variant({"display": "square"})
-    with pytest.raises(MethodError, match="has no option 'display'"):
+    with pytest.raises(OptionError, match="has no option 'display'"):
         get_method("gradcam").variant({"display": "abs"})
     net, x = seeded(GapHead(), seed=2), _x(2)
     for display in ("abs", "signed", "relu"):
@@ -548,11 +558,12 @@ def test_smooth_with_one_noiseless_copy_is_the_base_method(base: str) -> None:
 
 def test_smooth_is_deterministic_batch_invariant_and_records_its_variant() -> None:
     net, x = seeded(GapHead(), seed=5, dtype=torch.float32), _x(4, dtype=torch.float32)
-    spec = smooth("gradcampp", n=5, sigma=0.2, seed=3, batch_size=3)
-    first = cnnlens.explain(net, x, methods=[spec], layers=["body.4"])["smooth_gradcampp", "body.4"]
-    again = cnnlens.explain(net, x, methods=[spec], layers=["body.4"])["smooth_gradcampp", "body.4"]
+    spec = smooth("gradcampp", n=5, sigma=0.2, seed=3)
+    rows3 = Execution(chunk_size=3)
+    first = cnnlens.explain(net, x, methods=[spec], layers=["body.4"], execution=rows3)["smooth_gradcampp", "body.4"]
+    again = cnnlens.explain(net, x, methods=[spec], layers=["body.4"], execution=rows3)["smooth_gradcampp", "body.4"]
     torch.testing.assert_close(first.raw, again.raw, rtol=0, atol=0)
-    assert first.variant == {"alpha_normalize": False, "n": 5, "sigma": 0.2, "seed": 3, "batch_size": 3, "relu": True}
+    assert first.variant == {"alpha_normalize": False, "n": 5, "sigma": 0.2, "seed": 3, "relu": True}
     other = cnnlens.explain(net, x, methods=[spec], layers=["body.4"], options={"smooth_gradcampp": {"seed": 4}})
     assert not torch.allclose(other["smooth_gradcampp", "body.4"].raw, first.raw)
     plain = cnnlens.explain(net, x, methods=["gradcampp"], layers=["body.4"])["gradcampp", "body.4"]
@@ -561,9 +572,8 @@ def test_smooth_is_deterministic_batch_invariant_and_records_its_variant() -> No
     for i in range(4):
         alone = cnnlens.explain(net, x[i : i + 1], methods=[spec], layers=["body.4"])["smooth_gradcampp", "body.4"]
         assert float((alone.raw[0] - first.raw[i]).abs().max()) <= 1e-5 * float(first.raw[i].abs().max())
-    chunked = cnnlens.explain(
-        net, x, methods=[spec], layers=["body.4"], options={"smooth_gradcampp": {"batch_size": 64}}
-    )["smooth_gradcampp", "body.4"]
+    rows64 = Execution(chunk_size=64)
+    chunked = cnnlens.explain(net, x, methods=[spec], layers=["body.4"], execution=rows64)["smooth_gradcampp", "body.4"]
     assert float((chunked.raw - first.raw).abs().max()) <= 1e-5 * float(first.raw.abs().max())
 
 
@@ -578,9 +588,9 @@ def test_smooth_averages_the_base_maps_of_the_noisy_copies() -> None:
 
 
 def test_smooth_rejects_bad_parameters() -> None:
-    with pytest.raises(MethodError, match="sigma must be a number >= 0"):
+    with pytest.raises(OptionError, match="sigma must be a number >= 0"):
         smooth("saliency", sigma=-0.1)
-    with pytest.raises(MethodError, match="n must be an integer >= 1"):
+    with pytest.raises(OptionError, match="n must be an integer >= 1"):
         smooth("saliency", n=0)
     with pytest.raises(MethodError, match="already has the option"):
         smooth("smoothgrad")
@@ -623,7 +633,7 @@ def test_smoothgradcampp_matches_the_literal_formula() -> None:
     net, x = seeded(GapHead(), seed=9), _x(2)
     classes = net(x).argmax(1)
     expected = _literal_smooth_gradcampp(net, net.body[4], x, classes, n=5, sigma=0.25, seed=7)
-    got = _raw(net, x, "smoothgradcampp", "body.4", None, n=5, sigma=0.25, seed=7, batch_size=3)[:, 0]
+    got = _raw(net, x, "smoothgradcampp", "body.4", None, Execution(chunk_size=3), n=5, sigma=0.25, seed=7)[:, 0]
     assert expected.abs().max() > 0
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
     # one noiseless copy is Grad-CAM++ itself

@@ -184,6 +184,48 @@ def _compute(
     return raw, bad, stacked
 
 
+_Computed = tuple[MethodSpec, str, dict[str, Any], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+def _results(
+    computed: list[_Computed],
+    rec: Recording,
+    size: tuple[int, int],
+    images: torch.Tensor,
+    image_names: Sequence[str] | None,
+    names: list[str] | None,
+    manifest: dict[str, Any],
+) -> list[Explanation]:
+    """Display, upsample and normalise every raw map, then wrap each (method, layer) as an Explanation."""
+    assert rec.scores is not None  # set by Capture.run()
+    assert rec.target_classes is not None
+    # raw maps are finite (finite_or_zero above), so are their bilinear upsamplings: no second check. All
+    # (method, layer) maps go through upsampling and normalisation together, grouped by resolution.
+    shown = [apply_display(raw, display_mode(variant)) for _, _, variant, raw, _, _ in computed]
+    rendered = upsample_normalize(shown, size, dtype=torch.float32, assume_finite=True)
+    scores = rec.scores.float()
+    return [
+        Explanation(
+            method=spec.id,
+            title=spec.title,
+            layer=layer,
+            variant=dict(variant),
+            raw=raw,
+            maps=maps,
+            degenerate=degenerate | bad,
+            target_classes=rec.target_classes,
+            target_names=list(rec.target_names),
+            scores=scores,
+            images=images,
+            image_names=list(image_names) if image_names is not None else [],
+            class_names=names,
+            manifest=manifest,
+            extras=extras_stacked,
+        )
+        for (spec, layer, variant, raw, bad, extras_stacked), (maps, degenerate) in zip(computed, rendered, strict=True)
+    ]
+
+
 def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None = None) -> torch.Tensor:
     """The uint8 ``(B, H, W, 3)`` images that maps align with, for overlays.
 
@@ -305,7 +347,7 @@ def explain(
             raise InputShapeError(f"got {len(image_names)} image names for a batch of {batch} images.")
         manifest: dict[str, Any] = {"model": loaded.manifest() if loaded else {"class": type(module).__name__}}
         probe = Probe(cap, rec, rec.targets)
-        computed: list[tuple[MethodSpec, str, dict[str, Any], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
+        computed: list[_Computed] = []
         for spec, variant in variants:
             views: dict[str, list[LayerView]]
             if spec.scope == "network":
@@ -320,31 +362,5 @@ def explain(
                 }
             for layer, layer_views in views.items():
                 computed.append((spec, layer, variant, *_compute(spec, variant, layer_views, raw_dtype)))
-        # raw maps are finite (finite_or_zero above), so are their bilinear upsamplings: no second check. All
-        # (method, layer) maps go through upsampling and normalisation together, grouped by resolution.
-        shown = [apply_display(raw, display_mode(variant)) for _, _, variant, raw, _, _ in computed]
-        rendered = upsample_normalize(shown, size, dtype=torch.float32, assume_finite=True)
-        scores = rec.scores.float()
-        results = [
-            Explanation(
-                method=spec.id,
-                title=spec.title,
-                layer=layer,
-                variant=dict(variant),
-                raw=raw,
-                maps=maps,
-                degenerate=degenerate | bad,
-                target_classes=rec.target_classes,
-                target_names=list(rec.target_names),
-                scores=scores,
-                images=images,
-                image_names=list(image_names) if image_names is not None else [],
-                class_names=names,
-                manifest=manifest,
-                extras=extras_stacked,
-            )
-            for (spec, layer, variant, raw, bad, extras_stacked), (maps, degenerate) in zip(
-                computed, rendered, strict=True
-            )
-        ]
+        results = _results(computed, rec, size, images, image_names, names, manifest)
     return ExplanationSet(results, logits=rec.logits, manifest=manifest)

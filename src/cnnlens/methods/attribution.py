@@ -103,6 +103,18 @@ def _options_key(options: Mapping[str, Any]) -> tuple[Hashable, ...]:
     return tuple(items)
 
 
+DEFAULT_ROWS = 32
+"""Rows (copies x samples) per extra forward/backward of IG and smoothing when ``Execution.chunk_size`` is None."""
+
+
+def rows_per_pass(view: LayerView) -> int:
+    """Rows per extra forward/backward: ``view.execution.chunk_size``, else :data:`DEFAULT_ROWS`.
+
+    A fixed number, never measured, so results do not depend on the machine's load.
+    """
+    return view.execution.chunk_size or DEFAULT_ROWS
+
+
 def _row_probe(probe: Probe, sample_index: torch.Tensor) -> Probe | None:
     """A probe whose fixed class targets are laid out for rows that derive from ``sample_index``.
 

@@ -16,7 +16,7 @@ import torch
 from cnnlens.capture import Probe
 from cnnlens.errors import OptionError
 from cnnlens.maps import precise_dtype
-from cnnlens.methods.attribution import _REDUCES, _accumulate, _options_key, _row_passes, reduce_channels
+from cnnlens.methods.attribution import _REDUCES, _accumulate, _options_key, _row_passes, reduce_channels, rows_per_pass
 from cnnlens.methods.registry import LayerView, MethodOutput, check_count, register
 
 __all__ = ["QuadratureRule", "integrated_gradients", "quadrature"]
@@ -141,14 +141,13 @@ def _integrated_gradients_all(
     formula="a = (x - x') ⊙ sum_s w_s dS/dx(x' + alpha_s (x - x')) ;  raw = sum_c a_c ;  sum(raw) ≈ S(x) - S(x')",
     summary="Gradients integrated along the straight path from a baseline to the input (the layer is ignored).",
     display="abs",
-    defaults={"baseline": 0.0, "steps": 50, "rule": "gausslegendre", "batch_size": 32, "reduce": "sum"},
+    defaults={"baseline": 0.0, "steps": 50, "rule": "gausslegendre", "reduce": "sum"},
 )
 def integrated_gradients(
     view: LayerView,
     baseline: float | torch.Tensor = 0.0,
     steps: int = 50,
     rule: str = "gausslegendre",
-    batch_size: int = 32,
     reduce: str = "sum",
 ) -> MethodOutput:
     """Integrated Gradients (Sundararajan et al., ICML 2017).
@@ -164,9 +163,10 @@ def integrated_gradients(
     number or a tensor broadcastable to the input (``(C, H, W)``, ``(1, C, H, W)`` or per sample
     ``(B, C, H, W)``, which then depends on the batch layout).
 
-    The ``steps × B`` interpolated inputs are run in chunks of at most ``batch_size`` rows (several
-    interpolation points per forward/backward), with every target of the call in the same forward; the
-    result is computed once per explain call and reused for every layer (the layer is ignored).
+    The ``steps × B`` interpolated inputs are run in chunks of at most ``Execution.chunk_size`` rows (32 by
+    default; an execution knob, not an option: chunking changes nothing beyond float rounding), several
+    interpolation points per forward/backward, with every target of the call in the same forward. Input
+    scope: one result per explain call, whatever the layers.
 
     Args:
         view: One target's view; needs the probe.
@@ -174,7 +174,6 @@ def integrated_gradients(
         steps: Number of quadrature nodes.
         rule: ``"gausslegendre"``, ``"riemann_trapezoid"``, ``"riemann_left"``, ``"riemann_right"`` or
             ``"riemann_middle"``.
-        batch_size: Most rows per forward/backward.
         reduce: Channel reduction, see :func:`reduce_channels`.
 
     Returns:
@@ -191,10 +190,10 @@ def integrated_gradients(
     """
     probe = view.require_probe("integrated_gradients")
     quadrature(steps, rule)  # validates steps and rule before any pass
-    check_count("integrated_gradients", "batch_size", batch_size)
+    batch_size = rows_per_pass(view)
     if reduce not in _REDUCES:
         reduce_channels(torch.zeros(1, 1, 1, 1), reduce)  # raises the standard message
-    options = {"baseline": baseline, "steps": steps, "rule": rule, "batch_size": batch_size}
+    options = {"baseline": baseline, "steps": steps, "rule": rule}
     key = ("integrated_gradients", _options_key(options))
     # The memo entry keeps ``options`` alive: a tensor baseline is keyed by identity.
     attributions, delta, _ = probe.memo(

@@ -17,7 +17,6 @@ called and returns a frozen :class:`BoundMethod` that ``explain(methods=[...])``
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -28,6 +27,7 @@ import torch
 from cnnlens.capture import Probe
 from cnnlens.errors import MethodError, MethodNotFoundError, OptionError
 from cnnlens.execution import DEFAULT, Execution
+from cnnlens.methods.options import BoundMethod, check_count, check_type
 
 if TYPE_CHECKING:
     from torch import nn
@@ -66,20 +66,6 @@ Scope = Literal["layer", "input", "network"]
 or the whole network (one map per call from modules the method names itself)."""
 
 _SCOPES: tuple[Scope, ...] = ("layer", "input", "network")
-
-
-def check_count(method: str, name: str, value: Any, minimum: int = 1) -> int:
-    """Return ``value`` when it is an integer >= ``minimum``, else raise an :class:`OptionError` naming it.
-
-    Example:
-        >>> check_count("scorecam", "top_k", 0)
-        Traceback (most recent call last):
-        ...
-        cnnlens.errors.OptionError: scorecam: option top_k must be an integer >= 1; got 0.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{method}: option {name} must be an integer >= {minimum}; got {value!r}.")
-    return value
 
 
 @dataclass(frozen=True)
@@ -260,7 +246,7 @@ class MethodSpec:
             if key not in merged:
                 known = ", ".join(sorted(merged)) or "none"
                 raise OptionError(f"method {self.id!r} has no option {key!r}; its options are: {known}.")
-            _check_type(self.id, key, value, merged[key])
+            check_type(self.id, key, value, merged[key])
             merged[key] = value
         try:
             display_mode(merged)  # validates a user-given display
@@ -289,53 +275,6 @@ class MethodSpec:
         kwargs = {k: v for k, v in options.items() if k not in ("relu", "display")}
         out = self.fn(view, **kwargs)
         return out if isinstance(out, MethodOutput) else MethodOutput(out)
-
-
-def _check_type(method: str, name: str, value: Any, default: Any) -> None:
-    """Refuse a value whose type does not match the option's default (bool, int, float or str)."""
-    if default is None or name == "display":
-        return
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-        want = "True or False"
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        want = "an integer"
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        want = "a finite number"
-    elif isinstance(default, str):
-        ok = isinstance(value, str) or name == "baseline"  # a baseline may be a tensor or a number too
-        want = "a string"
-    else:
-        return
-    if not ok:
-        raise OptionError(
-            f"method {method!r}: option {name} must be {want} (its default is {default!r}); got "
-            f"{value!r} ({type(value).__name__})."
-        )
-
-
-@dataclass(frozen=True)
-class BoundMethod:
-    """A registered method with some options fixed: ``get_method(id).bind(**options)``.
-
-    Attributes:
-        spec: The method.
-        options: The options given to :meth:`MethodSpec.bind` (checked when bound; read-only).
-    """
-
-    spec: MethodSpec
-    options: Mapping[str, Any]
-
-    @property
-    def id(self) -> str:
-        """The method's id."""
-        return self.spec.id
-
-    def variant(self) -> dict[str, Any]:
-        """The full variant: the method's defaults merged with the bound options."""
-        return self.spec.variant(self.options)
 
 
 def display_mode(variant: Mapping[str, Any]) -> Display:

@@ -11,7 +11,8 @@ sample's value range, as in SmoothGrad (Smilkov et al. recommend 10-20 %). A con
 dtype and device: the same seed gives the same maps on every run, device and dtype, and the noise of a
 sample never depends on its position in the batch, on the other samples, or on how the copies are chunked
 (copies of different samples share ``eps_j``: common random numbers, which keep every map a function of its
-own image only). Noisy copies run in chunks of at most ``batch_size`` rows through the probe, with the
+own image only). Noisy copies run in chunks of at most ``Execution.chunk_size`` rows (default 32; an
+execution knob, not part of the variant) through the probe, with the
 targets fixed to the classes explained on the clean input (a noisy copy never re-ranks its top class).
 
 **Cost.** The noisy passes record every requested layer at once: one explain call costs ``n`` forwards and
@@ -31,13 +32,13 @@ import torch
 from cnnlens.capture import Probe, Recording
 from cnnlens.errors import CnnlensWarning, MethodError, OptionError
 from cnnlens.maps import precise_dtype
-from cnnlens.methods.attribution import _accumulate, _options_key, _row_passes
+from cnnlens.methods.attribution import _accumulate, _options_key, _row_passes, rows_per_pass
 from cnnlens.methods.cam import weighted_sum
 from cnnlens.methods.registry import LayerView, MethodOutput, MethodSpec, Scope, check_count, get_method, register
 
 __all__ = ["SMOOTH_OPTIONS", "noise", "noisy_inputs", "smooth", "smoothgradcampp"]
 
-SMOOTH_OPTIONS = ("n", "sigma", "seed", "batch_size")
+SMOOTH_OPTIONS = ("n", "sigma", "seed")
 """The options every smoothed method adds to its variant."""
 
 
@@ -85,9 +86,8 @@ def noisy_inputs(inputs: torch.Tensor, n: int, sigma: float, seed: int = 0) -> t
     return out.view(n, *inputs.shape)
 
 
-def _check_smooth(n: Any, sigma: Any, seed: Any, batch_size: Any, method: str = "smooth") -> None:
+def _check_smooth(n: Any, sigma: Any, seed: Any, method: str = "smooth") -> None:
     check_count(method, "n", n)
-    check_count(method, "batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise OptionError(f"{method}: option seed must be an integer; got {seed!r}.")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
@@ -157,15 +157,12 @@ class _Smoothed:
 
     base: MethodSpec
 
-    def __call__(
-        self, view: LayerView, *, n: int, sigma: float, seed: int, batch_size: int, **base_options: Any
-    ) -> MethodOutput:
+    def __call__(self, view: LayerView, *, n: int, sigma: float, seed: int, **base_options: Any) -> MethodOutput:
         base = self.base
         probe = view.require_probe(f"smooth({base.id})")
-        _check_smooth(n, sigma, seed, batch_size)
-        if "batch_size" in base.defaults:  # one bound for the noisy copies and the wrapped method's own passes
-            base_options = {**base_options, "batch_size": batch_size}
-        options = {"n": n, "sigma": sigma, "seed": seed, "batch_size": batch_size, **base_options}
+        _check_smooth(n, sigma, seed, f"smooth({base.id})")
+        batch_size = rows_per_pass(view)  # the wrapped method's own passes read the same execution
+        options = {"n": n, "sigma": sigma, "seed": seed, **base_options}
         key = ("smooth", base.id, base.fn, _options_key(options))
         averages, _ = probe.memo(
             key,
@@ -185,7 +182,6 @@ def smooth(
     n: int = 50,
     sigma: float = 0.15,
     seed: int = 0,
-    batch_size: int = 32,
     *,
     id: str | None = None,
     title: str | None = None,
@@ -207,14 +203,12 @@ def smooth(
         n: Number of noisy copies (``n=1, sigma=0`` reproduces the wrapped method).
         sigma: Noise standard deviation as a fraction of each sample's value range.
         seed: Noise seed; the same seed gives the same maps.
-        batch_size: Most rows (noisy copies × samples) per forward/backward; a wrapped method with its own
-            ``batch_size`` option (Integrated Gradients) shares this one.
         id: The spec's id; default ``"smooth_<method id>"``.
         title: Display name; default ``"Smooth <method title>"``.
 
     Returns:
         A spec usable in ``explain(methods=[...])``; its variant holds the wrapped method's options plus
-        ``n``, ``sigma``, ``seed`` and ``batch_size``, all overridable through ``options={id: {...}}``.
+        ``n``, ``sigma`` and ``seed``, all overridable through ``options={id: {...}}``.
 
     Raises:
         MethodError: Invalid parameters, or a wrapped method that already has one of these options.
@@ -231,13 +225,13 @@ def smooth(
         torch.Size([1, 1, 6, 6])
     """
     base = method if isinstance(method, MethodSpec) else get_method(method)
-    _check_smooth(n, sigma, seed, batch_size)
+    _check_smooth(n, sigma, seed)
     if base.scope == "network":
         raise MethodError(f"cannot smooth {base.id!r}: network-scope methods are not supported by smooth().")
-    clash = [key for key in SMOOTH_OPTIONS if key in base.defaults and key != "batch_size"]
+    clash = [key for key in SMOOTH_OPTIONS if key in base.defaults]
     if clash:
         raise MethodError(f"cannot smooth {base.id!r}: it already has the option(s) {clash} (is it smoothed already?).")
-    defaults = {**base.defaults, "n": n, "sigma": sigma, "seed": seed, "batch_size": batch_size}
+    defaults = {**base.defaults, "n": n, "sigma": sigma, "seed": seed}
     return MethodSpec(
         id=id or f"smooth_{base.id}",
         title=title or f"Smooth {base.title}",
@@ -292,16 +286,14 @@ def _moments(
     "smoothgradcampp",
     title="Smooth Grad-CAM++",
     needs={"probe"},
-    defaults={"n": 8, "sigma": 0.15, "seed": 0, "batch_size": 32},
+    defaults={"n": 8, "sigma": 0.15, "seed": 0},
     paper="Omeiza, Speakman, Cintas & Weldemariam, Smooth Grad-CAM++: An Enhanced Inference Level "
     "Visualization Technique for Deep Convolutional Neural Network Models, arXiv:1908.01224 (2019)",
     formula="D_p = mean_j g_j^p ;  alpha = D2 / (2 D2 + sum_ab(A_k) D3) ;  w_k = sum_ij alpha relu(D1) ;  "
     "L = ReLU(sum_k w_k A_k)",
     summary="Grad-CAM++ with gradient moments averaged over noisy copies of the input.",
 )
-def smoothgradcampp(
-    view: LayerView, n: int = 8, sigma: float = 0.15, seed: int = 0, batch_size: int = 32
-) -> torch.Tensor:
+def smoothgradcampp(view: LayerView, n: int = 8, sigma: float = 0.15, seed: int = 0) -> torch.Tensor:
     """Smooth Grad-CAM++ (Omeiza et al., 2019).
 
     Formula: over ``n`` noisy copies (noise as in :func:`smooth`), the gradient moments at the layer
@@ -320,7 +312,6 @@ def smoothgradcampp(
         n: Number of noisy copies.
         sigma: Noise standard deviation as a fraction of each sample's value range.
         seed: Noise seed.
-        batch_size: Most rows per forward/backward.
 
     Returns:
         ``(B, h, w)`` raw map in float64 (float32 on MPS).
@@ -331,12 +322,13 @@ def smoothgradcampp(
         ...                           torch.nn.Linear(144, 2))
         >>> r = cnnlens.explain(net, torch.randn(2, 3, 8, 8), methods=["smoothgradcampp"], layers=["1"])
         >>> r["smoothgradcampp", "1"].variant
-        {'n': 8, 'sigma': 0.15, 'seed': 0, 'batch_size': 32, 'relu': True}
+        {'n': 8, 'sigma': 0.15, 'seed': 0, 'relu': True}
     """
     view.require_feature_map("smoothgradcampp")
     probe = view.require_probe("smoothgradcampp")
-    _check_smooth(n, sigma, seed, batch_size, "smoothgradcampp")
-    key = ("smoothgradcampp", _options_key({"n": n, "sigma": sigma, "seed": seed, "batch_size": batch_size}))
+    _check_smooth(n, sigma, seed, "smoothgradcampp")
+    batch_size = rows_per_pass(view)
+    key = ("smoothgradcampp", _options_key({"n": n, "sigma": sigma, "seed": seed}))
     moments = probe.memo(key, lambda: _moments(probe, n, sigma, seed, batch_size))
     if view.layer not in moments:
         raise MethodError(f"smoothgradcampp has no gradients for layer {view.layer!r} in the probe's capture.")
