@@ -269,6 +269,48 @@ def _block_outputs(model: nn.Module, ran: dict[str, LayerInfo]) -> list[str]:
     return [b for b in blocks if b in ran and ran[b].shape is not None and len(ran[b].shape or ()) == 3]
 
 
+def _final_spatial(infos: Sequence[LayerInfo], modules: dict[str, nn.Module]) -> str | None:
+    """The last output with h*w > 1 before the first pooled or flattened output that follows it.
+
+    Walks in execution order; with equal completion, the outermost module completes last.
+    """
+    last_spatial: str | None = None
+    for info in infos:
+        if info.calls == 0 or info.shape is None:
+            continue
+        if len(info.shape) == 3 and info.shape[1] * info.shape[2] > 1:
+            if not isinstance(modules[info.name], (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+                last_spatial = info.name
+        elif last_spatial is not None:
+            break
+    return last_spatial
+
+
+def _one_name_per_tensor(
+    roles: dict[str, list[str]], ran: dict[str, LayerInfo], order: dict[str, int], modules: dict[str, nn.Module]
+) -> dict[str, tuple[str, ...]]:
+    """Merge the roles of modules returning the same unchanged tensor; return kept name -> its aliases.
+
+    ``layer4`` and its last block ``layer4.2`` are listed once with every member's roles, under the outermost
+    name that is not a plain container (whose output is by definition its last child's): the block, as the
+    zoo's known layers name it. ``roles`` is updated in place.
+    """
+    groups: dict[str, list[str]] = {}
+    for n in sorted(roles, key=lambda n: order[n]):
+        groups.setdefault(ran[n].same_as or n, []).append(n)
+    aliases: dict[str, tuple[str, ...]] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        plain = [n for n in members if not isinstance(modules[n], _CONTAINERS)]
+        keep = plain[-1] if plain else members[-1]
+        for other in members:
+            if other != keep:
+                roles[keep].extend(roles.pop(other))
+        aliases[keep] = tuple(n for n in members if n != keep)
+    return aliases
+
+
 def candidate_layers(
     model: nn.Module,
     input_size: Sequence[int] | None = None,
@@ -322,36 +364,10 @@ def candidate_layers(
         roles[n].append("block_output")
 
     modules = dict(model.named_modules())
-    # final_spatial: walking in execution order, the last output with h*w > 1 before the first pooled or
-    # flattened output that follows it (with equal completion, the outermost module completes last).
-    last_spatial: str | None = None
-    for info in infos:
-        if info.calls == 0 or info.shape is None:
-            continue
-        if len(info.shape) == 3 and info.shape[1] * info.shape[2] > 1:
-            if not isinstance(modules[info.name], (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-                last_spatial = info.name
-        elif last_spatial is not None:
-            break
+    last_spatial = _final_spatial(infos, modules)
     if last_spatial is not None:
         roles[last_spatial].append("final_spatial")
-
-    # One candidate per tensor: modules that return the same unchanged tensor (``layer4`` and its last block
-    # ``layer4.2``) are listed once with every member's roles, under the outermost name that is not a plain
-    # container (whose output is by definition its last child's): the block, as the zoo's known layers name it.
-    groups: dict[str, list[str]] = {}
-    for n in sorted(roles, key=lambda n: order[n]):
-        groups.setdefault(ran[n].same_as or n, []).append(n)
-    aliases: dict[str, tuple[str, ...]] = {}
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        plain = [n for n in members if not isinstance(modules[n], _CONTAINERS)]
-        keep = plain[-1] if plain else members[-1]
-        for other in members:
-            if other != keep:
-                roles[keep].extend(roles.pop(other))
-        aliases[keep] = tuple(n for n in members if n != keep)
+    aliases = _one_name_per_tensor(roles, ran, order, modules)
 
     layers = [
         CandidateLayer(
