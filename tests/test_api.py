@@ -94,3 +94,20 @@ def test_index_a_result_by_method(net: torch.nn.Module) -> None:
     with pytest.raises(KeyError):  # still a KeyError for code that catches the builtin
         result["gradcam", "fc"]
     assert issubclass(MethodNotFoundError, CnnlensError)
+
+
+def test_input_scope_methods_give_one_result_found_by_none_or_any_layer(net: torch.nn.Module) -> None:
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    result = cnnlens.explain(net, x, methods=["gradcam", "saliency"], layers=["body.4", "body.2"])
+    assert [(e.method, e.layer) for e in result] == [
+        ("gradcam", "body.4"),
+        ("gradcam", "body.2"),
+        ("saliency", "input"),
+    ]
+    one = result["saliency", None]
+    assert one is result["saliency", "body.2"] is result["saliency", "input"] is result["saliency"]["input"]
+    assert one.raw.shape == (2, 1, 16, 16)
+    with pytest.raises(LayerNotFoundError, match="computed at layers"):
+        result["gradcam", None]  # two layers: say which
+    single = cnnlens.explain(net, x, methods=["gradcam"], layers=["body.4"])
+    assert single["gradcam", None] is single["gradcam", "body.4"]
