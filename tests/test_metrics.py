@@ -535,6 +535,9 @@ def test_boxes_to_masks_uses_pixel_centres() -> None:
     assert m.int().tolist() == [[[0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]]]
     frac = metrics.boxes_to_masks([[[0.6, 0, 1.4, 1]]], (1, 3))  # covers the centre 1.5? no: 0.5 no, 1.5 no
     assert frac.int().tolist() == [[[0, 0, 0]]]
+    # half-open like the pixels: a centre on x0 is inside, a centre on x1 is not; zero width covers nothing
+    edge = metrics.boxes_to_masks([[[0.5, 0, 1.5, 1]], [[1.5, 0, 1.5, 1]]], (1, 3))
+    assert edge.int().tolist() == [[[1, 0, 0]], [[0, 0, 0]]]
     two = metrics.boxes_to_masks([[[0, 0, 1, 1], [2, 0, 3, 1]], []], (1, 3))
     assert two.int().tolist() == [[[1, 0, 1]], [[0, 0, 0]]]
     with pytest.raises(MetricError, match="x1 < x0"):

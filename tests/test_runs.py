@@ -634,3 +634,41 @@ def test_entry_point_model_loading(planted: Planted, tmp_path: Path, monkeypatch
     assert ready.spec.preprocessing.mean == (0.5, 0.5, 0.5) and ready.weights_source.startswith("checkpoint")
     zoo = load_run_model("resnet18", num_classes=3, random_weights=True, input_size=[32], mean=[0.5], std=[0.5])
     assert zoo.spec.preprocessing.input_size == (32, 32) and zoo.spec.preprocessing.resize == 32
+
+
+def test_run_metrics_are_the_metrics_package_numbers(planted: Planted) -> None:
+    """Average Drop, energy in box and pointing of a run's rows are cnnlens.metrics' (and the literal formula's)."""
+    from cnnlens import metrics
+    from cnnlens.execution import Execution
+
+    model = load_run_model(
+        f"{planted.net_file}:build", weights=planted.weights, input_size=[32], mean=[0.5], std=[0.5],
+        class_names=planted.classes,
+    )  # fmt: skip
+    data = read_dataset(planted.table, model.class_names)
+    samples = [s for s in data.samples if not s.path.endswith("broken.png")][:8]
+    batch = collate([decode_sample(s, model.spec.preprocessing) for s in samples])
+    layer = "features"
+    result = process_batch(model, batch, RunSettings(methods=("gradcam",), layers=(layer,), overlays=False))
+    rows, x = result.rows, batch.inputs
+    boxes = [list(b) for b in batch.boxes if b is not None]
+    assert len(boxes) == len(rows) == 8
+    exp = explain(model, x, methods=["gradcam"], layers=[layer])[0]  # the predicted class: rows' *_pred columns
+    drop = metrics.average_drop(model, x, exp, options=metrics.MetricOptions(execution=Execution(chunk_size=3)))
+    energy = metrics.energy_in_box(exp, boxes=boxes)
+    hit = metrics.pointing_game(exp, boxes=boxes)
+    # the literal Grad-CAM++ formula: E = ((x * std + mean) * L - mean) / std, drop = max(0, Y - O) / Y
+    with torch.no_grad():
+        y = torch.softmax(model.module(x).double(), dim=1)
+        e = ((x.double() * 0.5 + 0.5) * exp.maps[:, 0, None].double() - 0.5) / 0.5
+        o = torch.softmax(model.module(e.float()).double(), dim=1)
+    cls = exp.target_classes[:, 0]
+    y_c, o_c = y[torch.arange(8), cls], o[torch.arange(8), cls]
+    literal = (y_c - o_c).clamp(min=0) / y_c
+    for j, row in enumerate(rows):
+        assert row["prediction"] == int(cls[j])
+        assert row[f"gradcam/{layer}/avg_drop_pred"] == pytest.approx(float(drop.drop[j]), rel=1e-6, abs=1e-9)
+        assert row[f"gradcam/{layer}/avg_drop_pred"] == pytest.approx(float(literal[j]), rel=1e-5, abs=1e-7)
+        assert row[f"gradcam/{layer}/increase_pred"] == bool(drop.increase[j])
+        assert row[f"gradcam/{layer}/energy_in_box_pred"] == pytest.approx(float(energy.energy[j]), abs=1e-12)
+        assert row[f"gradcam/{layer}/pointing_pred"] == bool(hit.hit[j])

@@ -102,6 +102,18 @@ def explanation_images(
     return torch.where(ones[:, None, None, None], inputs, out)
 
 
+def _given_logits(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise MetricError(
+            f"logits must be the model's (B, K) logits on the {int(x.shape[0])} inputs, got {shape}; omit logits= "
+            "to let the metric run the model."
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise MetricError("the given logits hold NaN or inf values; omit logits= to let the metric run the model.")
+    return logits.detach().to(x.device)
+
+
 def average_drop(
     model: ModelLike,
     inputs: torch.Tensor,
@@ -110,6 +122,7 @@ def average_drop(
     *,
     space: Space = "pixel",
     options: MetricOptions | None = None,
+    logits: torch.Tensor | None = None,
 ) -> AverageDropResult:
     """Average Drop % and % Increase in Confidence of saliency maps (one forward per image and map).
 
@@ -141,12 +154,15 @@ def average_drop(
         space: ``"pixel"`` or ``"normalized"`` (above).
         options: Score (``"probability"``, the paper, or ``"logit"``), normalisation, target index, output
             selector and execution (:class:`~cnnlens.metrics.MetricOptions`; None: the defaults).
+        logits: ``(B, K)`` the model's logits on ``inputs`` when the caller already has them (a dataset run
+            does): ``Y`` is read from them instead of running the model on the images again.
 
     Returns:
         An :class:`AverageDropResult` (``.average_drop``, ``.increase_in_confidence``, per-image tensors).
 
     Raises:
-        MetricError: Maps outside [0, 1], pixel space without normalisation, unknown options.
+        MetricError: Maps outside [0, 1], pixel space without normalisation, unknown options, ``logits`` of
+            the wrong shape or with NaN/inf values.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -166,8 +182,11 @@ def average_drop(
             f"{float(maps.max()):.4g}]. Pass normalised maps (Explanation.maps or cnnlens.maps.normalize)."
         )
     unchanged = (maps == 1).flatten(1).all(dim=1)
+    if logits is not None:
+        logits = _given_logits(logits, x)
     with p.forwards() as cap:
-        logits = batched_logits(cap, x, execution=ex)
+        if logits is None:
+            logits = batched_logits(cap, x, execution=ex)
         classes = resolve_classes(targets, p.explained_classes, logits)
         original = class_scores(logits, classes, score)
         todo = (~unchanged).nonzero().flatten()

@@ -22,8 +22,10 @@ def boxes_to_masks(boxes: BoxSpec, size: tuple[int, int], *, device: torch.devic
     """Turn boxes ``(x0, y0, x1, y1)`` in input pixels into ``(B, H, W)`` bool masks.
 
     Convention: pixel ``(row y, column x)`` covers ``[x, x+1) × [y, y+1)`` and lies inside a box when its
-    centre does: ``x0 ≤ x + ½ ≤ x1`` and ``y0 ≤ y + ½ ≤ y1``. For integer boxes this is exactly the slice
-    ``mask[y0:y1, x0:x1]`` (``x1``/``y1`` exclusive, width ``x1 − x0``). Parts outside the image are ignored.
+    centre does, the box being half-open like the pixels: ``x0 ≤ x + ½ < x1`` and ``y0 ≤ y + ½ < y1``. For
+    integer boxes this is exactly the slice ``mask[y0:y1, x0:x1]`` (``x1``/``y1`` exclusive, width
+    ``x1 − x0``); boxes that tile the image give each pixel to exactly one box, and a box of zero width or
+    height covers nothing. Parts outside the image are ignored.
     Several boxes per image (``(B, K, 4)`` or a list of lists) are united; a list entry may be empty.
 
     Raises:
@@ -63,8 +65,8 @@ def boxes_to_masks(boxes: BoxSpec, size: tuple[int, int], *, device: torch.devic
         for x0, y0, x1, y1 in bxs.tolist():
             if x1 < x0 or y1 < y0:
                 raise MetricError(f"box {(x0, y0, x1, y1)} of image {i} has x1 < x0 or y1 < y0; give (x0, y0, x1, y1).")
-            inside_x = (cx >= x0) & (cx <= x1)
-            inside_y = (cy >= y0) & (cy <= y1)
+            inside_x = (cx >= x0) & (cx < x1)
+            inside_y = (cy >= y0) & (cy < y1)
             masks[i] |= inside_y[:, None] & inside_x[None, :]
     return masks.to(device) if device is not None else masks
 

@@ -27,21 +27,21 @@ box columns are null without a box, everything is null on error rows. No value i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from cnnlens.explain import default_layer, explain
+from cnnlens import metrics
+from cnnlens.execution import Execution
+from cnnlens.explain import explain
 from cnnlens.imaging import overlay
-from cnnlens.methods.registry import resolve_methods
 from cnnlens.models import LoadedModel
-from cnnlens.runs._metrics import average_drop_terms, box_metrics, probabilities
 from cnnlens.runs.dataset import Box
 from cnnlens.runs.decode import Batch
 from cnnlens.runs.errors import RunError
+from cnnlens.runs.settings import PAIR_METRICS, Pair, RunSettings, column
 from cnnlens.targets import ClassTarget, RankTarget, Target
 
 __all__ = [
@@ -54,132 +54,6 @@ __all__ = [
     "process_batch",
     "row_columns",
 ]
-
-PAIR_METRICS: tuple[str, ...] = (
-    "score",
-    "degenerate",
-    "avg_drop",
-    "increase",
-    "energy_in_box",
-    "pointing",
-)
-"""Per (method, layer) metrics, each stored as ``<name>_pred`` and ``<name>_true``."""
-
-
-def column(method: str, layer: str, name: str) -> str:
-    """The results column of ``name`` for one (method, layer) pair, e.g. ``"gradcam/layer4/avg_drop_pred"``.
-
-    Method ids are lowercase words and layer keys dotted module paths, so ``/`` never occurs inside them.
-    """
-    return f"{method}/{layer}/{name}"
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One (method, layer) of a run, with its method variant and a file-name-safe key."""
-
-    method: str
-    layer: str
-    variant: Mapping[str, Any]
-    key: str
-
-    def col(self, name: str) -> str:
-        """The column ``method/layer/name``."""
-        return column(self.method, self.layer, name)
-
-
-def _slug(text: str) -> str:
-    out = "".join(c if c.isalnum() or c in "._-" else "_" for c in text).strip("._")
-    return out or "x"
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """What a run computes for each batch (part of the run's configuration fingerprint).
-
-    Attributes:
-        methods: Method ids (``"all"`` expands to every registered method).
-        layers: Layer names; empty: the model's default layer.
-        options: Per-method options, ``{"gradcampp": {"alpha_normalize": True}}``.
-        top_k: How many top classes each row lists (capped at the number of classes).
-        average_drop: Compute the Average Drop / Increase-in-Confidence terms (one extra forward per map).
-        overlays: Build overlay pictures of misclassified images.
-        cmap: Matplotlib colour map of the overlays.
-        alpha: Opacity of the map in overlays.
-        overlay_format: ``"jpeg"`` (quality 90) or ``"png"`` (lossless, ~20x slower to write, ~8x larger).
-    """
-
-    methods: tuple[str, ...] = ("gradcam",)
-    layers: tuple[str, ...] = ()
-    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    top_k: int = 5
-    average_drop: bool = True
-    overlays: bool = True
-    cmap: str = "jet"
-    alpha: float = 0.5
-    overlay_format: str = "jpeg"
-
-    def resolve(self, model: LoadedModel) -> RunSettings:
-        """Method ids canonical, default layer filled in, options validated, ``top_k`` capped.
-
-        Raises:
-            MethodNotFoundError: Unknown method id.
-            MethodError: Unknown option.
-            RunError: Options for a method that is not run; ``top_k < 1``.
-        """
-        specs = resolve_methods(list(self.methods))
-        ids = tuple(spec.id for spec in specs)
-        options = {k.lower(): dict(v) for k, v in self.options.items()}
-        extra = sorted(set(options) - set(ids))
-        if extra:
-            raise RunError(
-                f"options were given for method(s) {extra} that this run does not use; add them to --method."
-            )
-        for spec in specs:
-            spec.variant(options.get(spec.id))  # validates
-        layers = tuple(dict.fromkeys(self.layers)) or (default_layer(model),)
-        if self.top_k < 1:
-            raise RunError(f"--top-k must be at least 1, got {self.top_k}.")
-        if self.overlay_format not in ("jpeg", "png"):
-            raise RunError(f"the overlay format must be 'jpeg' or 'png', got {self.overlay_format!r}.")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise RunError(f"the overlay alpha must be in [0, 1], got {self.alpha}.")
-        return replace(
-            self,
-            methods=ids,
-            layers=layers,
-            options={k: options[k] for k in ids if k in options},
-            top_k=min(self.top_k, model.spec.num_classes),
-        )
-
-    def pairs(self) -> list[Pair]:
-        """The (method, layer) pairs in result order (methods outer, layers inner); settings must be resolved."""
-        specs = {spec.id: spec for spec in resolve_methods(list(self.methods))}
-        out: list[Pair] = []
-        keys: set[str] = set()
-        for method in self.methods:
-            spec = specs[method.lower()]
-            for layer in self.layers:
-                key = f"{_slug(spec.id)}@{_slug(layer)}"
-                if key in keys:
-                    key = f"{key}-{len(out)}"
-                keys.add(key)
-                out.append(Pair(spec.id, layer, spec.variant(self.options.get(spec.id)), key))
-        return out
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (for ``run.json`` and the fingerprint)."""
-        return {
-            "methods": list(self.methods),
-            "layers": list(self.layers),
-            "options": {k: dict(v) for k, v in sorted(self.options.items())},
-            "top_k": self.top_k,
-            "average_drop": self.average_drop,
-            "overlays": self.overlays,
-            "cmap": self.cmap,
-            "alpha": self.alpha,
-            "overlay_format": self.overlay_format,
-        }
 
 
 @dataclass
@@ -270,13 +144,32 @@ def _name(names: list[str], index: int) -> str:
     return names[index] if 0 <= index < len(names) else str(index)
 
 
-def process_batch(model: LoadedModel, batch: Batch, settings: RunSettings) -> BatchResult:
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax in float64; non-finite logits give zeros instead of NaN."""
+    probs = torch.softmax(logits.detach().double(), dim=1)
+    return torch.nan_to_num(probs, nan=0.0, posinf=1.0, neginf=0.0)
+
+
+def _box_metrics(maps: torch.Tensor, boxes: list[Box]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energy in the box and pointing-game hit per map (:mod:`cnnlens.metrics`, no pointing tolerance)."""
+    if not boxes:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+    given = [list(box) for box in boxes]
+    energy = metrics.energy_in_box(maps, boxes=given).energy
+    return energy, metrics.pointing_game(maps, boxes=given).hit
+
+
+def process_batch(
+    model: LoadedModel, batch: Batch, settings: RunSettings, *, execution: Execution | None = None
+) -> BatchResult:
     """Explain one batch and compute its rows: the unit of work of a run, with no global state.
 
     Args:
         model: The loaded model (its module runs on its own device).
         batch: Decoded samples (:class:`~cnnlens.runs.decode.Batch`); failed ones become error rows.
         settings: Methods, layers and metrics (resolved with :meth:`RunSettings.resolve` if not yet).
+        execution: How to run the capture and the Average Drop forwards (:class:`cnnlens.Execution`; None: the
+            default). Not part of the settings: it never changes what a row means.
 
     Returns:
         The :class:`BatchResult`.
@@ -290,20 +183,7 @@ def process_batch(model: LoadedModel, batch: Batch, settings: RunSettings) -> Ba
     pairs = settings.pairs()
     names = model.class_names
     n = len(batch.samples)
-    rows: list[dict[str, Any]] = []
-    for i, sample in enumerate(batch.samples):
-        row: dict[str, Any] = dict.fromkeys(row_columns(pairs))
-        row.update(
-            index=sample.index,
-            path=sample.path,
-            label=sample.label,
-            label_name=_name(names, sample.label),
-            status="ok" if batch.errors[i] is None else "error",
-            error=batch.errors[i],
-            box=list(sample.box) if sample.box is not None else None,
-            box_input=_box_list(batch.boxes[i]) if batch.errors[i] is None else None,
-        )
-        rows.append(row)
+    rows = _base_rows(batch, pairs, names)
     ok = batch.ok
     maps_out: list[np.ndarray | None] = [None] * len(pairs)
     pictures: list[Picture] = []
@@ -319,10 +199,11 @@ def process_batch(model: LoadedModel, batch: Batch, settings: RunSettings) -> Ba
         layers=list(settings.layers),
         targets=targets,
         options=settings.options,
+        execution=execution,
     )
     if result.logits is None:  # pragma: no cover - explain always returns logits
         raise RunError("explain() returned no logits.")
-    probs = probabilities(result.logits).cpu()
+    probs = _probabilities(result.logits).cpu()
     pred = probs.argmax(dim=1)
     wrong = pred != labels
     top_p, top_i = torch.topk(probs, settings.top_k, dim=1)
@@ -339,38 +220,13 @@ def process_batch(model: LoadedModel, batch: Batch, settings: RunSettings) -> Ba
             top_k_names=[_name(names, int(v)) for v in top_i[j]],
             top_k_probs=[float(v) for v in top_p[j]],
         )
-    # Average Drop: one forward over every stored map (predicted-class maps, and true-class maps where wrong).
-    drops: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if settings.average_drop:
-        masked_maps, masked_x, classes, original = [], [], [], []
-        for exp in result:
-            maps = exp.maps.detach().cpu()
-            masked_maps += [maps[:, 0], maps[wrong_pos, 1]]
-            masked_x += [x, x[wrong_pos]]
-            classes += [pred, labels[wrong_pos]]
-            original += [probs.gather(1, pred.view(-1, 1)).squeeze(1), probs[wrong_pos, labels[wrong_pos]]]
-        drop, increase = average_drop_terms(
-            model.module,
-            torch.cat(masked_x),
-            torch.cat(masked_maps),
-            torch.cat(classes),
-            torch.cat(original),
-            model.spec.preprocessing,
-            chunk=max(1, len(ok)),
-        )
-        start = 0
-        for size in (len(ok), int(wrong_pos.numel())) * len(pairs):
-            drops.append((drop[start : start + size], increase[start : start + size]))
-            start += size
+    drops = _average_drops(model, x, result, pred, labels, wrong_pos, execution) if settings.average_drop else []
     boxes: dict[int, Box] = {}
     for j, i in enumerate(ok):
         box = batch.boxes[i]
         if box is not None:
             boxes[j] = box
-    boxed = list(boxes)
-    boxed_wrong = [j for j in boxed if bool(wrong[j])]
     wrong_list = [int(v) for v in wrong_pos]
-    wrong_rank = {j: k for k, j in enumerate(wrong_list)}
     images = None
     draw = settings.overlays and bool(wrong_list)
     for p_index, (pair, exp) in enumerate(zip(pairs, result, strict=True)):
@@ -388,38 +244,125 @@ def process_batch(model: LoadedModel, batch: Batch, settings: RunSettings) -> Ba
             if bool(wrong[j]):
                 stored[i, 1] = raw[j, 1].numpy()
         maps_out[p_index] = stored
-        energy_pred, hit_pred = box_metrics(maps[boxed, 0], [boxes[j] for j in boxed])
-        energy_true, hit_true = box_metrics(maps[boxed_wrong, 1], [boxes[j] for j in boxed_wrong])
-        box_pred = {j: (float(energy_pred[k]), bool(hit_pred[k])) for k, j in enumerate(boxed)}
-        box_true = {j: (float(energy_true[k]), bool(hit_true[k])) for k, j in enumerate(boxed_wrong)}
-        for j, i in enumerate(ok):
-            row = rows[i]
-            row[pair.col("score_pred")] = _finite(float(scores[j, 0]))
-            row[pair.col("degenerate_pred")] = bool(degenerate[j, 0])
-            if settings.average_drop:
-                d, inc = drops[2 * p_index]
-                row[pair.col("avg_drop_pred")] = float(d[j])
-                row[pair.col("increase_pred")] = bool(inc[j])
-            if j in box_pred:
-                row[pair.col("energy_in_box_pred")], row[pair.col("pointing_pred")] = box_pred[j]
-            if bool(wrong[j]):
-                row[pair.col("score_true")] = _finite(float(scores[j, 1]))
-                row[pair.col("degenerate_true")] = bool(degenerate[j, 1])
-                if settings.average_drop:
-                    d, inc = drops[2 * p_index + 1]
-                    k = wrong_rank[j]
-                    row[pair.col("avg_drop_true")] = float(d[k])
-                    row[pair.col("increase_true")] = bool(inc[k])
-                if j in box_true:
-                    row[pair.col("energy_in_box_true")], row[pair.col("pointing_true")] = box_true[j]
+        pair_drops = (drops[2 * p_index], drops[2 * p_index + 1]) if settings.average_drop else None
+        _fill_pair_columns([rows[i] for i in ok], pair, scores, degenerate, maps, wrong, pair_drops, boxes)
         if draw:
             if images is None and exp.images is not None:
                 images = exp.images.cpu().numpy()
                 pictures += [Picture(ok[j], None, "image", images[j].copy()) for j in wrong_list]
             if images is not None:
-                for j in wrong_list:
-                    for t, which in ((0, "pred"), (1, "true")):
-                        heat = maps[j, t].numpy().copy()  # copies: a picture does not keep the batch's arrays alive
-                        picture = Picture(ok[j], p_index, which, images[j].copy(), heat, settings.cmap, settings.alpha)
-                        pictures.append(picture)
+                pictures += _pair_pictures(images, maps, ok, wrong_list, p_index, settings)
     return BatchResult(rows, maps_out, pictures)
+
+
+def _fill_pair_columns(
+    rows: list[dict[str, Any]],
+    pair: Pair,
+    scores: torch.Tensor,
+    degenerate: torch.Tensor,
+    maps: torch.Tensor,
+    wrong: torch.Tensor,
+    drops: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+    boxes: dict[int, Box],
+) -> None:
+    """Write one pair's columns into the rows of the explained images (``rows[j]`` is image ``j``).
+
+    ``..._true`` columns only where the prediction is wrong; box columns only where the image has a box
+    (:func:`cnnlens.metrics.energy_in_box`, :func:`cnnlens.metrics.pointing_game`); Average Drop terms when
+    ``drops`` (predicted-class terms per image, true-class terms per misclassified image) is given.
+    """
+    boxed = list(boxes)
+    boxed_wrong = [j for j in boxed if bool(wrong[j])]
+    wrong_rank = {j: k for k, j in enumerate(int(v) for v in wrong.nonzero().flatten())}
+    energy_pred, hit_pred = _box_metrics(maps[boxed, 0], [boxes[j] for j in boxed])
+    energy_true, hit_true = _box_metrics(maps[boxed_wrong, 1], [boxes[j] for j in boxed_wrong])
+    box_pred = {j: (float(energy_pred[k]), bool(hit_pred[k])) for k, j in enumerate(boxed)}
+    box_true = {j: (float(energy_true[k]), bool(hit_true[k])) for k, j in enumerate(boxed_wrong)}
+    for j, row in enumerate(rows):
+        row[pair.col("score_pred")] = _finite(float(scores[j, 0]))
+        row[pair.col("degenerate_pred")] = bool(degenerate[j, 0])
+        if drops is not None:
+            row[pair.col("avg_drop_pred")] = float(drops[0][0][j])
+            row[pair.col("increase_pred")] = bool(drops[0][1][j])
+        if j in box_pred:
+            row[pair.col("energy_in_box_pred")], row[pair.col("pointing_pred")] = box_pred[j]
+        if not bool(wrong[j]):
+            continue
+        row[pair.col("score_true")] = _finite(float(scores[j, 1]))
+        row[pair.col("degenerate_true")] = bool(degenerate[j, 1])
+        if drops is not None:
+            row[pair.col("avg_drop_true")] = float(drops[1][0][wrong_rank[j]])
+            row[pair.col("increase_true")] = bool(drops[1][1][wrong_rank[j]])
+        if j in box_true:
+            row[pair.col("energy_in_box_true")], row[pair.col("pointing_true")] = box_true[j]
+
+
+def _base_rows(batch: Batch, pairs: list[Pair], names: list[str]) -> list[dict[str, Any]]:
+    """One row per sample with its identity, status and box filled in, every other column None."""
+    rows: list[dict[str, Any]] = []
+    for i, sample in enumerate(batch.samples):
+        row: dict[str, Any] = dict.fromkeys(row_columns(pairs))
+        row.update(
+            index=sample.index,
+            path=sample.path,
+            label=sample.label,
+            label_name=_name(names, sample.label),
+            status="ok" if batch.errors[i] is None else "error",
+            error=batch.errors[i],
+            box=list(sample.box) if sample.box is not None else None,
+            box_input=_box_list(batch.boxes[i]) if batch.errors[i] is None else None,
+        )
+        rows.append(row)
+    return rows
+
+
+def _average_drops(
+    model: LoadedModel,
+    x: torch.Tensor,
+    result: Any,
+    pred: torch.Tensor,
+    labels: torch.Tensor,
+    wrong_pos: torch.Tensor,
+    execution: Execution | None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Average Drop terms ``(drop, increase)`` of every stored map, two entries per pair (pred, true where wrong).
+
+    :func:`cnnlens.metrics.average_drop` in pixel space with probabilities (the authors' protocol), in one call
+    over the predicted-class maps and the true-class maps of misclassified images; ``Y`` comes from the logits
+    explain() already computed, so the only forwards are those of the explanation images.
+    """
+    logits = result.logits.detach()
+    masked_maps, masked_x, classes, known = [], [], [], []
+    for exp in result:
+        maps = exp.maps.detach()
+        masked_maps += [maps[:, 0], maps[wrong_pos.to(maps.device), 1]]
+        masked_x += [x, x[wrong_pos]]
+        classes += [pred, labels[wrong_pos]]
+        known += [logits, logits[wrong_pos.to(logits.device)]]
+    measured = metrics.average_drop(
+        model,
+        torch.cat(masked_x),
+        torch.cat([m.to(masked_maps[0].device) for m in masked_maps]),
+        torch.cat(classes),
+        space="pixel",
+        options=metrics.MetricOptions(execution=execution),
+        logits=torch.cat(known),
+    )
+    drop, increase = measured.drop.cpu(), measured.increase.cpu()
+    drops, start = [], 0
+    for size in (int(pred.numel()), int(wrong_pos.numel())) * (len(masked_maps) // 2):
+        drops.append((drop[start : start + size], increase[start : start + size]))
+        start += size
+    return drops
+
+
+def _pair_pictures(
+    images: np.ndarray, maps: torch.Tensor, ok: list[int], wrong: list[int], p_index: int, settings: RunSettings
+) -> list[Picture]:
+    """Overlays of the predicted- and true-class maps of one pair over each misclassified image."""
+    out = []
+    for j in wrong:
+        for t, which in ((0, "pred"), (1, "true")):
+            heat = maps[j, t].numpy().copy()  # copies: a picture does not keep the batch's arrays alive
+            out.append(Picture(ok[j], p_index, which, images[j].copy(), heat, settings.cmap, settings.alpha))
+    return out

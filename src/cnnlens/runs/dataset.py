@@ -85,11 +85,6 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    @property
-    def has_boxes(self) -> bool:
-        """Whether any sample has a box."""
-        return any(s.box is not None for s in self.samples)
-
     def limit(self, n: int | None) -> Dataset:
         """The first ``n`` samples (all of them for None)."""
         if n is None or n >= len(self.samples):

@@ -8,7 +8,7 @@ committed shards and redoes the rest, so the finished ``results.parquet`` holds 
 The configuration (dataset sample list, model weights and preprocessing, methods, layers, options,
 metrics, shard size) is hashed into a fingerprint kept in ``run.json``. Starting a run in a folder whose
 fingerprint differs is refused with the list of what changed; ``overwrite=True`` starts over. Runtime knobs
-(batch size, workers, device) are not part of it.
+(batch size, workers, device, the :class:`cnnlens.Execution`) are not part of it.
 
 Example:
     >>> model = load_run_model("efficientnet_lite0")  # doctest: +SKIP
@@ -25,9 +25,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -36,14 +35,17 @@ from typing import Any
 import torch
 
 from cnnlens.data.images import DEFAULT_MAX_PIXELS
+from cnnlens.execution import Execution, as_execution
 from cnnlens.explanation import environment_versions
 from cnnlens.models import LoadedModel
 from cnnlens.outputs_dir import OwnedFolder, claim_output_dir, read_marker
-from cnnlens.runs.batch import BatchResult, Pair, RunSettings, process_batch, row_columns
+from cnnlens.runs.batch import BatchResult, RunSettings, process_batch, row_columns
 from cnnlens.runs.dataset import Dataset
 from cnnlens.runs.decode import make_loader, shard_batches
 from cnnlens.runs.errors import RunConfigError, RunError
+from cnnlens.runs.fingerprint import describe_changes, model_fingerprint
 from cnnlens.runs.store import RUN_FILES, RUN_PATTERNS, RunLock, RunStore, atomic_write_json
+from cnnlens.runs.summary import RunSummary, pair_metrics
 
 __all__ = [
     "FORMAT_VERSION",
@@ -75,121 +77,6 @@ def default_workers(device: str = "cpu") -> int:
     cores = os.cpu_count() or 1
     busy = 1 if device != "cpu" else torch.get_num_threads()
     return max(0, min(4, cores - busy))
-
-
-def model_fingerprint(model: LoadedModel) -> dict[str, Any]:
-    """What identifies a model's behaviour: provenance, a sha256 of every parameter and buffer, class names."""
-    digest = hashlib.sha256()
-    for name, tensor in list(model.module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    names = hashlib.sha256("\n".join(model.class_names).encode("utf-8")).hexdigest()
-    return {
-        "name": model.spec.name,
-        "family": model.spec.family,
-        "source": model.spec.source,
-        "num_classes": model.spec.num_classes,
-        "random_weights": model.random_weights,
-        "preprocessing": model.spec.preprocessing.as_dict(),
-        "state_sha256": digest.hexdigest(),
-        "class_names_sha256": names,
-    }
-
-
-def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(doc, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in doc.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: doc}
-
-
-def _describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    a, b = _flatten(old), _flatten(new)
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            before, after = json.dumps(a.get(key), default=str), json.dumps(b.get(key), default=str)
-            lines.append(f"  {key}: {before[:80]} -> {after[:80]}")
-    return "\n".join(lines[:8]) + (f"\n  ... and {len(lines) - 8} more" if len(lines) > 8 else "")
-
-
-@dataclass
-class RunSummary:
-    """The outcome of a run (also written to ``summary.json``).
-
-    Attributes:
-        run_dir: The run folder.
-        total: Images in the run.
-        ok: Images decoded and explained.
-        errors: Images that could not be read (error rows).
-        correct: Correct predictions.
-        accuracy: ``correct / ok``, or None when no image was explained.
-        processed: Images processed by this session (0 when everything was done before).
-        skipped: Images of shards committed by earlier sessions.
-        elapsed_s: Wall time of this session (decoding, explaining, writing).
-        images_per_s: ``processed / elapsed_s`` of this session (None when nothing was processed).
-        compute_s: Wall time recorded by every session's shards.
-        results: Path of ``results.parquet``.
-        metrics: Per ``method/layer``: mean Average Drop % (predicted class), Increase in Confidence %,
-            degenerate maps, and with boxes mean energy in box and pointing accuracy, correct vs wrong.
-    """
-
-    run_dir: str
-    total: int
-    ok: int
-    errors: int
-    correct: int
-    accuracy: float | None
-    processed: int
-    skipped: int
-    elapsed_s: float
-    images_per_s: float | None
-    compute_s: float
-    results: str
-    metrics: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form."""
-        return asdict(self)
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    present = [float(v) for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
-def _pair_metrics(table: Any, pairs: Sequence[Pair]) -> dict[str, dict[str, float | int | None]]:
-    correct = table.column("correct").to_pylist()
-    out: dict[str, dict[str, float | int | None]] = {}
-    for pair in pairs:
-        drop = table.column(pair.col("avg_drop_pred")).to_pylist()
-        inc = table.column(pair.col("increase_pred")).to_pylist()
-        deg = table.column(pair.col("degenerate_pred")).to_pylist()
-        energy = table.column(pair.col("energy_in_box_pred")).to_pylist()
-        energy_true = table.column(pair.col("energy_in_box_true")).to_pylist()
-        hit = table.column(pair.col("pointing_pred")).to_pylist()
-        mean_drop = _mean(drop)
-        mean_inc = _mean([None if v is None else float(v) for v in inc])
-        entry: dict[str, float | int | None] = {
-            "average_drop_pct": None if mean_drop is None else 100.0 * mean_drop,
-            "increase_in_confidence_pct": None if mean_inc is None else 100.0 * mean_inc,
-            "degenerate_pred": sum(1 for v in deg if v),
-        }
-        if any(v is not None for v in energy):
-            ok_c = [e for e, c in zip(energy, correct, strict=True) if c is True]
-            ok_w = [e for e, c in zip(energy, correct, strict=True) if c is False]
-            hits = [None if h is None else float(h) for h in hit]
-            entry.update(
-                energy_in_box_correct=_mean(ok_c),
-                energy_in_box_wrong=_mean(ok_w),
-                energy_in_box_true_class_wrong=_mean(energy_true),
-                pointing_accuracy=_mean(hits),
-            )
-        out[f"{pair.method}/{pair.layer}"] = entry
-    return out
 
 
 class DatasetRun:
@@ -316,7 +203,7 @@ class DatasetRun:
             if old.get("fingerprint") != self.fingerprint:
                 raise RunConfigError(
                     f"{str(self.root)!r} holds a run with a different configuration:\n"
-                    f"{_describe_changes(old.get('config', {}), self.config)}\n"
+                    f"{describe_changes(old.get('config', {}), self.config)}\n"
                     "Run the same command as before to continue it, pass --overwrite to start over, or choose "
                     "another --out folder."
                 )
@@ -377,6 +264,7 @@ class DatasetRun:
         workers: int | None = None,
         progress: ProgressFn | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        execution: Execution | None = None,
     ) -> RunSummary:
         """Process every shard not yet committed, then assemble ``results.parquet`` and write the summary.
 
@@ -386,6 +274,8 @@ class DatasetRun:
             progress: ``progress(completed, total)`` after every batch.
             max_pixels: Largest image decoded (width x height, see :func:`cnnlens.data.load_image`); larger ones
                 become error rows.
+            execution: How each batch runs (memory layout, budget and chunks of the Average Drop forwards,
+                threads; :class:`cnnlens.Execution`). Not part of the fingerprint: it never changes a row.
 
         Returns:
             The :class:`RunSummary`.
@@ -394,6 +284,7 @@ class DatasetRun:
             raise RunError("DatasetRun.execute() needs the run opened: use `with DatasetRun(...) as run:`.")
         if batch_size < 1:
             raise RunError(f"--batch-size must be at least 1, got {batch_size}.")
+        execution = as_execution(execution)
         param = next(self.model.module.parameters(), None)
         device = param.device.type if param is not None else "cpu"
         workers = default_workers(device) if workers is None else workers
@@ -427,7 +318,8 @@ class DatasetRun:
                 try:
                     for batch in loader:
                         shard = batch.samples[0].index // self.shard_size
-                        result = process_batch(self.model, batch, self.settings)
+                        with execution.threads_applied():
+                            result = process_batch(self.model, batch, self.settings, execution=execution)
                         writes += self.store.stage_pictures(shard, result, pool.submit)
                         parts.append(result)
                         count += len(batch.samples)
@@ -469,7 +361,7 @@ class DatasetRun:
             images_per_s=processed / elapsed if processed and elapsed > 0 else None,
             compute_s=self.store.shard_seconds(),
             results=str(path),
-            metrics=_pair_metrics(table, self.pairs),
+            metrics=pair_metrics(table, self.pairs),
         )
         atomic_write_json(self.root / "summary.json", summary.as_dict())
         self._write_manifest(summary)
@@ -522,6 +414,7 @@ def run_dataset(
     overwrite: bool = False,
     progress: ProgressFn | None = None,
     extra: Mapping[str, Any] | None = None,
+    execution: Execution | None = None,
 ) -> RunSummary:
     """Run (or continue) a dataset run in ``run_dir``; see :class:`DatasetRun` for the arguments.
 
@@ -529,4 +422,4 @@ def run_dataset(
         The :class:`RunSummary`, also written to ``run_dir/summary.json``.
     """
     with DatasetRun(run_dir, dataset, model, settings, shard_size=shard_size, overwrite=overwrite, extra=extra) as run:
-        return run.execute(batch_size=batch_size, workers=workers, progress=progress)
+        return run.execute(batch_size=batch_size, workers=workers, progress=progress, execution=execution)

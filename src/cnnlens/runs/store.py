@@ -447,7 +447,3 @@ class RunStore:
         with atomic_write(path) as fh:
             pq.write_table(table, fh)
         return path
-
-    def load_raw(self, pair: Pair, shard: int) -> np.ndarray:
-        """The raw maps array of ``pair`` in ``shard``: float32 ``(n, 2, h, w)``."""
-        return np.load(self.root / self.maps_rel(pair, shard), allow_pickle=False)  # type: ignore[no-any-return]
