@@ -9,6 +9,7 @@ from torch import nn
 
 import cnnlens
 from cnnlens.capture import capture
+from cnnlens.explain import _ran
 from cnnlens.methods import get_method
 from cnnlens.methods.fullgrad import bias_modules, effective_bias, fullgrad_decomposition
 from cnnlens.methods.registry import LayerView, NetworkRecord
@@ -70,15 +71,14 @@ def _fold(net: nn.Sequential) -> nn.Sequential:
 
 
 def _decompose(
-    net: nn.Module, x: torch.Tensor, target: int
+    net: nn.Module, x: torch.Tensor, target: int, keys: list[str] | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    names = bias_modules(net)
+    names = keys if keys is not None else bias_modules(net)
     with capture(net, names) as cap:
         rec = cap.run(x, target, gradients=True, input_gradients=True)
     modules = dict(net.named_modules())
-    network = NetworkRecord(
-        {n: modules[n] for n in names}, rec.activations, {k: v[0] for k, v in rec.gradients.items()}
-    )
+    picked = {n: modules[n.split("@")[0]] for n in names}
+    network = NetworkRecord(picked, rec.activations, {k: v[0] for k, v in rec.gradients.items()})
     view = LayerView.of(rec, "network", 0, network=network)
     input_term, bias_terms = fullgrad_decomposition(view)
     assert rec.scores is not None
@@ -193,3 +193,33 @@ def test_single_channel_maps_match_pytorch_grad_cam() -> None:
     ours = cnnlens.explain(net, x, methods=["fullgrad"], targets=0)["fullgrad", None]
     assert not bool(ours.degenerate.any())
     assert np.abs(ours.maps[:, 0].numpy() - theirs).max() <= 1e-4
+
+
+class _SharedAndUnused(nn.Module):
+    """A conv applied twice (shared) and an auxiliary conv that never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.aux = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        x = torch.relu(self.conv(x))
+        return self.fc(x.mean((2, 3)))  # type: ignore[no-any-return]
+
+
+def test_shared_modules_count_every_call_and_unused_ones_are_skipped() -> None:
+    torch.manual_seed(7)
+    net = _SharedAndUnused().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    keys = _ran(net, bias_modules(net), x)
+    assert keys == ["conv@0", "conv@1", "fc"]
+    input_term, bias_terms, score = _decompose(net, x, 1, keys)
+    torch.testing.assert_close(_total(input_term, bias_terms), score, rtol=1e-12, atol=1e-12)
+    # one call only would miss a term: the check can fail
+    partial = {k: v for k, v in bias_terms.items() if k != "conv@1"}
+    assert not torch.allclose(_total(input_term, partial), score, atol=1e-6)
+    res = cnnlens.explain(net.float(), x.float(), methods=["fullgrad"], layers=["conv@1"])
+    assert res["fullgrad", None].raw.shape == (2, 1, 8, 8)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlens.capture import LayerSpec, Probe, Recording, capture
+from cnnlens.capture import LayerSpec, Probe, Recording, capture, probe_layers
 from cnnlens.errors import (
     InputShapeError,
     LayerError,
@@ -137,12 +137,29 @@ def _variants(
     return out
 
 
+def _ran(module: nn.Module, names: list[str], inputs: torch.Tensor) -> list[str]:
+    """The capture keys of ``names`` as they run in a forward.
+
+    Modules that never run (an auxiliary head in eval mode) are left out, and a module that runs k times (a
+    shared module) is recorded at every call (``name@0`` ... ``name@k-1``).
+
+    Found with :func:`cnnlens.capture.probe_layers` (one forward on a zero image of the input's size).
+    """
+    infos = probe_layers(module, tuple(inputs.shape[1:]), device=str(inputs.device))
+    calls = {info.name: info.calls for info in infos}
+    keys: list[str] = []
+    for name in names:
+        n = calls.get(name, 0)
+        keys += [name] if n == 1 else [f"{name}@{k}" for k in range(n)]
+    return keys
+
+
 def _network_views(
     spec: MethodSpec, module: nn.Module, rec: Recording, probe: Probe, output_selector: OutputSelector | None
 ) -> list[LayerView]:
     """One view per target for a network-scope method: a second capture of the modules it names."""
     assert spec.records is not None  # register() enforces it for network scope
-    names = spec.records(module)
+    names = _ran(module, spec.records(module), rec.inputs)
     if not names:
         raise LayerError(
             f"{spec.id} found no module it can use in {type(module).__name__} (it needs conv/linear/batch-norm "
@@ -151,7 +168,7 @@ def _network_views(
     with capture(module, names, output_selector=output_selector, execution=probe.cap.execution) as net:
         nrec = net.run(rec.inputs, list(probe.targets), gradients=True, input_gradients=True)
     modules = dict(module.named_modules())
-    picked = {name: modules[name] for name in nrec.layers if name in modules}
+    picked = {key: modules[key.split("@")[0]] for key in nrec.layers}
     return [
         LayerView.of(
             nrec,

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from cnnlens.errors import OptionError
 
 if TYPE_CHECKING:
@@ -36,8 +38,8 @@ def check_count(method: str, name: str, value: Any, minimum: int = 1) -> int:
 
 def check_type(method: str, name: str, value: Any, default: Any) -> None:
     """Refuse a value whose type does not match the option's default (bool, int, float or str)."""
-    if default is None or name == "display":
-        return
+    if default is None or name == "display" or isinstance(value, torch.Tensor):
+        return  # None defaults, display rules and tensors (an IG baseline) are validated by the method itself
     if isinstance(default, bool):
         ok = isinstance(value, bool)
         want = "True or False"
@@ -48,7 +50,7 @@ def check_type(method: str, name: str, value: Any, default: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         want = "a finite number"
     elif isinstance(default, str):
-        ok = isinstance(value, str) or name == "baseline"  # a baseline may be a tensor or a number too
+        ok = isinstance(value, str)
         want = "a string"
     else:
         return
