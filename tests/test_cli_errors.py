@@ -23,12 +23,12 @@ from torch import nn
 
 import cnnlens
 import cnnlens.cli as cli
-from cnnlens._cli_args import LineProgress, parse_options
+from cnnlens.cli.args import LineProgress, parse_options
 from cnnlens.data import write_sample_images
 from cnnlens.errors import (
-    MethodError,
     NonFiniteInputError,
     NonFiniteOutputError,
+    OptionError,
     UsageError,
 )
 
@@ -205,16 +205,18 @@ def test_boolean_options_are_parsed_strictly() -> None:
             "integrated_gradients.steps=8",
             "integrated_gradients.baseline=0",
             "scorecam.top_k=none",
-            "scorecam.chunk_size=4",
+            "scorecam.relu=false",
         ]
     )
     assert typed == {
         "integrated_gradients": {"steps": 8, "baseline": 0.0},
-        "scorecam": {"top_k": None, "chunk_size": 4},
+        "scorecam": {"top_k": None, "relu": False},
     }
     assert isinstance(typed["integrated_gradients"]["baseline"], float)
-    with pytest.raises(MethodError, match="its options are"):
+    with pytest.raises(OptionError, match="its options are"):
         parse_options(["gradcam.alpha_normalize=true"])
+    with pytest.raises(OptionError, match="its options are"):  # how to run is not a method option (Execution)
+        parse_options(["scorecam.chunk_size=4"])
 
 
 @pytest.mark.usefixtures("no_model")

@@ -40,6 +40,7 @@ METHOD_IDS: tuple[str, ...] = (
     "integrated_gradients",
     "eigencam",
     "eigengradcam",
+    "fullgrad",
     "scorecam",
     "ablationcam",
     "smoothgrad",

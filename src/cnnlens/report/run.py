@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,161 @@ def _mean_maps(
     return out
 
 
+def _per_class(
+    ok: Sequence[Mapping[str, Any]], shown_classes: Sequence[int], name: Callable[[int], str]
+) -> list[dict[str, Any]]:
+    """Per shown class: images, correct, accuracy and the class it is most often mistaken for."""
+    per_class = []
+    for c in shown_classes:
+        members = [r for r in ok if int(r["label"]) == c]
+        mistakes = Counter(int(r["prediction"]) for r in members if not r["correct"])
+        top_wrong = mistakes.most_common(1)
+        per_class.append(
+            {
+                "class": c,
+                "name": name(c),
+                "n": len(members),
+                "correct": sum(1 for r in members if r["correct"]),
+                "accuracy": sum(1 for r in members if r["correct"]) / len(members),
+                "most_confused_with": name(top_wrong[0][0]) if top_wrong else None,
+                "most_confused_count": top_wrong[0][1] if top_wrong else 0,
+            }
+        )
+
+    return per_class
+
+
+def _confused_pairs(
+    wrong: Sequence[Mapping[str, Any]], label_counts: Mapping[int, int], name: Callable[[int], str]
+) -> list[dict[str, Any]]:
+    """The 15 most frequent (true -> predicted) mistakes with their share of the true class."""
+    pair_counts = Counter((int(r["label"]), int(r["prediction"])) for r in wrong)
+    return [
+        {
+            "true": t,
+            "true_name": name(t),
+            "predicted": p,
+            "predicted_name": name(p),
+            "count": n,
+            "share_of_true": n / label_counts[t] if label_counts[t] else 0.0,
+        }
+        for (t, p), n in sorted(pair_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:15]
+    ]
+
+
+def _gallery(
+    root: Path, target: Path, wrong: Sequence[Mapping[str, Any]], pairs: Sequence[Pair], gallery: int
+) -> list[dict[str, Any]]:
+    """The most confident mistakes, their pictures copied into the report folder."""
+    gallery_rows = sorted(wrong, key=lambda r: (-float(r["prob_prediction"] or 0.0), int(r["index"])))[
+        : max(0, gallery)
+    ]
+    gallery_items = []
+    for r in gallery_rows:
+        maps = []
+        for pair in pairs:
+            maps.append(
+                {
+                    "method": pair.method,
+                    "layer": pair.layer,
+                    "pred": _copy(root, r.get(pair.col("overlay_pred")), target, "gallery"),
+                    "true": _copy(root, r.get(pair.col("overlay_true")), target, "gallery"),
+                    "avg_drop_pred": r.get(pair.col("avg_drop_pred")),
+                    "avg_drop_true": r.get(pair.col("avg_drop_true")),
+                    "energy_pred": r.get(pair.col("energy_in_box_pred")),
+                    "energy_true": r.get(pair.col("energy_in_box_true")),
+                }
+            )
+        gallery_items.append(
+            {
+                "index": int(r["index"]),
+                "path": r["path"],
+                "label_name": r["label_name"],
+                "prediction_name": r["prediction_name"],
+                "prob_prediction": float(r["prob_prediction"]),
+                "prob_label": float(r["prob_label"]),
+                "image": _copy(root, r.get("image_file"), target, "gallery"),
+                "maps": maps,
+            }
+        )
+
+    return gallery_items
+
+
+def _class_maps(
+    root: Path,
+    target: Path,
+    rows: Sequence[Mapping[str, Any]],
+    pairs: Sequence[Pair],
+    shown_classes: Sequence[int],
+    size: tuple[int, int],
+    cmap: str,
+    name: Callable[[int], str],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per pair: the per-class mean maps written as PNGs; returns (template groups, written files)."""
+    mean_maps = _mean_maps(root, rows, pairs, shown_classes, size)
+    class_maps = []
+    class_files: list[str] = []
+    for pair in pairs:
+        cells = []
+        for c in shown_classes:
+            if c not in mean_maps.get(pair.key, {}):
+                continue
+            mean, count = mean_maps[pair.key][c]
+            rel = f"classes/{pair.key}/class-{c:05d}.png"
+            save_png(target / rel, colorize(np.clip(mean, 0.0, 1.0), cmap))
+            class_files.append(rel)
+            cells.append({"class": c, "name": name(c), "count": count, "file": rel})
+        class_maps.append({"method": pair.method, "layer": pair.layer, "cells": cells})
+
+    return class_maps, class_files
+
+
+def _box_rows(
+    ok: Sequence[Mapping[str, Any]], wrong: Sequence[Mapping[str, Any]], pairs: Sequence[Pair]
+) -> list[dict[str, Any]]:
+    """Per pair: box energy and pointing accuracy, correct versus wrong predictions (when the data has boxes)."""
+    box_rows = []
+    if any(r.get("box") is not None for r in ok):
+        for pair in pairs:
+            right = [r for r in ok if r["correct"]]
+            box_rows.append(
+                {
+                    "method": pair.method,
+                    "layer": pair.layer,
+                    "n_correct": sum(1 for r in right if r.get(pair.col("energy_in_box_pred")) is not None),
+                    "n_wrong": sum(1 for r in wrong if r.get(pair.col("energy_in_box_pred")) is not None),
+                    "energy_correct": _mean_of([r.get(pair.col("energy_in_box_pred")) for r in right]),
+                    "energy_wrong_pred": _mean_of([r.get(pair.col("energy_in_box_pred")) for r in wrong]),
+                    "energy_wrong_true": _mean_of([r.get(pair.col("energy_in_box_true")) for r in wrong]),
+                    "pointing_correct": _mean_of([r.get(pair.col("pointing_pred")) for r in right]),
+                    "pointing_wrong_pred": _mean_of([r.get(pair.col("pointing_pred")) for r in wrong]),
+                }
+            )
+
+    return box_rows
+
+
+def _shown_classes(
+    ok: Sequence[Mapping[str, Any]], label_counts: Mapping[int, int], max_classes: int
+) -> tuple[list[int], list[int]]:
+    """The classes of the tables and mean maps (the most frequent labels), and of the matrix (plus predictions)."""
+    frequent = [c for c, _ in sorted(label_counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    predicted = Counter(int(r["prediction"]) for r in ok)
+    shown_classes = sorted(frequent[:max_classes])
+    extra_pred = [c for c, _ in predicted.most_common() if c not in shown_classes]
+    return shown_classes, sorted(shown_classes + extra_pred[: max(0, max_classes - len(shown_classes))])
+
+
+def _gallery_files(gallery_items: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The files the gallery copied into the report folder, in gallery order."""
+    written: list[str] = []
+    for item in gallery_items:
+        written += [item["image"]] if item["image"] else []
+        written += [m[k] for m in item["maps"] for k in ("pred", "true") if m[k]]
+    return written
+
+
 def render_run_report(
     run_dir: str | os.PathLike[str],
     *,
@@ -231,111 +386,14 @@ def render_run_report(
     accuracy = (len(ok) - len(wrong)) / len(ok) if ok else None
 
     label_counts = Counter(int(r["label"]) for r in ok)
-    frequent = [c for c, _ in sorted(label_counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-    predicted = Counter(int(r["prediction"]) for r in ok)
-    shown_classes = sorted(frequent[:max_classes])
-    extra_pred = [c for c, _ in predicted.most_common() if c not in shown_classes]
-    matrix_classes = sorted(shown_classes + extra_pred[: max(0, max_classes - len(shown_classes))])
+    shown_classes, matrix_classes = _shown_classes(ok, label_counts, max_classes)
     matrix = confusion([int(r["label"]) for r in ok], [int(r["prediction"]) for r in ok], matrix_classes)
     confusion_png = None
     if matrix_classes:
         confusion_png = _confusion_png(matrix, [name(c) for c in matrix_classes], target / "confusion.png")
 
-    per_class = []
-    for c in shown_classes:
-        members = [r for r in ok if int(r["label"]) == c]
-        mistakes = Counter(int(r["prediction"]) for r in members if not r["correct"])
-        top_wrong = mistakes.most_common(1)
-        per_class.append(
-            {
-                "class": c,
-                "name": name(c),
-                "n": len(members),
-                "correct": sum(1 for r in members if r["correct"]),
-                "accuracy": sum(1 for r in members if r["correct"]) / len(members),
-                "most_confused_with": name(top_wrong[0][0]) if top_wrong else None,
-                "most_confused_count": top_wrong[0][1] if top_wrong else 0,
-            }
-        )
-
-    pair_counts = Counter((int(r["label"]), int(r["prediction"])) for r in wrong)
-    confused_pairs = [
-        {
-            "true": t,
-            "true_name": name(t),
-            "predicted": p,
-            "predicted_name": name(p),
-            "count": n,
-            "share_of_true": n / label_counts[t] if label_counts[t] else 0.0,
-        }
-        for (t, p), n in sorted(pair_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:15]
-    ]
-
-    gallery_rows = sorted(wrong, key=lambda r: (-float(r["prob_prediction"] or 0.0), int(r["index"])))[
-        : max(0, gallery)
-    ]
-    gallery_items = []
-    for r in gallery_rows:
-        maps = []
-        for pair in pairs:
-            maps.append(
-                {
-                    "method": pair.method,
-                    "layer": pair.layer,
-                    "pred": _copy(root, r.get(pair.col("overlay_pred")), target, "gallery"),
-                    "true": _copy(root, r.get(pair.col("overlay_true")), target, "gallery"),
-                    "avg_drop_pred": r.get(pair.col("avg_drop_pred")),
-                    "avg_drop_true": r.get(pair.col("avg_drop_true")),
-                    "energy_pred": r.get(pair.col("energy_in_box_pred")),
-                    "energy_true": r.get(pair.col("energy_in_box_true")),
-                }
-            )
-        gallery_items.append(
-            {
-                "index": int(r["index"]),
-                "path": r["path"],
-                "label_name": r["label_name"],
-                "prediction_name": r["prediction_name"],
-                "prob_prediction": float(r["prob_prediction"]),
-                "prob_label": float(r["prob_label"]),
-                "image": _copy(root, r.get("image_file"), target, "gallery"),
-                "maps": maps,
-            }
-        )
-
-    mean_maps = _mean_maps(root, rows, pairs, shown_classes, (size[0], size[-1]))
-    class_maps = []
-    class_files: list[str] = []
-    for pair in pairs:
-        cells = []
-        for c in shown_classes:
-            if c not in mean_maps.get(pair.key, {}):
-                continue
-            mean, count = mean_maps[pair.key][c]
-            rel = f"classes/{pair.key}/class-{c:05d}.png"
-            save_png(target / rel, colorize(np.clip(mean, 0.0, 1.0), cmap))
-            class_files.append(rel)
-            cells.append({"class": c, "name": name(c), "count": count, "file": rel})
-        class_maps.append({"method": pair.method, "layer": pair.layer, "cells": cells})
-
-    box_rows = []
-    if any(r.get("box") is not None for r in ok):
-        for pair in pairs:
-            right = [r for r in ok if r["correct"]]
-            box_rows.append(
-                {
-                    "method": pair.method,
-                    "layer": pair.layer,
-                    "n_correct": sum(1 for r in right if r.get(pair.col("energy_in_box_pred")) is not None),
-                    "n_wrong": sum(1 for r in wrong if r.get(pair.col("energy_in_box_pred")) is not None),
-                    "energy_correct": _mean_of([r.get(pair.col("energy_in_box_pred")) for r in right]),
-                    "energy_wrong_pred": _mean_of([r.get(pair.col("energy_in_box_pred")) for r in wrong]),
-                    "energy_wrong_true": _mean_of([r.get(pair.col("energy_in_box_true")) for r in wrong]),
-                    "pointing_correct": _mean_of([r.get(pair.col("pointing_pred")) for r in right]),
-                    "pointing_wrong_pred": _mean_of([r.get(pair.col("pointing_pred")) for r in wrong]),
-                }
-            )
-
+    gallery_items = _gallery(root, target, wrong, pairs, gallery)
+    class_maps, class_files = _class_maps(root, target, rows, pairs, shown_classes, (size[0], size[-1]), cmap, name)
     data = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(root),
@@ -345,21 +403,16 @@ def render_run_report(
         "correct": len(ok) - len(wrong),
         "accuracy": accuracy,
         "confusion": {"classes": matrix_classes, "names": [name(c) for c in matrix_classes], "matrix": matrix.tolist()},
-        "per_class": per_class,
-        "confused_pairs": confused_pairs,
-        "box_energy": box_rows,
+        "per_class": _per_class(ok, shown_classes, name),
+        "confused_pairs": _confused_pairs(wrong, label_counts, name),
+        "box_energy": _box_rows(ok, wrong, pairs),
         "gallery": gallery_items,
         "error_rows": [{"path": r["path"], "reason": r["error"]} for r in errors],
         "pairs": [{"method": p.method, "layer": p.layer} for p in pairs],
     }
     with atomic_write(target / "report.json", "w") as fh:
         fh.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    written = ["report.json"]
-    if confusion_png is not None:
-        written.append("confusion.png")
-    for item in gallery_items:
-        written += [item["image"]] if item["image"] else []
-        written += [m[k] for m in item["maps"] for k in ("pred", "true") if m[k]]
+    written = ["report.json", *(["confusion.png"] if confusion_png is not None else []), *_gallery_files(gallery_items)]
     written += class_files
 
     model = meta.get("model", {})

@@ -1,14 +1,17 @@
-"""``python -m cnnlens.runs run|report ...``: the run commands on their own (same options and exit codes)."""
+"""``python -m cnnlens.runs run|report ...``: the run commands on their own, the same as ``cnnlens run|report``.
+
+Same options, handlers and exit codes: the parsers and the dispatch are :mod:`cnnlens.cli`'s (an entry point,
+so it sits above the layers like the ``cnnlens`` command).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from cnnlens.errors import CnnlensError
-from cnnlens.runs.cli import EXIT_USAGE, add_run_commands
+from cnnlens.cli import common, run_command
+from cnnlens.cli.parser_more import add_run_commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -16,18 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cnnlens.runs", description="cnnlens dataset runs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     add_run_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        code: int = args.handler(args)
-    except CnnlensError as exc:
-        from rich.console import Console
-
-        Console(stderr=True, width=None if sys.stderr.isatty() else 160).print(
-            f"[bold red]error:[/] {exc}", highlight=False
-        )
-        return EXIT_USAGE
-    return code
+    common._make_consoles()
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""``cnnlens layers``, ``models`` and ``methods``: what can be explained, and with what."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from rich.markup import escape
+from rich.table import Table
+
+from cnnlens.cli import common
+from cnnlens.cli.common import (
+    EXIT_OK,
+    _load,
+    _load_quietly,
+)
+
+if TYPE_CHECKING:  # heavy modules load inside the commands, so --help and usage errors never import torch
+    pass
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    """``cnnlens layers``: every feature-map layer with type, shape, stride and its roles.
+
+    Listing needs no trained weights: without ``--weights`` and without published weights here, the
+    architecture is built with untrained weights (said on stderr) just to list its layers.
+    """
+    from cnnlens.candidates import candidate_layers
+    from cnnlens.capture import probe_layers
+    from cnnlens.errors import WeightsUnavailableError
+
+    try:
+        model = _load(args)
+    except WeightsUnavailableError:
+        if args.weights is not None:
+            raise
+        model = _load_quietly(args, random_weights=True)
+        common.err_console.print(
+            f"note: no weights for {escape(args.model)} here; listing the architecture (layer names and shapes do "
+            "not depend on weights).",
+            highlight=False,
+        )
+    c = 3
+    h, w = model.spec.preprocessing.input_size
+    infos = probe_layers(model.module, (c, h, w))
+    catalog = candidate_layers(model.module, (c, h, w), infos=infos)
+    roles = {layer.name: list(layer.roles) for layer in catalog.layers}
+    for role, name in model.spec.known_layers.items():
+        if role not in roles.setdefault(name, []):
+            roles[name].append(role)
+    default = model.spec.default_layer
+    table = Table(title=escape(f"{model.spec.name}: layers for input {c}x{h}x{w} (* = default target: {default})"))
+    for col in ("layer", "type", "output shape", "stride", "params", "roles"):
+        table.add_column(col, justify="right" if col in {"stride", "params"} else "left", overflow="fold")
+    for info in infos:
+        feature_map = info.shape is not None and len(info.shape) == 3
+        if not args.all and not feature_map and info.name not in roles:
+            continue
+        shape = "x".join(map(str, info.shape)) if info.shape is not None else ("not run" if info.calls == 0 else "-")
+        if info.calls > 1:
+            shape += f" (x{info.calls} calls)"
+        table.add_row(
+            escape(info.name + (" *" if info.name == default else "")),
+            escape(info.type),
+            shape,
+            str(info.stride or ""),
+            f"{info.params:,}" if info.params else "",
+            escape(", ".join(r for r in roles.get(info.name, []) if r != "conv")),
+        )
+    common.console.print(table)
+    if catalog.notes:
+        for note in catalog.notes:
+            common.err_console.print(f"note: {escape(note)}", highlight=False)
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``cnnlens models``."""
+    from cnnlens.models import available_models, get_spec, weights_status
+
+    table = Table(title="cnnlens model zoo")
+    for col in ("model", "family", "input", "default layer"):
+        table.add_column(col, overflow="fold")
+    table.add_column("weights here", overflow="fold")
+    for name in available_models():
+        spec = get_spec(name)
+        ok, why = weights_status(name)
+        h, w = spec.preprocessing.input_size
+        table.add_row(
+            escape(name),
+            escape(spec.family),
+            f"{h}x{w}",
+            escape(spec.default_layer),
+            ("[green]yes[/] " if ok else "[red]no[/] ") + escape(why),
+        )
+    common.console.print(table)
+    return EXIT_OK
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """``cnnlens methods``."""
+    from cnnlens.methods import iter_methods
+
+    if args.markdown:
+        from cnnlens.report.methods_doc import methods_markdown
+
+        sys.stdout.write(methods_markdown())
+        return EXIT_OK
+    table = Table(title="cnnlens methods")
+    for col in ("id", "name", "formula", "options"):
+        table.add_column(col, overflow="fold")
+    for spec in iter_methods():
+        opts = ", ".join(f"{k}={v}" for k, v in spec.variant().items())
+        table.add_row(escape(spec.id), escape(spec.title), escape(spec.formula), escape(opts))
+    common.console.print(table)
+    return EXIT_OK

@@ -1,0 +1,71 @@
+"""Argument groups several commands share (model, preprocessing, --max-pixels, --show-top, -v)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cnnlens._names import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, ZOO_MODELS
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, preprocessing: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"zoo name ({', '.join(ZOO_MODELS)}), a torchvision/timm architecture name for your own checkpoint "
+        "(with --num-classes and --weights), or your own factory: package.module:factory or "
+        "path/to/file.py:factory (called with no arguments, or num_classes=N). "
+        f"Default: {DEFAULT_MODEL} (embedded weights, offline).",
+    )
+    group.add_argument("--weights", metavar="PATH", help="checkpoint (state dict) to load, read with weights_only=True")
+    group.add_argument(
+        "--random-weights", action="store_true", help="use an untrained, seeded model (every output says so)"
+    )
+    group.add_argument("--download", action="store_true", help="allow fetching published weights (needs network)")
+    group.add_argument("--num-classes", type=int, metavar="N", help="number of classes of your own model")
+    group.add_argument("--class-names", metavar="FILE", help="class names file (.txt one per line, or .json list)")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default)")
+    if preprocessing:
+        _add_preprocessing_options(parser)
+
+
+def _add_preprocessing_options(parser: argparse.ArgumentParser) -> None:
+    prep = parser.add_argument_group("preprocessing (override the model's)")
+    prep.add_argument("--input-size", type=int, nargs="+", metavar="PX", help="model input H [W], e.g. 32 for CIFAR")
+    prep.add_argument("--resize", type=int, metavar="PX", help="shorter side before the center crop (default: input)")
+    prep.add_argument("--mean", type=float, nargs="+", metavar="V", help="normalisation mean, 1 or 3 values")
+    prep.add_argument("--std", type=float, nargs="+", metavar="V", help="normalisation std, 1 or 3 values")
+
+
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"largest image accepted, width x height, checked before decoding (default {DEFAULT_MAX_PIXELS:,}; "
+        "a 12000x9000 photo needs 108000000)",
+    )
+
+
+class _ShowTop(argparse.Action):
+    """``--show-top N``; its deprecated alias ``--top-k`` also sets ``deprecated_top_k`` (a note is printed)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        if option == "--top-k":
+            namespace.deprecated_top_k = True
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: the sub-command's flag does not overwrite `cnnlens -v COMMAND` with False.
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
+
+
+_OVERWRITE_HELP = (
+    "write into an --out folder cnnlens did not write (replacing only same-named files, deleting nothing); without "
+    "it such a folder is refused. A folder cnnlens wrote for the same command is reused"
+)

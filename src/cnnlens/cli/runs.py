@@ -1,0 +1,206 @@
+"""``cnnlens run`` and ``cnnlens report``: explain a labelled dataset, resumably; report its mistakes.
+
+Parsers: :func:`cnnlens.cli.parser_more.add_run_commands`; :data:`cnnlens.cli.COMMANDS` dispatches ``"run"`` to
+:func:`cmd_run` and ``"report"`` to :func:`cmd_report`. Exit codes follow
+``cnnlens.cli``: 0 all images explained, 1 some files could not be read (error rows), 2 a usage error (a
+:class:`~cnnlens.errors.CnnlensError`, printed as one line by the caller). ``python -m cnnlens.runs`` runs the
+two commands on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from cnnlens.cli import common
+from cnnlens.cli.parser_more import add_run_commands
+
+__all__ = ["add_run_commands", "cmd_report", "cmd_run"]
+
+from cnnlens.cli.common import EXIT_FAILED_INPUTS, EXIT_OK
+
+
+class _RateColumn(ProgressColumn):
+    """Images per second, from rich's speed estimate."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- img/s" if speed is None else f"{speed:.1f} img/s", style="progress.data.speed")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``cnnlens run DATASET --out RUN_DIR ...``; returns the exit code."""
+    from cnnlens.cli.args import LineProgress
+    from cnnlens.cli.common import _check_model_args, _cli_hint, _device, _parse_options
+    from cnnlens.runs.batch import RunSettings
+    from cnnlens.runs.dataset import read_dataset
+    from cnnlens.runs.model import load_run_model
+    from cnnlens.runs.runner import DatasetRun
+
+    console, err_console = common.console, common.err_console
+    options = args.options if hasattr(args, "options") else _parse_options(args.option, args.method)
+    model = load_run_model(
+        args.model,
+        weights=args.weights,
+        random_weights=args.random_weights,
+        download=args.download,
+        num_classes=args.num_classes,
+        class_names=args.class_names,
+        device=_device(args.device),
+        input_size=args.input_size,
+        resize=args.resize,
+        mean=args.mean,
+        std=args.std,
+    )
+    if model.random_weights:
+        err_console.print(
+            f"[bold red]RANDOM WEIGHTS[/]: {escape(model.weights_source)}. Outputs are marked as such.", highlight=False
+        )
+    _check_model_args(args, model)
+    dataset = read_dataset(args.dataset, model.class_names, root=args.root, exclude=[args.out]).limit(args.limit)
+    for note in dataset.notes:
+        err_console.print(f"note: {escape(note)}", highlight=False)
+    settings = RunSettings(
+        methods=tuple(args.method),
+        layers=tuple(args.layer or ()),
+        options=options,
+        top_k=args.top_k,
+        average_drop=not args.no_average_drop,
+        overlays=not args.no_overlays,
+        cmap=args.cmap,
+        overlay_format=args.overlay_format,
+    )
+    with DatasetRun(
+        args.out,
+        dataset,
+        model,
+        settings,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        extra={"argv": sys.argv[1:]},
+    ) as run:
+        if run.completed:
+            err_console.print(
+                escape(f"resuming {args.out}: {run.completed} of {run.total} image(s) already done"), highlight=False
+            )
+        progress: Progress | LineProgress = LineProgress(sys.stderr)
+        if err_console.is_terminal:
+            progress = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                _RateColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=False,
+            )
+        with progress:
+            task = progress.add_task("explaining", total=run.total, completed=run.completed)
+
+            def update(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            summary = run.execute(
+                batch_size=args.batch_size, workers=args.workers, progress=update, max_pixels=args.max_pixels
+            )
+    table = Table(title=escape(f"run {args.out}"))
+    table.add_column("images", justify="right", overflow="fold")
+    table.add_column("explained", justify="right", overflow="fold")
+    table.add_column("errors", justify="right", overflow="fold")
+    table.add_column("accuracy", justify="right", overflow="fold")
+    table.add_column("time", justify="right", overflow="fold")
+    table.add_column("images/s", justify="right", overflow="fold")
+    table.add_row(
+        str(summary.total),
+        str(summary.ok),
+        str(summary.errors),
+        "-" if summary.accuracy is None else f"{100 * summary.accuracy:.2f} %",
+        f"{summary.elapsed_s:.1f} s" + (f" (+{summary.skipped} done before)" if summary.skipped else ""),
+        "-" if summary.images_per_s is None else f"{summary.images_per_s:.1f}",
+    )
+    console.print(table)
+    for key, values in summary.metrics.items():
+        console.print(escape(f"{key}: {_metric_line(values)}"), highlight=False)
+    console.print(escape(f"results: {summary.results}; report: cnnlens report {args.out}"), highlight=False)
+    if summary.errors:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(summary.results, columns=["path", "status", "error"]).to_pylist()
+        bad = [r for r in rows if r["status"] != "ok"]
+        err_console.print(f"[bold red]{len(bad)} file(s) could not be read[/] (error rows in results.parquet):")
+        for r in bad[:20]:
+            err_console.print(escape(f"  {r['path']}: {_cli_hint(r['error'])}"), highlight=False)
+        if len(bad) > 20:
+            err_console.print(f"  ... and {len(bad) - 20} more")
+        return EXIT_FAILED_INPUTS
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``cnnlens report RUN_DIR``; returns the exit code."""
+    from cnnlens.report import render_run_report
+    from cnnlens.runs.errors import RunError
+
+    console = common.console
+    if args.gallery < 0 or args.max_classes < 1:
+        raise RunError("--gallery must be 0 or more and --max-classes at least 1.")
+    index = render_run_report(
+        args.run_dir, out=args.out, gallery=args.gallery, max_classes=args.max_classes, overwrite=args.overwrite
+    )
+    console.print(escape(_report_line(index)), highlight=False)
+    console.print(escape(f"report: {index.resolve()}"), highlight=False)
+    return EXIT_OK
+
+
+_METRIC_LABELS = {
+    "average_drop_pct": ("Average Drop", "%"),
+    "increase_in_confidence_pct": ("Increase in Confidence", "%"),
+    "degenerate_pred": ("degenerate maps", ""),
+    "energy_in_box_correct": ("energy in box (correct)", "%"),
+    "energy_in_box_wrong": ("energy in box (wrong)", "%"),
+    "energy_in_box_true_class_wrong": ("energy in box (true class, wrong)", "%"),
+    "pointing_accuracy": ("pointing accuracy", "%"),
+}
+
+
+def _metric_line(values: dict[str, float | int | None]) -> str:
+    """A run's per-pair means in one unit: percentages as ``6.2 %`` (the studies' unit), counts as integers."""
+    parts = []
+    for key, value in values.items():
+        if not isinstance(value, (int, float)):
+            continue
+        label, unit = _METRIC_LABELS.get(key, (key, ""))
+        if unit and not key.endswith("_pct"):
+            value = 100.0 * value  # a share in [0, 1], shown as a percentage like the others
+        parts.append(f"{label} {value:.1f} %" if unit else f"{label} {value}")
+    return ", ".join(parts)
+
+
+def _report_line(index: object) -> str:
+    """Accuracy and counts of the report next to ``index`` (its report.json)."""
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(str(index)).parent / "report.json").read_text("utf-8"))
+    accuracy = data.get("accuracy")
+    shown = "-" if accuracy is None else f"{100 * accuracy:.2f} %"
+    return (
+        f"accuracy {shown} ({data['correct']} of {data['ok']} explained image(s) correct, "
+        f"{data['ok'] - data['correct']} wrong); {data['total']} image(s), {data['errors']} unreadable"
+    )

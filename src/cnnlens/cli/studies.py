@@ -1,0 +1,156 @@
+"""``cnnlens compare-layers`` and ``compare-models``: the studies, measured, with their report."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from cnnlens.cli import common
+from cnnlens.cli.common import (
+    EXIT_FAILED_INPUTS,
+    _check_model_args,
+    _device,
+    _into_out,
+    _load,
+    _load_inputs,
+    _phase,
+    _report_failures,
+)
+from cnnlens.errors import UsageError
+
+if TYPE_CHECKING:  # heavy modules load inside the commands, so --help and usage errors never import torch
+    import numpy as np
+
+    from cnnlens.models import LoadedModel
+
+
+def _print_layer_table(study: Any) -> None:
+    table = Table(title="target layers (★ = recommended)")
+    for col in ("method", "layer", "roles", "AD %", "IC %", "del AUC", "ins AUC", "degen", "rank"):
+        table.add_column(col, overflow="fold")
+    for r in study.rows:
+        star = " ★" if study.recommended.get(r.method) == r.layer else ""
+        table.add_row(
+            escape(r.method), escape(r.layer + star), escape(", ".join(r.roles)), f"{r.average_drop:.1f}",
+            f"{r.increase:.1f}", f"{r.deletion_auc:.3f}", f"{r.insertion_auc:.3f}", f"{100 * r.degenerate:.0f}%",
+            "excluded" if r.rank == float("inf") else f"{r.rank:.2f}",
+        )  # fmt: skip
+    common.console.print(table)
+
+
+def _cmd_compare_layers(args: argparse.Namespace) -> int:
+    """``cnnlens compare-layers``."""
+    import torch
+
+    from cnnlens.report.study import render_study_report
+    from cnnlens.studies import compare_layers
+
+    names, images, failures = _load_inputs(args.inputs, max_pixels=args.max_pixels)
+    if not images:
+        return _report_failures(failures) or EXIT_FAILED_INPUTS
+    model = _load(args)
+    _check_model_args(args, model)
+    x = torch.stack([model.spec.preprocessing.to_tensor(img) for img in images])
+    with _phase(f"compare-layers: every candidate layer explained, maps measured ({len(images)} image(s))") as update:
+        study = compare_layers(
+            model, x, methods=args.method, layers=args.layer, last_n=args.last_n, steps=args.steps, image_names=names,
+            progress=update,
+        )  # fmt: skip
+    _print_layer_table(study)
+    report = render_study_report(
+        args.out,
+        title=f"cnnlens compare-layers: {model.spec.name}",
+        layer_studies={model.spec.name: study},
+        manifest={"command": "compare-layers", "model": model.manifest(), "images": names},
+        random_weights=model.random_weights,
+    )
+    common.console.print(escape(f"report: {report.resolve()}"), highlight=False)
+    return _report_failures(failures)
+
+
+def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"{what} {item!r} is not MODEL=VALUE, e.g. {what} resnet50=ckpt.pt.")
+        out[key] = value
+    return out
+
+
+cmd_compare_layers = _into_out(_cmd_compare_layers, "compare-layers")
+
+
+def _compare_models_with_progress(models: Sequence[LoadedModel], images: Sequence[np.ndarray], **kwargs: Any) -> Any:
+    """:func:`cnnlens.studies.compare_models` one model at a time, each a phase counting its measured maps."""
+    from cnnlens.studies import compare_models
+    from cnnlens.studies.models import ModelStudy
+
+    rows: list[Any] = []
+    studies: dict[str, Any] = {}
+    names: list[str] = []
+    for i, model in enumerate(models, start=1):
+        with _phase(f"{model.spec.name} ({i}/{len(models)} models): layers explained, maps measured") as update:
+            part = compare_models([model], images, progress=update, **kwargs)
+        rows.extend(part.rows)
+        studies.update(part.layer_studies)
+        names = part.image_names
+    return ModelStudy(rows=rows, layer_studies=studies, image_names=names)
+
+
+def _cmd_compare_models(args: argparse.Namespace) -> int:
+    """``cnnlens compare-models``."""
+    from cnnlens.report.study import render_study_report
+
+    weights = _pairs(args.weights, "--weights")
+    layers = _pairs(args.layers, "--layers")
+    for key in [*weights, *layers]:
+        if key not in args.models:
+            raise UsageError(f"{key!r} is not one of --models ({', '.join(args.models)}).")
+    names, images, failures = _load_inputs(args.inputs, max_pixels=args.max_pixels)
+    if not images:
+        return _report_failures(failures) or EXIT_FAILED_INPUTS
+    models = []
+    with _phase("loading models", total=len(args.models)) as update:
+        for i, name in enumerate(args.models):
+            models.append(
+                common.load_model(
+                    name,
+                    weights=weights.get(name),
+                    random_weights=args.random_weights and name not in weights,
+                    download=args.download,
+                    device=_device(args.device),
+                )
+            )
+            update(i + 1, len(args.models))
+    for m in models:
+        if m.random_weights:
+            common.err_console.print(f"[bold red]RANDOM WEIGHTS[/]: {escape(m.spec.name)}. Its rows are marked.")
+    study = _compare_models_with_progress(
+        models, images, methods=args.method, layers=layers, image_names=names, steps=args.steps, last_n=args.last_n
+    )
+    table = Table(title="models, each at its layer")
+    for col in ("model", "method", "layer", "AD %", "IC %", "del AUC", "ins AUC"):
+        table.add_column(col, overflow="fold")
+    for r in study.rows:
+        table.add_row(
+            escape(r.model + (" (RANDOM)" if r.random_weights else "")), escape(r.method), escape(r.layer),
+            f"{r.average_drop:.1f}", f"{r.increase:.1f}", f"{r.deletion_auc:.3f}", f"{r.insertion_auc:.3f}",
+        )  # fmt: skip
+    common.console.print(table)
+    report = render_study_report(
+        args.out,
+        title="cnnlens compare-models",
+        model_study=study,
+        layer_studies=study.layer_studies,
+        manifest={"command": "compare-models", "models": [m.manifest() for m in models], "images": names},
+    )
+    common.console.print(escape(f"report: {report.resolve()}"), highlight=False)
+    return _report_failures(failures)
+
+
+cmd_compare_models = _into_out(_cmd_compare_models, "compare-models")
