@@ -201,7 +201,7 @@ def _input_gradient(view: LayerView, method: str) -> torch.Tensor:
     paper="Simonyan, Vedaldi & Zisserman, Deep Inside Convolutional Networks: Visualising Image "
     "Classification Models and Saliency Maps, ICLR Workshop 2014 (arXiv:1312.6034)",
     formula="raw = sum_c dS/dx_c ;  shown = |raw|  (Simonyan: max_c |dS/dx_c|, reduce='max_abs')",
-    summary="The gradient of the score with respect to the input pixels (the layer is ignored).",
+    summary="The gradient of the score with respect to the input pixels (one map per call).",
     display="abs",
     defaults={"reduce": "sum"},
 )
@@ -209,7 +209,7 @@ def saliency(view: LayerView, reduce: str = "sum") -> torch.Tensor:
     """Vanilla gradient saliency (Simonyan et al., 2014).
 
     Formula: ``a = dS/dx`` (B, C, H, W), raw map ``sum_c a_c`` (``reduce="sum"``). The paper's display,
-    ``max_c |a_c|``, is ``reduce="max_abs"``; the default display is ``|raw|``. The layer is ignored; the
+    ``max_c |a_c|``, is ``reduce="max_abs"``; the default display is ``|raw|``. Input scope: one map per call; the
     gradient is the main capture's, computed once for all layers.
 
     Args:
@@ -238,7 +238,7 @@ def saliency(view: LayerView, reduce: str = "sum") -> torch.Tensor:
     paper="Shrikumar et al., Not Just a Black Box: Learning Important Features Through Propagating "
     "Activation Differences, arXiv:1605.01713 (2016)",
     formula="raw = sum_c x_c * dS/dx_c ;  shown = |raw|",
-    summary="The input times its gradient: a first-order contribution of each pixel (the layer is ignored).",
+    summary="The input times its gradient: a first-order contribution of each pixel (one map per call).",
     display="abs",
     defaults={"reduce": "sum"},
 )
@@ -246,7 +246,7 @@ def input_x_gradient(view: LayerView, reduce: str = "sum") -> torch.Tensor:
     """Input × gradient (Shrikumar et al., 2016).
 
     Formula: ``a = x ⊙ dS/dx`` in the model's input space, raw map ``sum_c a_c``. For a bias-free ReLU
-    network ``sum(raw) = S(x)`` exactly (Euler). The layer is ignored.
+    network ``sum(raw) = S(x)`` exactly (Euler). Input scope: one map per call.
 
     Args:
         view: One target's view (``inputs`` and ``input_gradient`` are used).
@@ -277,7 +277,7 @@ def input_x_gradient(view: LayerView, reduce: str = "sum") -> torch.Tensor:
     paper="Springenberg, Dosovitskiy, Brox & Riedmiller, Striving for Simplicity: The All Convolutional "
     "Net, ICLR Workshop 2015 (arXiv:1412.6806)",
     formula="through each ReLU: R_in = relu(R_out) * [x > 0] ;  raw = sum_c R_c(input) ;  shown = |raw|",
-    summary="The gradient with only positive signals passed back through ReLUs (the layer is ignored).",
+    summary="The gradient with only positive signals passed back through ReLUs (one map per call).",
     display="abs",
     defaults={"reduce": "sum"},
 )
@@ -288,7 +288,7 @@ def guided_backprop(view: LayerView, reduce: str = "sum") -> torch.Tensor:
     functional or in-place, becomes ``R_in = relu(R_out) ⊙ [x > 0]``; the attribution is the resulting
     "gradient" at the input, raw map ``sum_c R_c``. One extra forward/backward per target, scoped to the
     call (nothing is registered on the model), cached across layers and shared with ``guided_gradcam``. A
-    model without ReLU/ReLU6 raises :class:`cnnlens.errors.LayerError`. The layer is ignored.
+    model without ReLU/ReLU6 raises :class:`cnnlens.errors.LayerError`. Input scope: one map per call.
 
     Adebayo et al. (NeurIPS 2018) show that guided backprop is nearly insensitive to the weights of the
     higher layers (it fails the model-randomisation sanity check): read it as an edge map conditioned on
@@ -313,7 +313,7 @@ def guided_backprop(view: LayerView, reduce: str = "sum") -> torch.Tensor:
     needs={"probe"},
     paper="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014 (arXiv:1311.2901)",
     formula="through each ReLU: R_in = relu(R_out) ;  raw = sum_c R_c(input) ;  shown = |raw|",
-    summary="The score projected back with rectified signals through ReLUs (the layer is ignored).",
+    summary="The score projected back with rectified signals through ReLUs (one map per call).",
     display="abs",
     defaults={"reduce": "sum"},
 )
@@ -324,7 +324,7 @@ def deconvnet(view: LayerView, reduce: str = "sum") -> torch.Tensor:
     used); max-pooling keeps its switches, convolutions use their transposed filters, as in autograd. Raw
     map ``sum_c R_c`` at the input. Because no forward mask is applied, the result depends on the input
     only through pooling switches (and not at all for a network without max-pooling): a zero image gets
-    the same, non-zero, map as any other. The layer is ignored.
+    the same, non-zero, map as any other. Input scope: one map per call.
 
     Example:
         >>> import cnnlens

@@ -139,7 +139,7 @@ def _integrated_gradients_all(
     needs={"probe"},
     paper="Sundararajan, Taly & Yan, Axiomatic Attribution for Deep Networks, ICML 2017 (arXiv:1703.01365)",
     formula="a = (x - x') ⊙ sum_s w_s dS/dx(x' + alpha_s (x - x')) ;  raw = sum_c a_c ;  sum(raw) ≈ S(x) - S(x')",
-    summary="Gradients integrated along the straight path from a baseline to the input (the layer is ignored).",
+    summary="Gradients integrated along the straight path from a baseline to the input (one map per call).",
     display="abs",
     defaults={"baseline": 0.0, "steps": 50, "rule": "gausslegendre", "reduce": "sum"},
 )

@@ -260,7 +260,7 @@ register(
     paper="Smilkov, Thorat, Kim, Viégas & Wattenberg, SmoothGrad: removing noise by adding noise, "
     "arXiv:1706.03825 (2017)",
     formula="raw = (1/n) sum_j sum_c dS/dx_c (x + N(0, (sigma·(max x - min x))^2)) ;  shown = |raw|",
-    summary="Vanilla gradient averaged over noisy copies of the input (the layer is ignored).",
+    summary="Vanilla gradient averaged over noisy copies of the input (one map per call).",
 )(_smoothgrad.fn)
 
 
