@@ -451,7 +451,7 @@ def test_no_process_wide_caches_remain() -> None:
 
     for module in (batching, perturbation, forward):
         assert not hasattr(module, "_TUNERS") and not hasattr(module, "_FOOTPRINT"), module.__name__
-    assert batching.tuner_for(object(), "key", 8) is None  # kept for old callers; remembers nothing
+    assert not hasattr(batching, "tuner_for") and not hasattr(batching, "ChunkTuner")  # no wall-clock tuning
 
 
 def test_measure_peak_bytes_counts_live_intermediates() -> None:

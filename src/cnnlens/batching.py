@@ -51,7 +51,6 @@ __all__ = [
     "resolve_budget",
     "run_in_chunks",
     "run_measured",
-    "tuner_for",
 ]
 
 B = TypeVar("B")
@@ -251,15 +250,6 @@ def measure_peak_bytes(
     return peak
 
 
-def tuner_for(owner: object, key: object, max_chunk: int) -> None:
-    """Deprecated: chunk sizes are no longer tuned by time or remembered per model; always None.
-
-    Kept so that callers written for the old throughput tuner still run (``run_in_chunks`` ignores the
-    ``tuner`` it is given); use :func:`plan_chunk` instead.
-    """
-    del owner, key, max_chunk
-
-
 def run_in_chunks(
     fn: Callable[[B], R],
     n_items: int,
@@ -268,8 +258,6 @@ def run_in_chunks(
     max_chunk: int,
     chunk: int | None = None,
     start: int = 0,
-    tuner: object = None,
-    sync: object = None,
 ) -> list[R]:
     """Run ``fn(make_batch(i, j))`` over consecutive ranges that cover ``[start, n_items)``, in order.
 
@@ -283,8 +271,6 @@ def run_in_chunks(
         max_chunk: The largest chunk allowed (see :func:`chunk_size`).
         chunk: A fixed chunk size (still capped by ``max_chunk``).
         start: The first item (items before it were done elsewhere, e.g. by :func:`run_measured`).
-        tuner: Ignored (the throughput tuner is gone; kept for old callers).
-        sync: Ignored (kept for old callers).
 
     Returns:
         One result per chunk, in order.
@@ -294,7 +280,6 @@ def run_in_chunks(
         >>> out
         [6, 22, 17]
     """
-    del tuner, sync
     if n_items < 0:
         raise MethodError(f"n_items must be non-negative, got {n_items}.")
     if chunk is not None and chunk < 1:

@@ -319,14 +319,7 @@ def _ablated_logits(view: LayerView, probe: Probe) -> _AblatedLogits:
         rows[torch.arange(n, device=rows.device), k] = 0
         return rows, b
 
-    execution = view.execution
-    logits = probe.replay_rows(
-        view.layer,
-        int(pair_b.numel()),
-        make_rows,
-        batch_budget_mb=execution.memory_budget_mb,
-        chunk_size=execution.chunk_size,
-    )
+    logits = probe.replay_rows(view.layer, int(pair_b.numel()), make_rows, execution=view.execution)
     return _AblatedLogits(pair_b, pair_k, logits)
 
 
