@@ -21,7 +21,7 @@ from torch import nn
 
 import cnnlens
 from cnnlens.capture import Capture
-from cnnlens.errors import LayerError, MethodError, OptionError, TargetError
+from cnnlens.errors import LayerError, MethodError, OptionError
 from cnnlens.execution import Execution
 from cnnlens.maps import normalize
 from cnnlens.methods import get_method
@@ -450,7 +450,7 @@ def test_invalid_relu_backward_is_refused_before_the_capture_records() -> None:
     net = seeded(GapHead(), seed=2)
     x = _x(2)
     with cnnlens.capture(net, ["body.4"]) as cap, torch.no_grad():
-        with pytest.raises(TargetError, match="relu_backward must be"):
+        with pytest.raises(OptionError, match="relu_backward must be"):
             cap.run(x, relu_backward="bogus")  # type: ignore[arg-type]
         out = net(x)
         assert not torch.is_grad_enabled() and not out.requires_grad

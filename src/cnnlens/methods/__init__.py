@@ -10,7 +10,9 @@ from cnnlens.methods import eigen as eigen
 from cnnlens.methods import fullgrad as fullgrad
 from cnnlens.methods import perturbation as perturbation
 from cnnlens.methods import smooth as smooth
+from cnnlens.methods.cam import CamMethod, register_cam
 from cnnlens.methods.registry import (
+    BoundMethod,
     LayerView,
     MethodSpec,
     get_method,
@@ -21,6 +23,8 @@ from cnnlens.methods.registry import (
 )
 
 __all__ = [
+    "BoundMethod",
+    "CamMethod",
     "CnnlensWarning",
     "LayerView",
     "MethodSpec",
@@ -28,5 +32,6 @@ __all__ = [
     "iter_methods",
     "method_ids",
     "register",
+    "register_cam",
     "resolve_methods",
 ]
