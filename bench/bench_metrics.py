@@ -135,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     d, i = results["curves"]
     log("layout check")
     coarse = max(args.step, pixels // 8)
-    pair = [metrics.deletion_insertion(loaded, x, exp, step=coarse, channels_last=cl) for cl in (True, False)]
+    layouts = [
+        metrics.MetricOptions(execution=cnnlens.Execution(memory_format="channels_last")),
+        metrics.MetricOptions(execution=cnnlens.Execution(memory_format="contiguous")),
+    ]
+    pair = [metrics.deletion_insertion(loaded, x, exp, step=coarse, options=opts) for opts in layouts]
     layout_diff = max(float((a.auc - b.auc).abs().max()) for a, b in zip(pair[0], pair[1], strict=True))
 
     ours_name, floor_name = "cnnlens deletion + insertion", f"floor: {n_forwards} batched forwards"

@@ -19,8 +19,8 @@ the model and input, runs two inference forwards, resets the resident-set high-w
 It then resets the mark, calls the method once (timed, wall clock) and reads the mark again. **Extra peak
 memory** = peak - baseline: what the method needs beyond the model and an inference forward. Workers run
 with glibc's mmap/trim thresholds fixed at 128 KiB so freed tensors go back to the OS (RSS follows live
-bytes). The cnnlens call is the *first* call in its process, so it includes measuring the per-item
-footprint and tuning the chunk size (:mod:`cnnlens.batching`).
+bytes). Every cnnlens call measures the per-item footprint on its first chunk (real work, kept) and sizes
+the other chunks from it and the memory budget (:mod:`cnnlens.batching`); nothing is remembered between calls.
 
 Rows:
 
