@@ -710,3 +710,23 @@ def test_one_loader_overrides_preprocessing_for_any_name() -> None:
     assert lm.spec.preprocessing == Preprocessing((32, 32), 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
     with pytest.raises(ModelConfigError, match="--mean takes one or three"):
         load_model("resnet18", num_classes=3, random_weights=True, mean=[0.5, 0.5])
+
+
+def test_one_loader_builds_factories(tmp_path: Path) -> None:
+    from cnnlens.runs.model import load_run_model
+
+    assert load_run_model is load_model  # the runs' name for the one loader
+    (tmp_path / "tiny_net.py").write_text(
+        "import torch\n"
+        "def build(num_classes=4):\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),\n"
+        "                               torch.nn.Flatten(), torch.nn.Linear(5, num_classes))\n"
+    )
+    entry = f"{tmp_path / 'tiny_net.py'}:build"
+    lm = load_model(entry, num_classes=3, input_size=[16], mean=[0.5], std=[0.5])
+    assert (lm.spec.num_classes, lm.spec.default_layer, lm.spec.source) == (3, "1", "entry point")
+    assert lm.spec.preprocessing.input_size == (16, 16) and not lm.random_weights
+    with pytest.raises(ModelConfigError, match="--random-weights and --download apply to zoo"):
+        load_model(entry, random_weights=True, input_size=[16])
+    with pytest.raises(ModelConfigError, match="needs its input size"):
+        load_model(entry)
