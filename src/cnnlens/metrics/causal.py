@@ -213,10 +213,8 @@ def _games(
     saliency: Saliency,
     targets: ClassSpec,
     modes: Sequence[tuple[str, Baseline]],
-    *,
     step: int | None,
-    blur_kernel: int,
-    blur_sigma: float,
+    blur: tuple[int, float],
     options: MetricOptions | None,
 ) -> list[CausalCurve]:
     """Run the games of ``modes`` (``("deletion" | "insertion", baseline)``) in shared batches."""
@@ -228,7 +226,7 @@ def _games(
     assert step_px is not None
     n_steps = (pixels + step_px - 1) // step_px
     rank = saliency_order(p.maps)
-    subs = [_substrate(baseline, x, p.norm, blur_kernel, blur_sigma) for _, baseline in modes]
+    subs = [_substrate(baseline, x, p.norm, *blur) for _, baseline in modes]
     pairs = [(mode, sub) for (mode, _), (sub, _) in zip(modes, subs, strict=True)]
     start_all = torch.stack([x if mode == "deletion" else sub for mode, sub in pairs])  # (J, B, C, H, W)
     finish_all = torch.stack([sub if mode == "deletion" else x for mode, sub in pairs])
@@ -327,18 +325,8 @@ def deletion(
         >>> tuple(curve.scores.shape), tuple(curve.auc.shape)
         ((2, 5), (2,))
     """
-    mode = ("deletion", baseline)
-    return _games(
-        model,
-        inputs,
-        saliency,
-        targets,
-        [mode],
-        step=step,
-        blur_kernel=blur_kernel,
-        blur_sigma=blur_sigma,
-        options=options,
-    )[0]
+    modes = [("deletion", baseline)]
+    return _games(model, inputs, saliency, targets, modes, step, (blur_kernel, blur_sigma), options)[0]
 
 
 def insertion(
@@ -368,18 +356,8 @@ def insertion(
         >>> curve.fractions.tolist()
         [0.0, 0.5, 1.0]
     """
-    mode = ("insertion", baseline)
-    return _games(
-        model,
-        inputs,
-        saliency,
-        targets,
-        [mode],
-        step=step,
-        blur_kernel=blur_kernel,
-        blur_sigma=blur_sigma,
-        options=options,
-    )[0]
+    modes = [("insertion", baseline)]
+    return _games(model, inputs, saliency, targets, modes, step, (blur_kernel, blur_sigma), options)[0]
 
 
 def deletion_insertion(
@@ -411,15 +389,5 @@ def deletion_insertion(
         ('deletion', 'insertion')
     """
     modes = [("deletion", deletion_baseline), ("insertion", insertion_baseline)]
-    curves = _games(
-        model,
-        inputs,
-        saliency,
-        targets,
-        modes,
-        step=step,
-        blur_kernel=blur_kernel,
-        blur_sigma=blur_sigma,
-        options=options,
-    )
+    curves = _games(model, inputs, saliency, targets, modes, step, (blur_kernel, blur_sigma), options)
     return curves[0], curves[1]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cnnlens.capture import LayerSpec, resolve_layer
+from cnnlens.execution import Execution
 from cnnlens.explain import default_layer, explain
 from cnnlens.explanation import Explanation
 from cnnlens.maps import upsample
@@ -135,6 +136,7 @@ def cascading_randomisation(
     seed: int = 0,
     keep_maps: bool = False,
     output_selector: OutputSelector | None = None,
+    execution: Execution | None = None,
 ) -> RandomisationResult:
     """Model-parameter randomisation test, cascading from the logits towards the input.
 
@@ -169,6 +171,7 @@ def cascading_randomisation(
         seed: Randomisation seed.
         keep_maps: Keep the randomised normalised maps (``(L, B, H, W)``, memory!).
         output_selector: Picks the logits from unusual model outputs.
+        execution: How every explain() call runs (:class:`cnnlens.Execution`; None: the default).
 
     Returns:
         A :class:`RandomisationResult` (``.table()`` for one row per step).
@@ -186,15 +189,20 @@ def cascading_randomisation(
     module = module_of(model)
     layer_name = resolve_layer(module, layer if layer is not None else default_layer(model)).key
     opts = {method: dict(options)} if options else None
-    original = explain(
-        model,
-        inputs,
-        methods=[method],
-        layers=[layer_name],
-        targets=targets,
-        options=opts,
-        output_selector=output_selector,
-    )[0]
+
+    def explained(net: ModelLike, what: TargetSpec) -> Explanation:
+        return explain(
+            net,
+            inputs,
+            methods=[method],
+            layers=[layer_name],
+            targets=what,
+            options=opts,
+            output_selector=output_selector,
+            execution=execution,
+        )[0]
+
+    original = explained(model, targets)
     classes = original.target_classes[:, 0]
     fixed: TargetSpec = targets if bool((classes < 0).any()) else classes.clone()
     names = list(cascade) if cascade is not None else cascade_layers(module)
@@ -218,15 +226,7 @@ def cascading_randomisation(
     rows_s, rows_a, rows_ssim, rows_u, rows_d, kept = [], [], [], [], [], []
     for step, name in enumerate(names):
         randomise_module(twin_modules[name], seed + step)
-        exp = explain(
-            twin,
-            inputs,
-            methods=[method],
-            layers=[layer_name],
-            targets=fixed,
-            options=opts,
-            output_selector=output_selector,
-        )[0]
+        exp = explained(twin, fixed)
         signed = _signed(exp, size)
         plain = spearman(base_signed, signed)
         absolute = spearman(base_signed, signed, absolute=True)
