@@ -63,6 +63,7 @@ class EigenCAM(CamMethod):
     is fixed as in :func:`principal_projection`.
 
     Example:
+        >>> from cnnlens.methods.registry import LayerView
         >>> a = torch.zeros(1, 2, 1, 3); a[0, 0, 0] = torch.tensor([0.0, 1.0, 2.0])
         >>> v = LayerView("x", a, None, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
         >>> eigencam(v).round(decimals=4).tolist()
@@ -92,6 +93,7 @@ class EigenGradCAM(CamMethod):
     the map correlates positively with ``sum_c g_c ⊙ A_c`` (see :func:`principal_projection`).
 
     Example:
+        >>> from cnnlens.methods.registry import LayerView
         >>> a = torch.zeros(1, 2, 1, 3); a[0, 0, 0] = torch.tensor([0.0, 1.0, 2.0]); g = torch.ones_like(a)
         >>> v = LayerView("x", a, g, a, None, torch.zeros(1), torch.zeros(1, dtype=torch.long))
         >>> eigengradcam(v).round(decimals=4).tolist()
