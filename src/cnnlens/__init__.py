@@ -15,16 +15,17 @@ The public names are imported on first use (a module ``__getattr__``), so ``impo
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import types
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnlens._names import __version__
 from cnnlens.index_hook import set_index_writer
 
 if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time they load lazily
+    import os
+    from pathlib import Path
+
     from cnnlens.capture import Capture, Recording, capture, record, resolve_layer
     from cnnlens.errors import CnnlensError
     from cnnlens.execution import Execution

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cnnlens._names import DEFAULT_METHODS, DEFAULT_MODEL, METHOD_IDS, __version__
 from cnnlens.cli.options import (
@@ -15,17 +16,8 @@ from cnnlens.cli.options import (
 from cnnlens.cli.parser_more import add_run_commands, add_views_commands
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    """The whole ``cnnlens`` parser, built without importing torch (names come from :mod:`cnnlens._names`)."""
-    parser = argparse.ArgumentParser(
-        prog="cnnlens",
-        description="See how a convolutional network works and why it decided what it decided.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (also after COMMAND)")
-    parser.add_argument("--version", action="version", version=f"cnnlens {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    methods_help = f"one or more of: {', '.join(METHOD_IDS)}, or 'all'"
-
+def _add_explain(sub: Any, methods_help: str) -> None:
+    """``cnnlens explain``: its options are declared in one place, one call each (a long list, not long logic)."""
     ex = sub.add_parser(
         "explain",
         help="explain predictions on images with CAM methods",
@@ -86,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--cmap", default="jet", help="matplotlib colour map for heatmaps (default jet)")
     _add_max_pixels(ex)
 
+
+def _add_catalog(sub: Any, methods_help: str) -> None:
+    """``cnnlens layers``, ``models`` and ``methods``."""
     ly = sub.add_parser(
         "layers",
         help="list a model's layers with type, output shape and stride",
@@ -99,6 +94,9 @@ def _build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("methods", help="list the registered explanation methods")
     me.add_argument("--markdown", action="store_true", help="print the formula cards as Markdown (docs/methods.md)")
 
+
+def _add_studies(sub: Any, methods_help: str) -> None:
+    """``cnnlens compare-layers`` and ``compare-models``."""
     cl = sub.add_parser(
         "compare-layers",
         help="which target layer gives the most faithful maps: every candidate layer measured",
@@ -141,15 +139,34 @@ def _build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     _add_max_pixels(cm)
 
-    add_views_commands(sub)
-    add_run_commands(sub)
 
+def _add_demo(sub: Any, methods_help: str) -> None:
+    """``cnnlens demo``."""
     demo = sub.add_parser("demo", help="run the seed study on the embedded models and sample photos (HTML report)")
     demo.add_argument("--out", default="cnnlens-demo", metavar="DIR", help="output folder (default cnnlens-demo)")
     demo.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     demo.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded model to use (default {DEFAULT_MODEL})")
     demo.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     demo.add_argument("--quick", action="store_true", help="fewer images and steps (for tests)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    """The whole ``cnnlens`` parser, built without importing torch (names come from :mod:`cnnlens._names`)."""
+    parser = argparse.ArgumentParser(
+        prog="cnnlens",
+        description="See how a convolutional network works and why it decided what it decided.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (also after COMMAND)")
+    parser.add_argument("--version", action="version", version=f"cnnlens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    methods_help = f"one or more of: {', '.join(METHOD_IDS)}, or 'all'"
+
+    _add_explain(sub, methods_help)
+    _add_catalog(sub, methods_help)
+    _add_studies(sub, methods_help)
+    add_views_commands(sub)
+    add_run_commands(sub)
+    _add_demo(sub, methods_help)
     for command_parser in sub.choices.values():
         _add_verbose(command_parser)
     return parser

@@ -20,6 +20,9 @@ _OVERWRITE_HELP = "write into an --out folder cnnlens did not write (replacing o
 def add_views_commands(subparsers: Any) -> None:
     """Add ``filters``, ``features`` and ``maximize`` to the ``cnnlens`` sub-command parsers.
 
+    Longer than 80 lines on purpose: a flat list of ``add_argument`` declarations, one per option, read as the
+    commands' reference; splitting it would only scatter one command's options.
+
     Args:
         subparsers: What ``parser.add_subparsers()`` returned in :func:`cnnlens.cli.parser._build_parser`.
     """
@@ -108,7 +111,10 @@ def add_views_commands(subparsers: Any) -> None:
 
 
 def add_run_commands(subparsers: Any) -> None:
-    """Add the ``run`` and ``report`` subcommands to an ``argparse`` subparsers object."""
+    """Add the ``run`` and ``report`` subcommands to an ``argparse`` subparsers object.
+
+    Longer than 80 lines on purpose: a flat list of ``add_argument`` declarations (see :func:`add_views_commands`).
+    """
     run = subparsers.add_parser(
         "run",
         help="explain every image of a labelled dataset (resumable) and write results.parquet",

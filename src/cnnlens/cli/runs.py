@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -27,11 +29,14 @@ from rich.table import Table
 from rich.text import Text
 
 from cnnlens.cli import common
-from cnnlens.cli.parser_more import add_run_commands
 
-__all__ = ["add_run_commands", "cmd_report", "cmd_run"]
+__all__ = ["cmd_report", "cmd_run"]
 
+from cnnlens.cli.args import LineProgress
 from cnnlens.cli.common import EXIT_FAILED_INPUTS, EXIT_OK
+
+if TYPE_CHECKING:
+    from cnnlens.runs.runner import RunSummary
 
 
 class _RateColumn(ProgressColumn):
@@ -44,32 +49,14 @@ class _RateColumn(ProgressColumn):
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``cnnlens run DATASET --out RUN_DIR ...``; returns the exit code."""
-    from cnnlens.cli.args import LineProgress
-    from cnnlens.cli.common import _check_model_args, _cli_hint, _device, _parse_options
+    from cnnlens.cli.common import _check_model_args, _load, _parse_options
     from cnnlens.runs.batch import RunSettings
     from cnnlens.runs.dataset import read_dataset
-    from cnnlens.runs.model import load_run_model
     from cnnlens.runs.runner import DatasetRun
 
-    console, err_console = common.console, common.err_console
+    err_console = common.err_console
     options = args.options if hasattr(args, "options") else _parse_options(args.option, args.method)
-    model = load_run_model(
-        args.model,
-        weights=args.weights,
-        random_weights=args.random_weights,
-        download=args.download,
-        num_classes=args.num_classes,
-        class_names=args.class_names,
-        device=_device(args.device),
-        input_size=args.input_size,
-        resize=args.resize,
-        mean=args.mean,
-        std=args.std,
-    )
-    if model.random_weights:
-        err_console.print(
-            f"[bold red]RANDOM WEIGHTS[/]: {escape(model.weights_source)}. Outputs are marked as such.", highlight=False
-        )
+    model = _load(args)  # the loader of every command: zoo, architecture or factory, preprocessing overrides
     _check_model_args(args, model)
     dataset = read_dataset(args.dataset, model.class_names, root=args.root, exclude=[args.out]).limit(args.limit)
     for note in dataset.notes:
@@ -97,19 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             err_console.print(
                 escape(f"resuming {args.out}: {run.completed} of {run.total} image(s) already done"), highlight=False
             )
-        progress: Progress | LineProgress = LineProgress(sys.stderr)
-        if err_console.is_terminal:
-            progress = Progress(
-                TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                _RateColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=err_console,
-                transient=False,
-            )
+        progress = _run_progress(err_console)
         with progress:
             task = progress.add_task("explaining", total=run.total, completed=run.completed)
 
@@ -119,7 +94,32 @@ def cmd_run(args: argparse.Namespace) -> int:
             summary = run.execute(
                 batch_size=args.batch_size, workers=args.workers, progress=update, max_pixels=args.max_pixels
             )
-    table = Table(title=escape(f"run {args.out}"))
+    return _print_summary(summary, args.out)
+
+
+def _run_progress(err_console: Console) -> Progress | LineProgress:
+    """A rich bar with images per second in a terminal, one plain line per update otherwise."""
+    if not err_console.is_terminal:
+        return LineProgress(sys.stderr)
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def _print_summary(summary: RunSummary, out: str) -> int:
+    """The run's table, its per-pair metric means and its unreadable files; returns the exit code."""
+    from cnnlens.cli.common import _cli_hint
+
+    console, err_console = common.console, common.err_console
+    table = Table(title=escape(f"run {out}"))
     table.add_column("images", justify="right", overflow="fold")
     table.add_column("explained", justify="right", overflow="fold")
     table.add_column("errors", justify="right", overflow="fold")
@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(table)
     for key, values in summary.metrics.items():
         console.print(escape(f"{key}: {_metric_line(values)}"), highlight=False)
-    console.print(escape(f"results: {summary.results}; report: cnnlens report {args.out}"), highlight=False)
+    console.print(escape(f"results: {summary.results}; report: cnnlens report {out}"), highlight=False)
     if summary.errors:
         import pyarrow.parquet as pq
 

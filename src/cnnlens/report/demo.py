@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cnnlens.models import LoadedModel
+from cnnlens.report._env import environment
 from cnnlens.views.features import feature_maps
 from cnnlens.views.filters import filters, first_conv
 from cnnlens.views.maximize import Progress, maximize
@@ -113,22 +114,52 @@ def demo_section(
     started = time.perf_counter()
     root = Path(out_dir)
     folder = root / subdir
-    module = model.module
     figures: list[dict[str, str]] = []
+    filter_paths = _filters_part(model, folder, root, figures)
+    fm, feature_paths = _features_part(model, image, layers or demo_layers(model), folder, root, figures)
+    target = maximize_layer or list(fm.layers)[len(fm.layers) // 2]
+    if target in fm.layers:
+        picked = fm.layers[target].indices[:channels]
+    else:
+        picked = feature_maps(model, image, target, top_k=channels).layers[target].indices
+    result = maximize(model, target, picked, steps=steps, size=size, seed=seed, progress=progress, threads=threads)
+    max_paths = save_maximized(result, folder)
+    _add(
+        figures,
+        root,
+        max_paths["grid"],
+        f"What the {len(picked)} channels of <code>{html.escape(target)}</code> that respond most to this photo "
+        f"respond to: images optimised to maximise each channel's mean activation ({steps} steps at {size} px, "
+        "Fourier parameterisation with decorrelated colour, jitter/scale/rotate robustness, all channels in one "
+        f"batch; {result.seconds:.1f} s).",
+        "maximize",
+    )
     files: dict[str, str] = {}
+    for prefix, group in (("filters", filter_paths), ("features", feature_paths), ("maximize", max_paths)):
+        files.update({f"{prefix}:{k}": p.relative_to(root).as_posix() for k, p in group.items()})
+    return {
+        "title": "Filters and feature maps",
+        "intro": environment().get_template("demo_views_intro.html").render(),
+        "figures": figures,
+        "seconds": time.perf_counter() - started,
+        "files": files,
+    }
 
-    def rel(path: Path) -> str:
-        return path.relative_to(root).as_posix()
 
-    def add(path: Path, caption: str, kind: str) -> None:
-        alt = html.unescape(re.sub(r"<[^>]+>", "", caption))
-        figures.append({"path": rel(path), "caption": caption, "alt": alt, "kind": kind})
+def _add(figures: list[dict[str, str]], root: Path, path: Path, caption: str, kind: str) -> None:
+    """Append one figure: its path relative to ``root``, its HTML caption and the caption as plain text."""
+    alt = html.unescape(re.sub(r"<[^>]+>", "", caption))
+    figures.append({"path": path.relative_to(root).as_posix(), "caption": caption, "alt": alt, "kind": kind})
 
-    stem = first_conv(module)
-    fs = filters(model, stem, order="norm", top_k=None, scale="shared")
+
+def _filters_part(model: LoadedModel, folder: Path, root: Path, figures: list[dict[str, str]]) -> dict[str, Path]:
+    """The first convolution's filters as RGB tiles, sorted by norm, on one shared scale."""
+    fs = filters(model, first_conv(model.module), order="norm", top_k=None, scale="shared")
     filter_paths = save_filters(fs, folder)
     shape = "x".join(map(str, fs.weight_shape))
-    add(
+    _add(
+        figures,
+        root,
         filter_paths["grid"],
         f"The {len(fs.indices)} filters of the first convolution <code>{html.escape(fs.layer)}</code> ({shape}) as RGB "
         "tiles, sorted by L2 norm, on one shared scale: mid-grey is zero, each colour channel brighter where its "
@@ -136,7 +167,18 @@ def demo_section(
         "are filters the training left near zero.",
         "filters",
     )
-    chosen = layers or demo_layers(model)
+    return filter_paths
+
+
+def _features_part(
+    model: LoadedModel,
+    image: np.ndarray | torch.Tensor,
+    chosen: Sequence[str],
+    folder: Path,
+    root: Path,
+    figures: list[dict[str, str]],
+) -> tuple[Any, dict[str, Path]]:
+    """Feature maps of the photo: one row per stage, then the deepest layer's 16 most active channels."""
     fm = feature_maps(model, image, chosen, rank="activation", top_k=16)
     deepest = list(fm.layers)[-1]
     feature_paths = {
@@ -146,51 +188,24 @@ def demo_section(
         ),
     }
     if len(fm.layers) > 1:
-        add(
+        _add(
+            figures,
+            root,
             feature_paths["rows"],
             "Feature maps of the same photo, one row per stage from the stem to the last block: the 8 channels "
             "with the highest mean activation, each row on its own shared colour scale. Early maps still show the "
             "picture (edges, colours); later ones are coarse and abstract.",
             "features",
         )
-    add(
+    _add(
+        figures,
+        root,
         feature_paths[f"grid:{deepest}"],
         f"The 16 most active channels of <code>{html.escape(deepest)}</code>, labelled with their index and mean "
         "activation, on one shared colour scale.",
         "features",
     )
-    target = maximize_layer or list(fm.layers)[len(fm.layers) // 2]
-    if target in fm.layers:
-        picked = fm.layers[target].indices[:channels]
-    else:
-        picked = feature_maps(model, image, target, top_k=channels).layers[target].indices
-    result = maximize(model, target, picked, steps=steps, size=size, seed=seed, progress=progress, threads=threads)
-    max_paths = save_maximized(result, folder)
-    add(
-        max_paths["grid"],
-        f"What the {len(picked)} channels of <code>{html.escape(target)}</code> that respond most to this photo "
-        f"respond to: images optimised to maximise each channel's mean activation ({steps} steps at {size} px, "
-        "Fourier parameterisation with decorrelated colour, jitter/scale/rotate robustness, all channels in one "
-        f"batch; {result.seconds:.1f} s).",
-        "maximize",
-    )
-    for prefix, group in (("filters", filter_paths), ("features", feature_paths), ("maximize", max_paths)):
-        files.update({f"{prefix}:{k}": rel(p) for k, p in group.items()})
-    intro = (
-        "<p>Before any heat map: what the network's weights look like and what its layers compute. The first "
-        "convolution's kernels are drawn as colour tiles; the feature maps show, for the first photo, the "
-        "channels each stage activates most; activation maximisation (Olah et al., <em>Feature Visualization"
-        "</em>, Distill 2017) optimises an image for each of a few channels to show the pattern it detects. "
-        "Regenerate single views with <code>cnnlens filters</code>, <code>cnnlens features IMAGE --layer "
-        "NAME</code> and <code>cnnlens maximize --layer NAME --channels 0-15</code>.</p>"
-    )
-    return {
-        "title": "Filters and feature maps",
-        "intro": intro,
-        "figures": figures,
-        "seconds": time.perf_counter() - started,
-        "files": files,
-    }
+    return fm, feature_paths
 
 
 def demo_predictions_html(
@@ -231,7 +246,6 @@ def demo_predictions_html(
         HTML (trusted: render with ``| safe``).
     """
     from cnnlens.display import scrub_paths
-    from cnnlens.report._env import environment
 
     columns = [{"id": m, "title": title, "layer": ly} for ly in layers for m, title in methods]
     top = {str(p["image"]): list(p.get("top", []))[:3] for p in predictions}
