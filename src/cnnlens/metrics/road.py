@@ -1,4 +1,8 @@
-"""ROAD: Remove And Debias, with noisy linear imputation (MoRF / LeRF and their combination)."""
+"""ROAD: Remove And Debias, with noisy linear imputation (MoRF / LeRF and their combination).
+
+Length: the public functions here pass ~80 lines only through their docstrings (paper, formula, protocol
+choices, arguments, example); their code is under 80 lines.
+"""
 
 from __future__ import annotations
 
@@ -259,6 +263,24 @@ def _need(value: torch.Tensor | None, order: str) -> torch.Tensor:
     return value
 
 
+def _check_protocol(
+    space: Space, orders: Sequence[str], percentages: Sequence[float], noise: float, seed: int
+) -> tuple[list[str], tuple[float, ...]]:
+    """Validate ROAD's protocol parameters; the orders and percentages as used."""
+    check_choice(space, _SPACES, "space")
+    order_list = [check_choice(o, _ORDERS, "each of orders") for o in orders]
+    if not order_list or len(set(order_list)) != len(order_list):
+        raise MetricError(f"orders must name 'morf' and/or 'lerf' once each, got {list(orders)!r}.")
+    pcts = tuple(float(p) for p in percentages)
+    if not pcts or not all(math.isfinite(p) and 0.0 <= p < 100.0 for p in pcts):
+        raise MetricError(f"percentages must be numbers in [0, 100), got {list(percentages)!r}.")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
+        raise MetricError(f"noise must be a non-negative number, got {noise!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MetricError(f"seed must be an int, got {seed!r}.")
+    return order_list, pcts
+
+
 def road(
     model: ModelLike,
     inputs: torch.Tensor,
@@ -315,17 +337,7 @@ def road(
         >>> tuple(r.morf.shape), -0.5 <= r.combined_score <= 0.5
         ((1, 2), True)
     """
-    check_choice(space, _SPACES, "space")
-    order_list = [check_choice(o, _ORDERS, "each of orders") for o in orders]
-    if not order_list or len(set(order_list)) != len(order_list):
-        raise MetricError(f"orders must name 'morf' and/or 'lerf' once each, got {list(orders)!r}.")
-    pcts = tuple(float(p) for p in percentages)
-    if not pcts or not all(math.isfinite(p) and 0.0 <= p < 100.0 for p in pcts):
-        raise MetricError(f"percentages must be numbers in [0, 100), got {list(percentages)!r}.")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
-        raise MetricError(f"noise must be a non-negative number, got {noise!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise MetricError(f"seed must be an int, got {seed!r}.")
+    order_list, pcts = _check_protocol(space, orders, percentages, noise, seed)
     p = Prepared.of(model, inputs, saliency, options)
     x, norm, score, ex = p.x, p.norm, p.options.score, p.options.run
     batch, channels, height, width = (int(v) for v in x.shape)
