@@ -94,3 +94,14 @@ def test_cnnlens_warning_lives_in_errors() -> None:
 
     assert cnnlens.methods.CnnlensWarning is CnnlensWarning is cnnlens.methods.cam.CnnlensWarning
     assert cnnlens.CnnlensWarning is CnnlensWarning
+
+
+def test_cam_classes_bind_with_typed_keywords() -> None:
+    from cnnlens.methods.cam import GradCAM, GradCAMPlusPlus
+
+    typed = GradCAMPlusPlus.bind(alpha_normalize=True)
+    assert typed.id == "gradcampp"
+    assert typed.variant() == get_method("gradcampp").bind(alpha_normalize=True).variant()
+    assert GradCAM.bind(relu=False).variant() == {"relu": False}
+    with pytest.raises(TypeError):
+        GradCAMPlusPlus.bind(alpha_normalise=True)  # type: ignore[call-arg]

@@ -17,7 +17,7 @@ import torch
 
 from cnnlens.errors import CnnlensWarning
 from cnnlens.maps import precise_dtype
-from cnnlens.methods.registry import LayerView, register
+from cnnlens.methods.registry import BoundMethod, LayerView, get_method, register
 
 __all__ = [
     "CamMethod",
@@ -83,6 +83,14 @@ class CamMethod:
     summary: ClassVar[str] = ""
     defaults: ClassVar[Mapping[str, Any]] = {}
     needs_gradient: ClassVar[bool] = True
+
+    @classmethod
+    def bind(cls, *, relu: bool = True) -> BoundMethod:
+        """This method with typed options (checked by mypy/IDEs), e.g. ``GradCAM.bind(relu=False)``.
+
+        Subclasses with options override it with their own keyword arguments (``GradCAMPlusPlus.bind``).
+        """
+        return get_method(cls.id).bind(relu=relu)
 
     def weights(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
         """Channel weights ``(B, C)`` from the layer's activation and gradient ``(B, C, h, w)``."""
@@ -188,6 +196,16 @@ class GradCAMPlusPlus(CamMethod):
     )
     formula = "alpha = g^2 / (2 g^2 + sum_ab(A_k) g^3) ;  w_k = sum_ij alpha_ij relu(g_ij) ;  L = ReLU(sum_k w_k A_k)"
     summary = "Grad-CAM with per-pixel weights (closed form under the exponential-output assumption)."
+
+    @classmethod
+    def bind(cls, *, alpha_normalize: bool = False, relu: bool = True) -> BoundMethod:
+        """Grad-CAM++ with typed options: ``GradCAMPlusPlus.bind(alpha_normalize=True)``.
+
+        Example:
+            >>> GradCAMPlusPlus.bind(alpha_normalize=True).variant()
+            {'alpha_normalize': True, 'relu': True}
+        """
+        return get_method(cls.id).bind(alpha_normalize=alpha_normalize, relu=relu)
 
     def check(self, view: LayerView) -> None:
         """Warn when the activations take negative values (the pole of alpha then falls on positive g)."""
