@@ -45,6 +45,16 @@ def _colorbar(fig: Any, axes: Any, cmap: str, label: str) -> None:
     bar.ax.tick_params(labelsize=_LABEL_PT - 2)
 
 
+def _save_grid(fig: Any, axes: Any, cmap: str, path: Path) -> Path:
+    """Lay out a grid of maps, add its colour bar, write it to ``path`` and close the figure."""
+    fig.tight_layout()
+    _colorbar(fig, axes, cmap, "map value (1 = max in its image)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _picture(images: np.ndarray | None, index: int, map01: np.ndarray, method: str) -> tuple[np.ndarray, str]:
     """The overlay of one map as the explain files draw it, and the colour map used."""
     traits = method_traits(method)
@@ -117,12 +127,7 @@ def layer_grid(study: LayerStudy, method: str, path: Path, *, max_images: int = 
         else:
             label = _layer_label(study, exp.layer) + (" ★" if study.recommended.get(method) == exp.layer else "")
         axes[r, 0].set_ylabel(label, fontsize=_LABEL_PT, rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    _colorbar(fig, axes, cmap, "map value (1 = max in its image)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save_grid(fig, axes, cmap, path)
 
 
 def curves_figure(study: LayerStudy, method: str, path: Path) -> Path:
@@ -329,9 +334,4 @@ def _models_grid(study: ModelStudy, path: Path) -> Path:
                 _mark_degenerate(ax)
         label = f"{row.model}\n{row.method} @ {row.layer}" + ("\nRANDOM WEIGHTS" if row.random_weights else "")
         axes[r, 0].set_ylabel(label, fontsize=_LABEL_PT, rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    _colorbar(fig, axes, cmap, "map value (1 = max in its image)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save_grid(fig, axes, cmap, path)

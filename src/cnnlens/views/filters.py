@@ -147,6 +147,9 @@ def filters(
     selection rule. Grouped and depthwise convs are handled: a filter's input slices are its group's input
     channels, recorded in :attr:`FilterSet.input_channels`.
 
+    Longer than 80 lines on purpose: argument checks, then one pass from the weight tensor to the tiles of the
+    chosen view; each step feeds the next and none is used elsewhere.
+
     Args:
         model: The network (or a :class:`~cnnlens.models.LoadedModel`).
         layer: A conv's dotted name or module; default: the first ``nn.Conv2d``.

@@ -139,6 +139,9 @@ def optimize(
     The objective returns one score per image; the loss is ``-sum_b S_b`` and its gradient is taken with
     ``torch.autograd.grad`` with respect to the parameterisation only (see the module docstring).
 
+    Longer than 80 lines on purpose: one optimisation loop whose state (parameterisation, optimiser, per-image
+    generators, the differentiable capture and the restored thread count) lives exactly as long as the loop.
+
     Args:
         model: The network (or a :class:`~cnnlens.models.LoadedModel`, which brings its normalisation).
         objective: What to maximise, per image (e.g. ``channel("blocks.3", [0, 1]) - 0.05 * l2()``).
@@ -167,6 +170,7 @@ def optimize(
         LayerError, TargetError: The objective does not fit the layer or the model output.
 
     Example:
+        >>> from cnnlens.views.objectives import channel
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         >>> res = optimize(net, channel("1", [0, 2]), [0, 2], size=32, steps=5)
         >>> res.images.shape, bool((res.history[-1] >= res.history[0]).all())
