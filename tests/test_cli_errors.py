@@ -87,6 +87,20 @@ def test_help_version_and_usage_errors_do_not_import_torch(argv: list[str]) -> N
     assert done.stderr.strip().splitlines()[-1] == "LIGHT", done.stderr  # before: torch, 4-6.5 s every call
 
 
+def test_every_command_help_imports_no_torch_and_every_command_is_dispatched() -> None:
+    from cnnlens.cli import COMMANDS
+
+    choices = cli._build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(choices) == set(COMMANDS)  # one dispatch table, one entry per sub-command
+    code = (
+        "import sys\nfrom cnnlens.cli import main, COMMANDS\nfor command in COMMANDS:\n"
+        "    try:\n        main([command, '--help'])\n    except SystemExit:\n        pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'LIGHT', len(COMMANDS), file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stderr.strip().splitlines()[-1] == f"LIGHT {len(COMMANDS)}", done.stderr[-2000:]
+
+
 def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["--version"])
