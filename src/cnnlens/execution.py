@@ -58,9 +58,12 @@ class Execution:
             device's default (:func:`cnnlens.batching.resolve_budget`).
         chunk_size: Fixed number of samples per chunk of extra forwards; None derives it from the budget.
         threads: ``torch.set_num_threads`` for the duration of the call; None leaves torch's setting.
-        tune: Whether chunk sizes may be chosen by measuring peak memory of a first chunk. Off by default so
-            that results never depend on measurements; on, results are still exact but chunk boundaries (and
-            so float rounding) may differ between machines.
+        tune: Whether chunk sizes may follow the machine's state. Off (default): the first item's footprint is
+            an exact count of the storages its operators create and the CUDA default budget comes from the
+            device's total memory, so chunk boundaries depend only on shapes, budget and ``chunk_size``. On:
+            the CUDA allocator's peak (which sees library workspaces) and half of the *free* device memory
+            are used; results are still exact but chunk boundaries (and so float rounding) may differ
+            between runs (see :mod:`cnnlens.batching`).
     """
 
     memory_format: MemoryFormat = "contiguous"
