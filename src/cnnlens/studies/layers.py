@@ -108,6 +108,9 @@ class LayerStudy:
         for r in self.rows:
             if r.method == method and r.layer == layer:
                 return r
+        mine = [r for r in self.rows if r.method == method]
+        if len(mine) == 1 and mine[0].layer in ("input", "network"):
+            return mine[0]  # an input- or network-scope method has one row, whatever layer was named
         raise KeyError(f"no row for method {method!r} at layer {layer!r}.")
 
     def table(self) -> list[dict[str, Any]]:
