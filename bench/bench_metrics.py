@@ -11,7 +11,7 @@ processes used the CPU are retaken, see ``bench/_common.py``):
 
 * ``cnnlens deletion + insertion``: ``metrics.deletion_insertion(model, x, exp, step=224)``: 224 deletion
   steps (zero baseline) and 224 insertion steps (RISE blur canvas), 448 perturbed forwards plus one of the
-  image, built lazily and run in memory-bounded, throughput-tuned chunks (channels-last, the default).
+  image, built lazily and run in memory-bounded chunks sized from the budget (contiguous, the default).
   The issue's target: under 2 s.
 * ``floor: 449 batched forwards``: the same number of inference forwards of ready-made images in chunks of
   16, channels-last, in a layer-less capture: what the model alone costs. ``overhead`` = cnnlens / floor
