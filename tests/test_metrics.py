@@ -192,6 +192,31 @@ def test_average_drop_from_an_explanation_and_a_loaded_model() -> None:
     assert 0.0 <= r.average_drop <= 100.0
 
 
+def test_average_drop_with_known_logits_runs_one_forward_fewer() -> None:
+    net = tiny_cnn(seed=5)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    maps = torch.rand(3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        logits = net(x)
+    seen: list[int] = []
+    handle = net.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].shape[0])))
+    try:
+        fresh = metrics.average_drop(net, x, maps, options=IMAGENET)
+        forwards = sum(seen)
+        seen.clear()
+        known = metrics.average_drop(net, x, maps, options=IMAGENET, logits=logits)
+    finally:
+        handle.remove()
+    assert sum(seen) == forwards - 3  # the 3 images themselves are not run again
+    torch.testing.assert_close(known.original, fresh.original, rtol=0, atol=1e-12)
+    torch.testing.assert_close(known.drop, fresh.drop, rtol=0, atol=1e-12)
+    assert torch.equal(known.target_classes, logits.argmax(dim=1))
+    with pytest.raises(MetricError, match="logits"):
+        metrics.average_drop(net, x, maps, options=IMAGENET, logits=logits[:2])
+    with pytest.raises(MetricError, match="NaN"):
+        metrics.average_drop(net, x, maps, options=IMAGENET, logits=torch.full_like(logits, float("nan")))
+
+
 def test_identity_normalisation_makes_pixel_space_the_normalised_space() -> None:
     net = tiny_cnn(seed=6)
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
