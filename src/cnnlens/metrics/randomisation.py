@@ -1,7 +1,6 @@
 """Sanity check: cascading model-parameter randomisation (Adebayo et al.), on a copy of the model.
 
-Length: the public functions here pass ~80 lines only through their docstrings (paper, formula, protocol
-choices, arguments, example); their code is under 80 lines.
+``cascading_randomisation`` is long only by its docstring (paper, similarity formulas, example).
 """
 
 from __future__ import annotations

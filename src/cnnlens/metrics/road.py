@@ -1,7 +1,6 @@
 """ROAD: Remove And Debias, with noisy linear imputation (MoRF / LeRF and their combination).
 
-Length: the public functions here pass ~80 lines only through their docstrings (paper, formula, protocol
-choices, arguments, example); their code is under 80 lines.
+``road`` passes ~80 lines only through its docstring (paper, formula, space, example).
 """
 
 from __future__ import annotations

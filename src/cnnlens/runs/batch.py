@@ -23,8 +23,7 @@ Per-row columns (see :func:`row_columns`); ``M/L/...`` stands for ``method/layer
 ``..._true`` columns are null where the prediction is right (the true-class map *is* the predicted one),
 box columns are null without a box, everything is null on error rows. No value is ever NaN.
 
-Length: the public functions here pass ~80 lines only through their docstrings; their code is under 80
-lines.
+``process_batch`` runs past ~80 lines only through its docstring (its code: 77 lines).
 """
 
 from __future__ import annotations
