@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ __all__ = ["capture", "forward_only", "record"]
 def _layer_list(layers: Sequence[LayerSpec] | LayerSpec) -> list[LayerSpec]:
     if isinstance(layers, (str, nn.Module)):
         return [layers]
-    if not isinstance(layers, Sequence):
+    if not isinstance(layers, Iterable):
         raise LayerNotFoundError(
             f"layers must be a layer (dotted name or module) or a sequence of them, got {type(layers).__name__}."
         )
