@@ -260,7 +260,7 @@ def test_scorecam_fast_mode() -> None:
 )
 def test_invalid_options_raise_clear_errors(method: str, options: dict[str, object], match: str) -> None:
     net = seeded(GapHead(), dtype=torch.float32)
-    with pytest.raises(MethodError, match=match):
+    with pytest.raises(OptionError, match=match):
         cnnlens.explain(net, torch.randn(1, 3, 8, 8), methods=[method], layers=["body.4"], options={method: options})
     assert hook_count(net) == 0
 

@@ -27,29 +27,20 @@ import torch.nn.functional as F
 
 from cnnlens.batching import run_measured
 from cnnlens.capture import Probe
-from cnnlens.errors import MethodError
+from cnnlens.errors import MethodError, OptionError
 from cnnlens.maps import precise_dtype
 from cnnlens.methods.cam import weighted_sum
-from cnnlens.methods.registry import LayerView, MethodOutput, register
+from cnnlens.methods.registry import LayerView, MethodOutput, check_count, register
 
 __all__ = ["ablationcam", "channel_masks", "scorecam", "select_channels"]
 
 
 def _check_feature_map(view: LayerView, method: str) -> None:
-    if view.activation.ndim != 4:
-        raise MethodError(
-            f"{method} needs a (B, C, H, W) feature map, but layer {view.layer!r} outputs shape "
-            f"{tuple(view.activation.shape)}; target a convolutional layer or block."
-        )
+    view.require_feature_map(method)
     if view.inputs.ndim != 4:
         raise MethodError(
             f"{method} masks or re-runs image inputs (B, C, H, W); got inputs of shape {tuple(view.inputs.shape)}."
         )
-
-
-def _check_count(value: object, name: str, method: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise MethodError(f"{method}: {name} must be a positive int or None, got {value!r}.")
 
 
 def _scores(probe: Probe, logits: torch.Tensor, t: int, sample_index: torch.Tensor, method: str) -> torch.Tensor:
@@ -266,7 +257,8 @@ def scorecam(view: LayerView, top_k: int | None = None, align_corners: bool = Fa
         torch.Size([1, 1, 8, 8])
     """
     _check_feature_map(view, "scorecam")
-    _check_count(top_k, "top_k", "scorecam")
+    if top_k is not None:
+        check_count("scorecam", "top_k", top_k)
     probe = view.require_probe("scorecam")
     key = ("scorecam", view.layer, top_k, bool(align_corners))
     masked = probe.memo(key, lambda: _masked_logits(view, probe, top_k=top_k, align_corners=bool(align_corners)))
@@ -373,7 +365,7 @@ def ablationcam(view: LayerView, eps: float = 1e-6) -> MethodOutput:
     """
     _check_feature_map(view, "ablationcam")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise MethodError(f"ablationcam: eps must be a positive number, got {eps!r}.")
+        raise OptionError(f"ablationcam: option eps must be a positive number, got {eps!r}.")
     probe = view.require_probe("ablationcam")
     ablated = probe.memo(("ablationcam", view.layer), lambda: _ablated_logits(view, probe))
     act = view.activation
