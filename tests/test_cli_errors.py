@@ -193,6 +193,9 @@ def test_unknown_cmap_is_refused_before_anything_is_computed(
         (["--method", "gradcamm"], "Did you mean 'gradcam'"),
         (["--top-k", "0"], "--show-top (--top-k) must be"),
         (["--explain-top", "0"], "--explain-top must be at least 1"),
+        (["--chunk-size", "0"], "--chunk-size must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--memory-budget-mb", "-5"], "Execution.memory_budget_mb must be a positive finite number"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--max-pixels", "0"], "--max-pixels must be at least 1"),
         (["--std", "0.5", "0", "0.5"], "--std values must be positive"),
@@ -414,6 +417,39 @@ def test_explain_a_factory_model_with_cifar_preprocessing(
     capsys.readouterr()
     assert cli.main(["layers", *common]) == 0
     assert "3x32x32" in capsys.readouterr().out
+
+
+def test_execution_flags_reach_explain_and_leave_the_maps_alone(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from cnnlens.execution import Execution
+
+    (tmp_path / "nets.py").write_text(FACTORY)
+    seen: list[Any] = []
+    module = importlib.import_module("cnnlens.explain")
+    real = module.explain
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("execution"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "explain", spy)
+    common = [str(photos / "chelsea.png"), "--model", f"{tmp_path / 'nets.py'}:tiny", "--input-size", "32"]
+    common += ["--method", "gradcam", "scorecam"]
+    torch.manual_seed(0)  # the factory's weights
+    assert cli.main(["explain", *common, "--out", str(tmp_path / "a")]) == 0
+    flags = ["--threads", "1", "--chunk-size", "2", "--memory-budget-mb", "64"]
+    torch.manual_seed(0)
+    assert cli.main(["explain", *common, *flags, "--out", str(tmp_path / "b")]) == 0
+    assert seen[0] == Execution()
+    assert seen[-1] == Execution(threads=1, chunk_size=2, memory_budget_mb=64.0)
+    docs = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("a", "b")]
+    for first, second in zip(docs[0]["results"], docs[1]["results"], strict=True):
+        assert first["variant"] == second["variant"]  # how to run is not part of a map's identity
+        raw = [np.load(tmp_path / d / r["files"]["raw"]) for d, r in (("a", first), ("b", second))]
+        np.testing.assert_array_equal(raw[0], raw[1])
 
 
 def test_layers_lists_an_architecture_without_weights(

@@ -124,7 +124,9 @@ def _check_args(args: argparse.Namespace) -> None:
         UsageError: The first invalid argument (MethodNotFoundError/MethodError for methods and options).
     """
     a = vars(args)
-    for flag in ("batch_size", "steps", "last_n", "max_pixels", "explain_top", "show_top", "num_classes"):
+    for flag in (
+        "batch_size", "steps", "last_n", "max_pixels", "explain_top", "show_top", "num_classes", "chunk_size", "threads"
+    ):  # fmt: skip
         if a.get(flag) is not None:
             check_range(a[flag], _FLAG_NAMES.get(flag, "--" + flag.replace("_", "-")), 1)
     for flag in ("input_size", "resize"):
@@ -136,6 +138,15 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} values must be finite numbers; received {a[flag]}.")
     if isinstance(a.get("std"), list) and any(v <= 0 for v in a["std"]):
         raise UsageError(f"--std values must be positive (they divide the input); received {a['std']}.")
+    if "memory_format" in a:  # how to run, checked by Execution itself (OptionError names the field)
+        from cnnlens.execution import Execution
+
+        args.execution = Execution(
+            memory_format=a["memory_format"],
+            memory_budget_mb=a.get("memory_budget_mb"),
+            chunk_size=a.get("chunk_size"),
+            threads=a.get("threads"),
+        )
     if isinstance(a.get("out"), str):
         check_out_dir(a["out"])
     if "method" in a and a["method"] is not None:

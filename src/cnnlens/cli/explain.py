@@ -28,6 +28,7 @@ from cnnlens.errors import CnnlensError
 if TYPE_CHECKING:  # heavy modules load inside the commands, so --help and usage errors never import torch
     import numpy as np
 
+    from cnnlens.execution import Execution
     from cnnlens.explanation import ExplanationSet
     from cnnlens.models import LoadedModel
 
@@ -58,6 +59,7 @@ def _run_explain(
     top_k: int,
     cmap: str,
     written: list[Path] | None = None,
+    execution: Execution | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Explain pre-loaded images in batches; returns (result entries, predictions); files go into ``written``."""
     import torch
@@ -86,6 +88,7 @@ def _run_explain(
                     top_k=explain_top if targets is None and explain_top > 1 else None,
                     options={m: options[m] for m in group if m in options},
                     image_names=names,
+                    execution=execution,
                 )
                 batch_written, batch_entries = result.write_files(out, cmap=cmap)
                 if written is not None:
@@ -154,6 +157,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             targets=target,
             explain_top=args.explain_top,
             options=args.options,
+            execution=args.execution,
             batch_size=args.batch_size,
             top_k=args.show_top,
             cmap=args.cmap,

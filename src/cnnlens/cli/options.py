@@ -69,3 +69,18 @@ _OVERWRITE_HELP = (
     "write into an --out folder cnnlens did not write (replacing only same-named files, deleting nothing); without "
     "it such a folder is refused. A folder cnnlens wrote for the same command is reused"
 )
+
+
+def _add_execution_options(parser: argparse.ArgumentParser) -> None:
+    """How to run (:class:`cnnlens.Execution`): never part of a map's identity, only of its speed and memory."""
+    run = parser.add_argument_group("execution (how to run; the maps' method variants do not change)")
+    run.add_argument(
+        "--memory-format",
+        choices=["contiguous", "channels_last"],
+        default="contiguous",
+        help="layout of CPU forwards: contiguous (default, accurate) or channels_last (faster CPU convolutions, "
+        "slightly less accurate gradients)",
+    )
+    run.add_argument("--memory-budget-mb", type=float, metavar="MB", help="memory of one chunk of extra forwards")
+    run.add_argument("--chunk-size", type=int, metavar="N", help="samples per chunk of extra forwards (Score-CAM...)")
+    run.add_argument("--threads", type=int, metavar="N", help="torch threads for the call (default: torch's)")

@@ -8,6 +8,7 @@ from typing import Any
 from cnnlens._names import DEFAULT_METHODS, DEFAULT_MODEL, METHOD_IDS, __version__
 from cnnlens.cli.options import (
     _OVERWRITE_HELP,
+    _add_execution_options,
     _add_max_pixels,
     _add_model_options,
     _add_verbose,
@@ -76,6 +77,7 @@ def _add_explain(sub: Any, methods_help: str) -> None:
         "refused, and a folder of earlier explanations of the same model is merged: its images stay in the index",
     )
     ex.add_argument("--cmap", default="jet", help="matplotlib colour map for heatmaps (default jet)")
+    _add_execution_options(ex)
     _add_max_pixels(ex)
 
 
@@ -116,6 +118,7 @@ def _add_studies(sub: Any, methods_help: str) -> None:
     cl.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
     cl.add_argument("--out", default="cnnlens-layers", metavar="DIR")
     cl.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _add_execution_options(cl)
     _add_max_pixels(cl)
 
     cm = sub.add_parser(
@@ -137,6 +140,7 @@ def _add_studies(sub: Any, methods_help: str) -> None:
     cm.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default)")
     cm.add_argument("--out", default="cnnlens-models", metavar="DIR")
     cm.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _add_execution_options(cm)
     _add_max_pixels(cm)
 
 

@@ -58,7 +58,7 @@ def _cmd_compare_layers(args: argparse.Namespace) -> int:
     with _phase(f"compare-layers: every candidate layer explained, maps measured ({len(images)} image(s))") as update:
         study = compare_layers(
             model, x, methods=args.method, layers=args.layer, last_n=args.last_n, steps=args.steps, image_names=names,
-            progress=update,
+            progress=update, execution=args.execution,
         )  # fmt: skip
     _print_layer_table(study)
     report = render_study_report(
@@ -131,8 +131,9 @@ def _cmd_compare_models(args: argparse.Namespace) -> int:
         if m.random_weights:
             common.err_console.print(f"[bold red]RANDOM WEIGHTS[/]: {escape(m.spec.name)}. Its rows are marked.")
     study = _compare_models_with_progress(
-        models, images, methods=args.method, layers=layers, image_names=names, steps=args.steps, last_n=args.last_n
-    )
+        models, images, methods=args.method, layers=layers, image_names=names, steps=args.steps, last_n=args.last_n,
+        execution=args.execution,
+    )  # fmt: skip
     table = Table(title="models, each at its layer")
     for col in ("model", "method", "layer", "AD %", "IC %", "del AUC", "ins AUC"):
         table.add_column(col, overflow="fold")
