@@ -25,7 +25,7 @@ from cnnlens.errors import LayerError, MethodError, OptionError
 from cnnlens.execution import Execution
 from cnnlens.maps import normalize
 from cnnlens.methods import get_method
-from cnnlens.methods.attribution import quadrature
+from cnnlens.methods.integrated import quadrature
 from cnnlens.methods.registry import apply_display, display_mode
 from cnnlens.methods.smooth import noise, noisy_inputs, smooth
 

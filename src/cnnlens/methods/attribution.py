@@ -1,7 +1,7 @@
 """Gradient attributions at input resolution: saliency, guided backprop, Integrated Gradients and kin.
 
-Registered here: ``saliency``, ``input_x_gradient``, ``guided_backprop``, ``deconvnet``, ``guided_gradcam``
-and ``integrated_gradients``.
+Registered here: ``saliency``, ``input_x_gradient``, ``guided_backprop``, ``deconvnet`` and
+``guided_gradcam``; ``integrated_gradients`` is in :mod:`cnnlens.methods.integrated` (same conventions).
 
 Every method here first builds a per-pixel, per-channel attribution ``(B, C, H, W)`` in the model's input
 space (the preprocessed tensor the model receives), then reduces the channels to the raw map ``(B, H, W)``:
@@ -43,14 +43,11 @@ from cnnlens.methods.registry import LayerView, MethodOutput, register
 from cnnlens.targets import ClassTarget
 
 __all__ = [
-    "QuadratureRule",
     "Reduce",
     "deconvnet",
     "guided_backprop",
     "guided_gradcam",
     "input_x_gradient",
-    "integrated_gradients",
-    "quadrature",
     "reduce_channels",
     "saliency",
 ]
@@ -375,16 +372,3 @@ def guided_gradcam(view: LayerView, reduce: str = "sum") -> torch.Tensor:
     cam = torch.relu(cam_raw.to(dtype))
     size = (int(guided.shape[-2]), int(guided.shape[-1]))
     return reduce_channels(guided.to(dtype) * upsample(cam, size).unsqueeze(1), reduce)
-
-
-# Integrated Gradients lives in its own module (the file was over the size limit); re-exported here so that
-# ``from cnnlens.methods.attribution import quadrature`` keeps working.
-from cnnlens.methods.integrated import (  # noqa: E402
-    QuadratureRule as QuadratureRule,
-)
-from cnnlens.methods.integrated import (  # noqa: E402
-    integrated_gradients as integrated_gradients,
-)
-from cnnlens.methods.integrated import (  # noqa: E402
-    quadrature as quadrature,
-)
