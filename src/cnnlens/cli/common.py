@@ -21,6 +21,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -211,14 +212,18 @@ def resolve_class(spec: str, class_names: Sequence[str]) -> int:
     return class_index(spec, class_names, source="--class")
 
 
-def _progress() -> Progress | LineProgress:
-    """Counts, elapsed time and ETA: a rich bar in a terminal, one plain line per phase (stderr) otherwise."""
+def _progress(*extra: ProgressColumn) -> Progress | LineProgress:
+    """Counts, elapsed time and ETA: a rich bar in a terminal, one plain line per phase (stderr) otherwise.
+
+    ``extra`` columns go after the counts (``cnnlens run`` adds its images per second).
+    """
     if not err_console.is_terminal:
         return LineProgress(sys.stderr)
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        *extra,
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),

@@ -13,17 +13,10 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
     ProgressColumn,
     Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -32,7 +25,6 @@ from cnnlens.cli import common
 
 __all__ = ["cmd_report", "cmd_run"]
 
-from cnnlens.cli.args import LineProgress
 from cnnlens.cli.common import EXIT_FAILED_INPUTS, EXIT_OK
 
 if TYPE_CHECKING:
@@ -84,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             err_console.print(
                 escape(f"resuming {args.out}: {run.completed} of {run.total} image(s) already done"), highlight=False
             )
-        progress = _run_progress(err_console)
+        progress = common._progress(_RateColumn())  # the common bar, with images per second
         with progress:
             task = progress.add_task("explaining", total=run.total, completed=run.completed)
 
@@ -95,23 +87,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, workers=args.workers, progress=update, max_pixels=args.max_pixels
             )
     return _print_summary(summary, args.out)
-
-
-def _run_progress(err_console: Console) -> Progress | LineProgress:
-    """A rich bar with images per second in a terminal, one plain line per update otherwise."""
-    if not err_console.is_terminal:
-        return LineProgress(sys.stderr)
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
 
 
 def _print_summary(summary: RunSummary, out: str) -> int:
