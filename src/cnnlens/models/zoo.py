@@ -12,7 +12,7 @@ name                        source        published weights
 ``inception_resnet_v2``     timm          ``timm/inception_resnet_v2.tf_in1k`` from the HF hub cache
 ==========================  ============  ========================================================
 
-Adding a model is one decorated builder here: :func:`~cnnlens.models.registry.register_model` with its
+Adding a model is one registered builder here: :func:`~cnnlens.models.registry.register_model` with its
 :class:`~cnnlens.models.spec.ModelSpec` and a weights source from :mod:`cnnlens.models.weights`. Loading,
 names and weights status live in :mod:`cnnlens.models.loader`, :mod:`cnnlens.models.registry` and
 :mod:`cnnlens.models.custom`. torchvision and timm are imported inside the builders, when a model is built.
@@ -59,6 +59,20 @@ def _build_without_init(factory: Callable[[], nn.Module]) -> nn.Module:
         if name.endswith("num_batches_tracked"):
             buf.zero_()
     return module
+
+
+def _torchvision_builder(arch: str) -> Builder:
+    """A torchvision builder (``torchvision.models.<arch>``) that skips the random init when weights follow."""
+
+    def build(num_classes: int, mode: LoadMode, ckpt: Mapping[str, torch.Tensor] | None) -> nn.Module:
+        import torchvision.models as tvm
+
+        def factory() -> nn.Module:
+            return cast(nn.Module, getattr(tvm, arch)(weights=None, num_classes=num_classes))
+
+        return factory() if mode == "random" else _build_without_init(factory)
+
+    return build
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,7 +133,7 @@ for _variant in (0, 1, 2):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@register_model(
+register_model(
     ModelSpec(
         name="vgg16",
         family="vgg",
@@ -141,17 +155,10 @@ for _variant in (0, 1, 2):
         ),
     ),
     weights=TorchvisionWeights("VGG16_Weights", (("IMAGENET1K_V1", None),)),
-)
-def _build_vgg16(num_classes: int, mode: LoadMode, ckpt: Mapping[str, torch.Tensor] | None) -> nn.Module:
-    import torchvision.models as tvm
-
-    def factory() -> nn.Module:
-        return cast(nn.Module, tvm.vgg16(weights=None, num_classes=num_classes))
-
-    return factory() if mode == "random" else _build_without_init(factory)
+)(_torchvision_builder("vgg16"))
 
 
-@register_model(
+register_model(
     ModelSpec(
         name="resnet50",
         family="resnet",
@@ -174,14 +181,7 @@ def _build_vgg16(num_classes: int, mode: LoadMode, ckpt: Mapping[str, torch.Tens
         ),
     ),
     weights=TorchvisionWeights("ResNet50_Weights", (("IMAGENET1K_V1", None), ("IMAGENET1K_V2", IMAGENET_224_V2))),
-)
-def _build_resnet50(num_classes: int, mode: LoadMode, ckpt: Mapping[str, torch.Tensor] | None) -> nn.Module:
-    import torchvision.models as tvm
-
-    def factory() -> nn.Module:
-        return cast(nn.Module, tvm.resnet50(weights=None, num_classes=num_classes))
-
-    return factory() if mode == "random" else _build_without_init(factory)
+)(_torchvision_builder("resnet50"))
 
 
 @register_model(
