@@ -101,6 +101,18 @@ def test_every_command_help_imports_no_torch_and_every_command_is_dispatched() -
     assert done.stderr.strip().splitlines()[-1] == f"LIGHT {len(COMMANDS)}", done.stderr[-2000:]
 
 
+def test_python_m_cnnlens_runs_help_imports_no_torch() -> None:
+    # before: cnnlens.runs imported all its submodules (and torch) eagerly, so `python -m cnnlens.runs --help` took
+    # as long as a run's start-up
+    code = (
+        "import sys\nfrom cnnlens.runs.__main__ import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+        "    pass\nprint('TORCH' if 'torch' in sys.modules else 'LIGHT', file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == "LIGHT", done.stderr[-2000:]
+    assert "run" in done.stdout and "report" in done.stdout
+
+
 def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["--version"])

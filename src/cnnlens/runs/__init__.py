@@ -19,14 +19,46 @@ Example:
     >>> render_run_report("runs/cifar")  # doctest: +SKIP
 """
 
-from cnnlens.runs.batch import BatchResult, Pair, Picture, RunSettings, column, process_batch
-from cnnlens.runs.dataset import Dataset, Sample, read_dataset, resolve_label
-from cnnlens.runs.decode import Batch, collate, decode_sample
-from cnnlens.runs.errors import DatasetError, RunConfigError, RunError
-from cnnlens.runs.model import is_entry_point, load_run_model
-from cnnlens.runs.results import RunResults, open_results
-from cnnlens.runs.runner import DatasetRun, RunSummary, run_dataset
-from cnnlens.runs.store import derive_maps
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use (no torch for --help)
+    from cnnlens.runs.batch import BatchResult, Pair, Picture, RunSettings, column, process_batch
+    from cnnlens.runs.dataset import Dataset, Sample, read_dataset, resolve_label
+    from cnnlens.runs.decode import Batch, collate, decode_sample
+    from cnnlens.runs.errors import DatasetError, RunConfigError, RunError
+    from cnnlens.runs.model import is_entry_point, load_run_model
+    from cnnlens.runs.results import RunResults, open_results
+    from cnnlens.runs.runner import DatasetRun, RunSummary, run_dataset
+    from cnnlens.runs.store import derive_maps
+
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("BatchResult", "Pair", "Picture", "RunSettings", "column", "process_batch"), "batch"),
+    **dict.fromkeys(("Dataset", "Sample", "read_dataset", "resolve_label"), "dataset"),
+    **dict.fromkeys(("Batch", "collate", "decode_sample"), "decode"),
+    **dict.fromkeys(("DatasetError", "RunConfigError", "RunError"), "errors"),
+    **dict.fromkeys(("is_entry_point", "load_run_model"), "model"),
+    **dict.fromkeys(("RunResults", "open_results"), "results"),
+    **dict.fromkeys(("DatasetRun", "RunSummary", "run_dataset"), "runner"),
+    "derive_maps": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (``python -m cnnlens.runs --help`` imports no torch)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cnnlens.runs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"cnnlens.runs.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "Batch",
