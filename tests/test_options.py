@@ -105,3 +105,20 @@ def test_cam_classes_bind_with_typed_keywords() -> None:
     assert GradCAM.bind(relu=False).variant() == {"relu": False}
     with pytest.raises(TypeError):
         GradCAMPlusPlus.bind(alpha_normalise=True)  # type: ignore[call-arg]
+
+
+def test_a_cam_without_weights_or_combine_is_refused_when_defined() -> None:
+    from cnnlens.methods.cam import CamMethod
+
+    with pytest.raises(TypeError, match="neither weights"):
+
+        class Nothing(CamMethod):  # defines no weighting at all
+            id = "toy_nothing"
+
+    class Weighted(CamMethod):
+        id = "toy_weighted"
+
+        def weights(self, activation: torch.Tensor, gradient: torch.Tensor, **options: object) -> torch.Tensor:
+            return gradient.mean(dim=(2, 3))
+
+    assert Weighted().weights(torch.ones(1, 2, 1, 1), torch.ones(1, 2, 1, 1)).shape == (1, 2)

@@ -92,9 +92,22 @@ class CamMethod:
         """
         return get_method(cls.id).bind(relu=relu)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse, when the class is defined, a CAM that defines neither :meth:`weights` nor :meth:`combine`."""
+        super().__init_subclass__(**kwargs)
+        if cls.weights is CamMethod.weights and cls.combine is CamMethod.combine:
+            raise TypeError(
+                f"{cls.__name__} defines neither weights(activation, gradient) -> (B, C) nor "
+                "combine(activation, gradient) -> (B, h, w); a CamMethod needs one of them."
+            )
+
     def weights(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
-        """Channel weights ``(B, C)`` from the layer's activation and gradient ``(B, C, h, w)``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement weights() or combine().")
+        """Channel weights ``(B, C)`` from the layer's activation and gradient ``(B, C, h, w)``.
+
+        The base class has no weighting of its own (a subclass defines this or :meth:`combine`, checked when the
+        subclass is defined); calling it on a bare ``CamMethod`` is a :class:`TypeError`.
+        """
+        raise TypeError(f"{type(self).__name__} has no channel weights: define weights() or combine().")
 
     def combine(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
         """The raw map ``(B, h, w)``: ``sum_k w_k A_k`` by default."""
