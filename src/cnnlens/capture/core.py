@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cnnlens.capture.layers import LayerRef, LayerSpec, resolve_layer
-from cnnlens.capture.layout import call_in_layout
+from cnnlens.capture.memory import call_in_layout
 from cnnlens.capture.recording import Recording, _grad, _is_target_list, _stack
 from cnnlens.capture.rectifier import RectifierOverride, ReluBackward
 from cnnlens.capture.replay import Replayer, replay_rows
