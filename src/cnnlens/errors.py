@@ -14,6 +14,7 @@ __all__ = [
     "InputShapeError",
     "LayerError",
     "LayerNotFoundError",
+    "LayoutError",
     "MethodError",
     "MethodNotFoundError",
     "ModelConfigError",
@@ -47,6 +48,10 @@ class LayerNotFoundError(CnnlensError, KeyError):
 
 class LayerError(CnnlensError, ValueError):
     """A layer exists but cannot be used as asked (not called, called twice, non-tensor output...)."""
+
+
+class LayoutError(LayerError):
+    """A layer's output does not fit its (given or inferred) layout: rank, token count, prefix or grid."""
 
 
 class TargetError(CnnlensError, ValueError):

@@ -24,7 +24,7 @@ Guarantees (tested by the contract tests):
 Modules: :mod:`~cnnlens.capture.scope` (:class:`ModelScope`), :mod:`~cnnlens.capture.layers` (resolution,
 :func:`probe_layers`), :mod:`~cnnlens.capture.rectifier` (guided backprop/deconvnet rules),
 :mod:`~cnnlens.capture.recording` and :mod:`~cnnlens.capture.core` (:class:`Recording`, :class:`Capture`),
-:mod:`~cnnlens.capture.memory` (channels-last or not), :mod:`~cnnlens.capture.api` (:func:`capture`, :func:`record`,
+:mod:`~cnnlens.capture.memory` (channels-last or not), :mod:`~cnnlens.capture.layout` (layer layouts: nchw, nhwc, tokens, ncdhw), :mod:`~cnnlens.capture.api` (:func:`capture`, :func:`record`,
 :func:`forward_only`),
 :mod:`~cnnlens.capture.probe` (:class:`Probe`), :mod:`~cnnlens.capture.replay` (the fx tail replayer) and
 :mod:`~cnnlens.capture.differentiable` (:func:`differentiable_capture`).
@@ -45,6 +45,7 @@ from cnnlens.capture.api import capture, forward_only, record
 from cnnlens.capture.core import Capture
 from cnnlens.capture.differentiable import DifferentiableCapture, GraphRecording, differentiable_capture
 from cnnlens.capture.layers import LayerInfo, LayerRef, LayerSpec, probe_layers, resolve_layer
+from cnnlens.capture.layout import Layout, LayoutKind, LayoutSpec, infer_layout, parse_layout, token_geometry
 from cnnlens.capture.probe import Probe
 from cnnlens.capture.recording import Recording
 from cnnlens.capture.rectifier import RectifierOverride, ReluBackward
@@ -59,6 +60,9 @@ __all__ = [
     "LayerInfo",
     "LayerRef",
     "LayerSpec",
+    "Layout",
+    "LayoutKind",
+    "LayoutSpec",
     "MemoryFormat",
     "ModelScope",
     "Probe",
@@ -70,9 +74,12 @@ __all__ = [
     "capture",
     "differentiable_capture",
     "forward_only",
+    "infer_layout",
+    "parse_layout",
     "probe_layers",
     "record",
     "replay_path",
     "replay_rows",
     "resolve_layer",
+    "token_geometry",
 ]
