@@ -24,8 +24,9 @@ Guarantees (tested by the contract tests):
 Modules: :mod:`~cnnlens.capture.scope` (:class:`ModelScope`), :mod:`~cnnlens.capture.layers` (resolution,
 :func:`probe_layers`), :mod:`~cnnlens.capture.rectifier` (guided backprop/deconvnet rules),
 :mod:`~cnnlens.capture.recording` and :mod:`~cnnlens.capture.core` (:class:`Recording`, :class:`Capture`),
-:mod:`~cnnlens.capture.memory` (channels-last or not), :mod:`~cnnlens.capture.layout` (layer layouts: nchw, nhwc, tokens, ncdhw), :mod:`~cnnlens.capture.api` (:func:`capture`, :func:`record`,
-:func:`forward_only`),
+:mod:`~cnnlens.capture.memory` (channels-last or not),
+:mod:`~cnnlens.capture.layout` (layer layouts: nchw, nhwc, tokens, ncdhw),
+:mod:`~cnnlens.capture.api` (:func:`capture`, :func:`record`, :func:`forward_only`),
 :mod:`~cnnlens.capture.probe` (:class:`Probe`), :mod:`~cnnlens.capture.replay` (the fx tail replayer) and
 :mod:`~cnnlens.capture.differentiable` (:func:`differentiable_capture`).
 
