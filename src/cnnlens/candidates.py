@@ -18,7 +18,20 @@
     mixed blocks, EfficientNet blocks), or, for a plain stack of layers like VGG's ``features``, the
     pooling layers that end each stage;
 ``final_spatial``
-    the last output with a spatial extent before global pooling or flattening.
+    the last output with a spatial extent before global pooling or flattening; in a token model, the norm
+    before the last attention block (the default layer of :mod:`cnnlens.models.layers`: the last token
+    output whose patch tokens reach a class-token head);
+``attention_norm``
+    in each transformer block, the norm before its attention (``norm1`` in timm ViT/DeiT/Swin and torchvision
+    Swin, ``ln_1`` in torchvision ViT);
+``mlp_norm``
+    in each transformer block, the norm before its MLP (``norm2``, ``ln_2``).
+
+Transformer blocks (:func:`cnnlens.models.layers.transformer_blocks`) also get ``merge`` (their residual
+additions) and ``block_output``, one per block. Token outputs ``(N, C)`` and channels-last outputs
+``(h, w, C)`` are listed in the ``(C, h, w)`` view methods see, with their layout
+(:mod:`cnnlens.capture.layout`) named in :attr:`CandidateLayer.layout`; prefix tokens are not on the grid.
+Layers of a plain CNN are all ``nchw``, as they come.
 
 Shapes come from one shape probe run inside :func:`cnnlens.capture.probe_layers` (hooks only there). Merges
 are found with ``torch.fx`` (a tracer that treats parameter-free leaves and data-dependent modules as leaves),
@@ -40,6 +53,9 @@ import torch
 from torch import fx, nn
 
 from cnnlens.capture import LayerInfo, probe_layers
+from cnnlens.capture.layout import Layout, infer_layout
+from cnnlens.errors import CnnlensError
+from cnnlens.models.layers import default_target_layer, transformer_blocks
 
 __all__ = ["ROLES", "CandidateLayer", "LayerCatalog", "candidate_layers", "find_merges"]
 
@@ -53,6 +69,8 @@ ROLES = (
     "merge",
     "block_output",
     "final_spatial",
+    "attention_norm",
+    "mlp_norm",
 )
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -70,11 +88,13 @@ class CandidateLayer:
         name: Dotted module name.
         roles: Its roles (see the module docstring), in :data:`ROLES` order.
         type: Module class name.
-        shape: Output ``(C, h, w)``.
-        stride: Input height over output height.
+        shape: Output ``(C, h, w)``, in the map view (a token or channels-last output mapped by its layout).
+        stride: Input height over output height (of the map view).
         order: Position in execution order (completion of the module's forward).
         aliases: Other modules whose output is this very tensor (``layer4`` for ``layer4.2``): listed once,
             under the outermost name that is not a plain container, with the roles of all of them.
+        layout: How the output maps to ``(C, h, w)``, as ``layout=`` text: ``"nchw"``, ``"nhwc"`` or
+            ``"tokens:P:HxW"`` (P prefix tokens, an H x W grid); for this input size.
     """
 
     name: str
@@ -84,6 +104,7 @@ class CandidateLayer:
     stride: int | None
     order: int
     aliases: tuple[str, ...] = ()
+    layout: str = "nchw"
 
 
 @dataclass
@@ -244,7 +265,7 @@ def _last_branch_convs(model: nn.Module, block: str, traced: tuple[list[_Merge],
     return out
 
 
-def _block_outputs(model: nn.Module, ran: dict[str, LayerInfo]) -> list[str]:
+def _block_outputs(model: nn.Module, spatial: set[str]) -> list[str]:
     blocks: list[str] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -266,7 +287,7 @@ def _block_outputs(model: nn.Module, ran: dict[str, LayerInfo]) -> list[str]:
 
     for name, child in model.named_children():
         visit(f"{name}.", child)
-    return [b for b in blocks if b in ran and ran[b].shape is not None and len(ran[b].shape or ()) == 3]
+    return [b for b in blocks if b in spatial]
 
 
 def _final_spatial(infos: Sequence[LayerInfo], modules: dict[str, nn.Module]) -> str | None:
@@ -311,6 +332,41 @@ def _one_name_per_tensor(
     return aliases
 
 
+_NCHW = Layout("nchw")
+
+
+def _map_views(
+    model: nn.Module, ran: dict[str, LayerInfo], size: tuple[int, ...], token_scope: set[str]
+) -> dict[str, tuple[Layout, tuple[int, ...], int | None]]:
+    """Each mappable output's layout, ``(C, h, w)`` view and stride.
+
+    A plain CNN (``token_scope`` empty: no transformer block) keeps every ``(C, h, w)`` output as it is. In a
+    token model every 4-D output's layout is inferred (channels-last Swin stages), and the 3-D outputs of the
+    transformer blocks' own layers (``token_scope``) are mapped as tokens; outputs that fit no layout (inside
+    windowed attention, the head) are left out.
+    """
+    views: dict[str, tuple[Layout, tuple[int, ...], int | None]] = {}
+    modules = dict(model.named_modules())
+    for name, info in ran.items():
+        shape = info.shape
+        if shape is None or len(shape) not in (2, 3):
+            continue
+        if not token_scope:
+            if len(shape) == 3:
+                views[name] = (_NCHW, tuple(shape), info.stride)
+            continue
+        if len(shape) == 2 and name not in token_scope:
+            continue
+        try:
+            layout = infer_layout(model, modules[name], torch.empty((1, *shape), device="meta"), (1, *size), None)
+        except CnnlensError:
+            continue
+        mapped = tuple(int(v) for v in layout.to_maps(torch.empty((1, *shape), device="meta")).shape[1:])
+        stride = info.stride if layout.is_identity else (size[-2] // mapped[-2] if mapped[-2] else None)
+        views[name] = (layout, mapped, stride)
+    return views
+
+
 def candidate_layers(
     model: nn.Module,
     input_size: Sequence[int] | None = None,
@@ -321,7 +377,7 @@ def candidate_layers(
     """List the layers worth targeting, with their roles, output shapes and strides.
 
     Args:
-        model: Any CNN.
+        model: Any CNN or token model (ViT, DeiT, Swin: see the module docstring).
         input_size: ``(C, H, W)`` of one input; default ``(3, 224, 224)``.
         device: Where to run the shape probe; default the model's device.
         infos: A probe already run by :func:`cnnlens.capture.probe_layers` for this input size (skips the probe).
@@ -339,7 +395,10 @@ def candidate_layers(
     infos = list(infos) if infos is not None else probe_layers(model, size, device=device)
     ran = {i.name: i for i in infos if i.calls > 0}
     order = {i.name: k for k, i in enumerate(infos) if i.calls > 0}
-    spatial = {n for n, i in ran.items() if i.shape is not None and len(i.shape) == 3}
+    blocks = transformer_blocks(model)
+    token_scope = {n for b in blocks for n in (b.name, b.attention_norm, b.mlp_norm) if n is not None}
+    views = _map_views(model, ran, size, token_scope)
+    spatial = set(views)
     roles: dict[str, list[str]] = {n: [] for n in spatial}
 
     convs_def = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n in spatial]
@@ -360,12 +419,20 @@ def candidate_layers(
             if n in roles:
                 roles[n].append("last_branch_conv")
 
-    for n in _block_outputs(model, ran):
+    for n in _block_outputs(model, spatial):
         roles[n].append("block_output")
+    for block in blocks:
+        for n, role in (
+            (block.name, "block_output"),
+            (block.attention_norm, "attention_norm"),
+            (block.mlp_norm, "mlp_norm"),
+        ):
+            if n in roles and role not in roles[n]:
+                roles[n].append(role)
 
     modules = dict(model.named_modules())
-    last_spatial = _final_spatial(infos, modules)
-    if last_spatial is not None:
+    last_spatial = default_target_layer(model) if blocks else _final_spatial(infos, modules)
+    if last_spatial in roles:
         roles[last_spatial].append("final_spatial")
     aliases = _one_name_per_tensor(roles, ran, order, modules)
 
@@ -374,10 +441,11 @@ def candidate_layers(
             name=n,
             roles=tuple(r for r in ROLES if r in roles[n]),
             type=ran[n].type,
-            shape=tuple(ran[n].shape or ()),
-            stride=ran[n].stride,
+            shape=views[n][1],
+            stride=views[n][2],
             order=order[n],
             aliases=aliases.get(n, ()),
+            layout=views[n][0].spec(),
         )
         for n in sorted(roles, key=lambda n: order[n])
         if roles[n]

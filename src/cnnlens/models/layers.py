@@ -2,9 +2,37 @@
 
 The zoo's own entries name their layers explicitly (see :mod:`cnnlens.models.zoo`). For a user's own
 torchvision or timm architecture (``load_model``, ``cnnlens explain --model resnet18``) and for a bare
-``nn.Module`` given to :func:`cnnlens.explain` without ``layers=``, :func:`guess_layers` picks the last
-spatial, post-activation output before global pooling (a block output), from the module tree alone (no
-dummy forward):
+``nn.Module`` given to :func:`cnnlens.explain` without ``layers=``, :func:`guess_layers` picks a layer from the
+module tree alone (no dummy forward).
+
+**Token models** (ViT, DeiT, Swin...) come first: when the network has transformer blocks (see
+:func:`transformer_blocks`: a block whose attention child directly follows a ``LayerNorm``), the default is
+**the norm before the last attention block** (``norm1``/``ln_1`` of the last block). The last block's own
+output is a poor target under a class-token head: only the class token of that output reaches the head, so
+its patch tokens get exactly zero gradient and every gradient CAM is zero there. The input of the last
+attention still reaches the class token through the attention, so its patch tokens carry the evidence.
+Its output is ``(B, N, C)`` tokens (ViT, DeiT) or ``(B, h, w, C)`` (Swin), mapped to ``(B, C, h, w)`` by the
+layer's layout (:mod:`cnnlens.capture.layout`).
+
+=============================================  =============================================  ======
+family (library)                               default layer                                  layout
+=============================================  =============================================  ======
+ViT, DeiT, distilled DeiT, reg. ViTs (timm)   ``blocks.<last>.norm1`` (``blocks.11.norm1``)  tokens
+ViT ``vit_b_16``... (torchvision)              ``encoder.layers.encoder_layer_<last>.ln_1``   tokens
+Swin (timm)                                    ``layers.3.blocks.<last>.norm1``               nhwc
+Swin ``swin_t``... (torchvision)               ``features.7.<last>.norm1``                    nhwc
+ConvNeXt (timm)                                ``stages.3`` (the last stage's output)         nchw
+ConvNeXt ``convnext_tiny``... (torchvision)    ``features`` (the output of ``features.7``)    nchw
+ResNet, VGG, MobileNet... (both)               the CNN policy below                           nchw
+=============================================  =============================================  ======
+
+ConvNeXt keeps the CNN policy: its blocks permute to channels-last inside (norm and MLP run on
+``(B, h, w, C)``) but every block and stage returns ``(B, C, h, w)``. The last stage's output is the last
+spatial map before global pooling, it needs no layout, and it is the same tensor as the last block's output
+(no downsampling follows it), so "last stage or last block" is one choice; the stage is the name timm's
+``feature_info`` and the CNN policy already give.
+
+**CNNs**: the last spatial, post-activation output before global pooling (a block output):
 
 1. a ResNet-style ``layer4`` stage if there is one (its output is the post-ReLU residual sum);
 2. otherwise the activation that directly follows the highest-numbered ``Conv2d`` in its parent container
@@ -14,9 +42,9 @@ dummy forward):
 4. otherwise the top-level child that holds the highest-numbered ``Conv2d`` (e.g. ``inception5b`` in
    GoogLeNet, ``features`` in DenseNet/ConvNeXt).
 
-A module with no ``Conv2d`` and no timm ``feature_info`` has no spatial layer to default to:
-:func:`default_target_layer` refuses it (name a layer: ``layers=[...]`` in Python, ``--layer`` on the command
-line), and :func:`guess_layers` falls back to the last top-level child with a warning saying the same.
+A module with no transformer block, no ``Conv2d`` and no timm ``feature_info`` has no spatial layer to default
+to: :func:`default_target_layer` refuses it (name a layer: ``layers=[...]`` in Python, ``--layer`` on the
+command line), and :func:`guess_layers` falls back to the last top-level child with a warning saying the same.
 
 Example:
     >>> import torchvision
@@ -24,17 +52,20 @@ Example:
     'features.19'
     >>> default_target_layer(torchvision.models.resnet18())
     'layer4'
+    >>> default_target_layer(torchvision.models.vit_b_16())
+    'encoder.layers.encoder_layer_11.ln_1'
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from torch import nn
 
 from cnnlens.errors import LayerNotFoundError
 
-__all__ = ["default_target_layer", "guess_layers"]
+__all__ = ["TransformerBlock", "default_target_layer", "guess_layers", "transformer_blocks"]
 
 _log = logging.getLogger(__name__)
 
@@ -50,6 +81,78 @@ _ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.PReLU,
 )
 _NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
+
+
+_TOKEN_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
+_ATTENTION_NAMES = frozenset({"attn", "attention", "self_attn", "self_attention"})
+
+
+@dataclass(frozen=True)
+class TransformerBlock:
+    """One transformer block found in a module tree.
+
+    Attributes:
+        name: The block's dotted name (``blocks.11``, ``layers.3.blocks.1``, ``encoder.layers.encoder_layer_11``).
+        attention_norm: The norm applied before its attention (``blocks.11.norm1``, ``...encoder_layer_11.ln_1``).
+        attention: Its attention module (``blocks.11.attn``, ``...encoder_layer_11.self_attention``).
+        mlp_norm: The next norm after the attention (``norm2``/``ln_2``), or None.
+    """
+
+    name: str
+    attention_norm: str
+    attention: str
+    mlp_norm: str | None
+
+
+def _is_attention(name: str, module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        or name in _ATTENTION_NAMES
+        or type(module).__name__.lower().endswith("attention")
+    )
+
+
+def transformer_blocks(module: nn.Module) -> list[TransformerBlock]:
+    """The transformer blocks of ``module``, in definition order, from the module tree alone.
+
+    A block is a module with an attention child (``nn.MultiheadAttention``, a child named ``attn``/
+    ``attention``/``self_attn``/``self_attention``, or a class whose name ends in ``Attention``) that directly
+    follows a ``LayerNorm``/``RMSNorm`` child (timm ``Block``/``SwinTransformerBlock``, torchvision
+    ``EncoderBlock``/``SwinTransformerBlock``). CNN attention (squeeze-excitation after a conv-norm-act,
+    bottleneck self-attention after a convolution) never follows a layer norm, so CNNs have none.
+
+    Args:
+        module: The network.
+
+    Returns:
+        One :class:`TransformerBlock` per block; empty for a CNN.
+
+    Example:
+        >>> import torchvision
+        >>> last = transformer_blocks(torchvision.models.swin_t())[-1]
+        >>> last.name, last.attention_norm, last.mlp_norm
+        ('features.7.1', 'features.7.1.norm1', 'features.7.1.norm2')
+    """
+    found: list[TransformerBlock] = []
+    for name, parent in module.named_modules():
+        children = list(parent.named_children())
+        for i in range(1, len(children)):
+            child_name, child = children[i]
+            before_name, before = children[i - 1]
+            if not (isinstance(before, _TOKEN_NORMS) and _is_attention(child_name, child)):
+                continue
+            after = next((n for n, m in children[i + 1 :] if isinstance(m, _TOKEN_NORMS)), None)
+            prefix = f"{name}." if name else ""
+            found.append(
+                TransformerBlock(
+                    name=name,
+                    attention_norm=prefix + before_name,
+                    attention=prefix + child_name,
+                    mlp_norm=prefix + after if after is not None else None,
+                )
+            )
+            break
+    return found
 
 
 def _post_activation_after(root: nn.Module, conv_name: str) -> str | None:
@@ -83,8 +186,13 @@ def _guess(module: nn.Module) -> tuple[str | None, dict[str, str]]:
     convs = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     known: dict[str, str] = {}
     default: str | None = None
+    blocks = transformer_blocks(module)
+    if blocks:
+        known["last_block"] = blocks[-1].name
+        default = blocks[-1].attention_norm
     if convs:
         known["last_conv"] = convs[-1]
+    if convs and default is None:
         if "layer4" in names:
             default = "layer4"
         if default is None:
@@ -117,7 +225,8 @@ def default_target_layer(module: nn.Module) -> str:
         module: the network.
 
     Returns:
-        A dotted ``named_modules()`` name (a block output such as ``layer4``, ``features.29`` or ``blocks.11``).
+        A dotted ``named_modules()`` name: a block output such as ``layer4`` or ``features.29`` for a CNN, the
+        norm before the last attention block (``blocks.11.norm1``) for a token model.
 
     Raises:
         LayerNotFoundError: The module has no spatial layer (no ``Conv2d``, no timm ``feature_info``); the
@@ -134,16 +243,17 @@ def default_target_layer(module: nn.Module) -> str:
 
 
 def guess_layers(module: nn.Module) -> tuple[str, dict[str, str]]:
-    """Pick a default Grad-CAM layer and a few named roles for an arbitrary CNN.
+    """Pick a default Grad-CAM layer and a few named roles for an arbitrary CNN or token model.
 
     Args:
         module: the network.
 
     Returns:
-        ``(default_layer, known_layers)``; ``known_layers`` has ``"final_spatial"`` (the default) and, when
-        the network has a ``Conv2d``, ``"last_conv"`` (the highest-numbered convolution in registration
-        order). A module without a spatial layer gets its last top-level child, with a warning naming
-        ``--layer``/``layers=`` (see :func:`default_target_layer`, which refuses it instead).
+        ``(default_layer, known_layers)``; ``known_layers`` has ``"final_spatial"`` (the default), when the
+        network has a ``Conv2d`` ``"last_conv"`` (the highest-numbered convolution in registration order), and
+        for a token model ``"last_block"`` (its last transformer block). A module without a spatial layer gets
+        its last top-level child, with a warning naming ``--layer``/``layers=`` (see :func:`default_target_layer`,
+        which refuses it instead).
     """
     default, known = _guess(module)
     if default is None:

@@ -122,8 +122,9 @@ def select_layers(
 ) -> list[str]:
     """Pick the layers of the given roles.
 
-    For the many-layer roles (``merge``, ``block_output``, ``conv``) only the last ``last_n`` in execution
-    order are kept (``None`` keeps all).
+    For the many-layer roles (``merge``, ``block_output``, ``conv``, and the per-block ``attention_norm`` and
+    ``mlp_norm`` of transformer blocks) only the last ``last_n`` in execution order are kept (``None`` keeps
+    all).
 
     Example:
         >>> import torchvision
@@ -131,7 +132,7 @@ def select_layers(
         >>> select_layers(candidate_layers(torchvision.models.resnet18(), (3, 64, 64)), last_n=2)
         ['layer4.0', 'layer4.1.conv2', 'layer4.1']
     """
-    many = {"merge", "block_output", "conv"}
+    many = {"merge", "block_output", "conv", "attention_norm", "mlp_norm"}
     chosen: set[str] = set()
     for role in roles:
         names = catalog.with_role(role)
