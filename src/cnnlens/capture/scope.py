@@ -102,11 +102,29 @@ class ModelScope:
     ) -> None:
         self.restore()
 
-    def add_forward_hook(self, module: nn.Module, hook: ForwardHook) -> RemovableHandle:
-        """Register ``hook`` on ``module`` for the life of the scope (removed by :meth:`restore`)."""
+    def add_forward_hook(
+        self, module: nn.Module, hook: Callable[..., Any], *, with_kwargs: bool = False
+    ) -> RemovableHandle:
+        """Register ``hook`` on ``module`` for the life of the scope (removed by :meth:`restore`).
+
+        With ``with_kwargs=True`` the hook is ``hook(module, args, kwargs, output)`` (PyTorch's own flag).
+        """
         if not self.active:
             raise LayerError("ModelScope.add_forward_hook() needs an active scope: use `with ModelScope(model):`.")
-        handle = module.register_forward_hook(hook)
+        handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
+        self._handles.append(handle)
+        return handle
+
+    def add_forward_pre_hook(
+        self, module: nn.Module, hook: Callable[..., Any], *, with_kwargs: bool = False
+    ) -> RemovableHandle:
+        """Register a forward pre-hook on ``module`` for the life of the scope (removed by :meth:`restore`).
+
+        ``hook(module, args)`` (or ``hook(module, args, kwargs) -> (args, kwargs)`` with ``with_kwargs=True``).
+        """
+        if not self.active:
+            raise LayerError("ModelScope.add_forward_pre_hook() needs an active scope: use `with ModelScope(model):`.")
+        handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
         self._handles.append(handle)
         return handle
 

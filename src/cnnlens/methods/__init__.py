@@ -14,6 +14,7 @@ from cnnlens.methods import eigen as eigen
 from cnnlens.methods import fullgrad as fullgrad
 from cnnlens.methods import perturbation as perturbation
 from cnnlens.methods import smooth as smooth
+from cnnlens.methods import transformer as transformer
 
 # isort: on
 from cnnlens.methods.cam import CamMethod, register_cam
