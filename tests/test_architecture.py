@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "cnnlens.execution": -1,
     "cnnlens.batching": -1,
     "cnnlens.targets": -1,
+    "cnnlens.inputs": -1,
     "cnnlens.outputs": -1,
     "cnnlens.maps": -1,
     "cnnlens.imaging": -1,

@@ -26,6 +26,16 @@ deconvnet passes are cached by the probe per (rule, target), and Integrated Grad
 :meth:`~cnnlens.capture.Probe.memo` (no module-level cache).
 
 Attributions are accumulated in float64 (float32 on MPS) whatever the model's dtype.
+
+**Several inputs** (``explain(model, (x_rgb, x_depth))``, keyword inputs; see :mod:`cnnlens.inputs`): every
+method here gives one map per spatial input (a 4-D floating-point tensor), under the key ``"input:<name>"``
+(``"input:0"``, ``"input:1"``, ``"input:depth"``); with one explained input the key stays ``"input"``. The
+attribution of an input holds the **other inputs at their values**: it is the attribution of the function
+``x_i -> S(x_1, ..., x_i, ..., x_n)``. For gradients this changes nothing (a partial derivative; one backward
+gives every input's); Integrated Gradients integrates along the path of that input alone, from its own
+baseline (a mapping ``{name: baseline}`` gives one per input), with the others fixed, which is captum's
+``IntegratedGradients`` called per input with the others in ``additional_forward_args``; SmoothGrad adds noise
+to that input alone. Inputs that are not 4-D floating-point tensors (token ids, vectors) get no map.
 """
 
 from __future__ import annotations
@@ -37,16 +47,20 @@ import torch
 
 from cnnlens.capture import Probe, Recording
 from cnnlens.errors import MethodError, OptionError
+from cnnlens.execution import DEFAULT, Execution
+from cnnlens.inputs import ModelInputs, input_key
 from cnnlens.maps import precise_dtype, upsample
 from cnnlens.methods.cam import gradcam
 from cnnlens.methods.registry import LayerView, MethodOutput, register
-from cnnlens.targets import ClassTarget
+from cnnlens.targets import ClassTarget, Target
 
 __all__ = [
     "Reduce",
     "deconvnet",
+    "explained_inputs",
     "guided_backprop",
     "guided_gradcam",
+    "input_view",
     "input_x_gradient",
     "reduce_channels",
     "saliency",
@@ -87,6 +101,82 @@ def reduce_channels(attribution: torch.Tensor, reduce: str = "sum") -> torch.Ten
 # -- shared machinery (also used by cnnlens.methods.smooth) -------------------------------------------------
 
 
+def explained_inputs(rec: Recording) -> list[tuple[str, str | None, torch.Tensor]]:
+    """``(result key, input name, tensor)`` of every input that gets an input-scope map.
+
+    A lone tensor: ``[("input", None, x)]``. Several inputs: one entry ``("input:<name>", name, x_name)`` per
+    spatial input (4-D floating point); one explained input (with extra arguments): key ``"input"``.
+
+    Raises:
+        MethodError: Several inputs, none of them spatial.
+    """
+    inputs = rec.model_inputs
+    if inputs is None:
+        return [("input", None, rec.inputs)]
+    if len(inputs.names) == 1:
+        return [("input", inputs.names[0], inputs.primary)]
+    spatial = inputs.spatial_names()
+    if not spatial:
+        shapes = ", ".join(f"{n!r} {tuple(t.shape)}" for n, t in zip(inputs.names, inputs.tensors, strict=True))
+        raise MethodError(
+            f"input-scope methods map 4-D floating-point inputs (B, C, H, W), and none of the model inputs is one "
+            f"({shapes}); use a layer-scope method (a CAM) instead."
+        )
+    return [(input_key(name), name, inputs.tensor(name)) for name in spatial]
+
+
+def input_view(
+    rec: Recording,
+    key: str,
+    name: str | None,
+    t: int,
+    *,
+    probe: Probe | None = None,
+    execution: Execution = DEFAULT,
+) -> LayerView:
+    """The view of target ``t`` for input ``name`` (None: the lone input): that input and its gradient."""
+    if name is None or rec.model_inputs is None:
+        return LayerView.of(rec, key, t, probe=probe, execution=execution)
+    assert rec.scores is not None  # set by Capture.run()
+    assert rec.target_classes is not None
+    x = rec.model_inputs.tensor(name)
+    grads = rec.input_gradients_by_input.get(name)
+    return LayerView(
+        layer=key,
+        activation=x,
+        gradient=None,
+        inputs=x,
+        input_gradient=None if grads is None else grads[t],
+        score=rec.scores[:, t],
+        target_class=rec.target_classes[:, t],
+        target=t,
+        probe=probe,
+        execution=execution,
+    )
+
+
+def view_input_name(view: LayerView) -> str | None:
+    """The input an input-scope view explains: ``"input:<name>"`` -> name; ``"input"`` -> None (the first)."""
+    return view.layer.split(":", 1)[1] if view.layer.startswith("input:") else None
+
+
+def varied_input(probe: Probe, name: str | None) -> tuple[str | None, torch.Tensor]:
+    """The input an attribution varies (resolved name, None for a lone tensor) and its recorded value."""
+    rec = probe.recording
+    if rec.model_inputs is None:
+        return None, rec.inputs
+    resolved = name if name is not None else rec.model_inputs.names[0]
+    return resolved, rec.model_inputs.tensor(resolved)
+
+
+def chunk_input_gradients(rec: Recording, name: str | None) -> torch.Tensor:
+    """``(T, n, ...)`` input gradients of a pass for input ``name`` (None: the lone/first input)."""
+    grads = rec.input_gradients if name is None else rec.input_gradients_by_input.get(name)
+    if grads is None:
+        raise MethodError(f"model input {name!r} got no gradient (it is not a floating-point explained input).")
+    return grads
+
+
 def _options_key(options: Mapping[str, Any]) -> tuple[Hashable, ...]:
     """A hashable key for method options; unhashable values (tensors) count by identity."""
     items: list[Hashable] = []
@@ -119,31 +209,43 @@ def _row_probe(probe: Probe, sample_index: torch.Tensor) -> Probe | None:
     run whole copies of the batch in its original layout.
     """
     rows = sample_index.tolist()
-    targets = []
+    targets: list[Target] = []
     for target in probe.targets:
-        if not isinstance(target, ClassTarget):
-            return None
-        if isinstance(target.classes, int):
-            targets.append(target)
+        select = getattr(target, "select", None)
+        if isinstance(target, ClassTarget):
+            classes = target.classes
+            targets.append(
+                target if isinstance(classes, int) else ClassTarget(tuple(classes[i] for i in rows), target.score)
+            )
+        elif callable(select):
+            targets.append(select(sample_index))
         else:
-            targets.append(ClassTarget(tuple(target.classes[i] for i in rows), target.score))
+            return None
     return Probe(probe.cap, probe.recording, targets)
+
+
+def _row_wise(target: Target) -> bool:
+    return isinstance(target, ClassTarget) or callable(getattr(target, "select", None))
 
 
 def _row_passes(
     probe: Probe,
-    make_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    make_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | ModelInputs],
     copies: int,
     batch_size: int,
     *,
     gradients: bool,
     input_gradients: bool,
+    vary: str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Recording, Probe]]:
     """Run ``copies`` variants of every sample in chunks of at most ``batch_size`` rows, targets fixed.
 
     Rows are copy-major: row ``r`` is copy ``r // B`` of sample ``r % B``. ``make_rows(copy_index,
-    sample_index)`` builds a chunk's inputs. With custom (non-class) targets a chunk is one whole copy of the
-    batch in its original layout, whatever ``batch_size``.
+    sample_index)`` builds a chunk's inputs. With several model inputs, a tensor it returns replaces input
+    ``vary`` (None: the first) and the other inputs hold their values (their rows ``sample_index``); a
+    :class:`~cnnlens.inputs.ModelInputs` it returns is used as is. With targets that cannot be laid out by
+    rows (a user callable) a chunk is one whole copy of the batch in its original layout, whatever
+    ``batch_size``.
 
     Yields:
         ``(copy_index, sample_index, recording, probe)`` per chunk; the probe belongs to the chunk's
@@ -151,13 +253,16 @@ def _row_passes(
     """
     batch = int(probe.recording.inputs.shape[0])
     total = copies * batch
-    layout_free = all(isinstance(t, ClassTarget) for t in probe.targets)
+    layout_free = all(_row_wise(t) for t in probe.targets)
     step = max(1, int(batch_size)) if layout_free else batch
     device = probe.recording.inputs.device
+    multi = probe.recording.model_inputs
     for start in range(0, total, step):
         rows = torch.arange(start, min(start + step, total))
         copy_index, sample_index = rows // batch, rows % batch
         inputs = make_rows(copy_index.to(device), sample_index.to(device))
+        if multi is not None and isinstance(inputs, torch.Tensor):
+            inputs = multi.with_rows(vary if vary is not None else multi.names[0], inputs, sample_index.to(device))
         chunk_probe = _row_probe(probe, sample_index) if layout_free else probe
         assert chunk_probe is not None  # layout_free means every target is a class target
         rec = chunk_probe.rerun(inputs, gradients=gradients, input_gradients=input_gradients)
@@ -184,7 +289,7 @@ def _input_gradient(view: LayerView, method: str) -> torch.Tensor:
             f"{method} needs the gradient of the score with respect to the input, but none was captured; "
             "call it through explain() or pass a LayerView with input_gradient."
         )
-    return view.probe.cached_input_gradient(view.target, "normal")
+    return view.probe.cached_input_gradient(view.target, "normal", view_input_name(view))
 
 
 # -- the methods ------------------------------------------------------------------------------------------
@@ -300,7 +405,7 @@ def guided_backprop(view: LayerView, reduce: str = "sum") -> torch.Tensor:
         torch.Size([1, 1, 8, 8])
     """
     probe = view.require_probe("guided_backprop")
-    return reduce_channels(probe.cached_input_gradient(view.target, "guided"), reduce)
+    return reduce_channels(probe.cached_input_gradient(view.target, "guided", view_input_name(view)), reduce)
 
 
 @register(
@@ -332,7 +437,7 @@ def deconvnet(view: LayerView, reduce: str = "sum") -> torch.Tensor:
         {'reduce': 'sum', 'display': 'abs'}
     """
     probe = view.require_probe("deconvnet")
-    return reduce_channels(probe.cached_input_gradient(view.target, "deconvnet"), reduce)
+    return reduce_channels(probe.cached_input_gradient(view.target, "deconvnet", view_input_name(view)), reduce)
 
 
 @register(

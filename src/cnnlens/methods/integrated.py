@@ -9,6 +9,7 @@ gradient attributions.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -16,7 +17,17 @@ import torch
 from cnnlens.capture import Probe
 from cnnlens.errors import OptionError
 from cnnlens.maps import precise_dtype
-from cnnlens.methods.attribution import _REDUCES, _accumulate, _options_key, _row_passes, reduce_channels, rows_per_pass
+from cnnlens.methods.attribution import (
+    _REDUCES,
+    _accumulate,
+    _options_key,
+    _row_passes,
+    chunk_input_gradients,
+    reduce_channels,
+    rows_per_pass,
+    varied_input,
+    view_input_name,
+)
 from cnnlens.methods.registry import LayerView, MethodOutput, check_count, register
 
 __all__ = ["QuadratureRule", "integrated_gradients", "quadrature"]
@@ -83,7 +94,14 @@ def quadrature(steps: int, rule: str = "gausslegendre") -> tuple[torch.Tensor, t
     return torch.tensor(alphas, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64)
 
 
-def _baseline_like(baseline: Any, x: torch.Tensor) -> torch.Tensor:
+def _baseline_like(baseline: Any, x: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    if isinstance(baseline, Mapping):
+        if name is None or name not in baseline:
+            raise OptionError(
+                f"the Integrated Gradients baselines are given per input ({sorted(map(str, baseline))}) but input "
+                f"{name!r} has none; give one baseline per input name, or one number for all."
+            )
+        baseline = baseline[name]
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         return torch.full_like(x, float(baseline))
     if isinstance(baseline, torch.Tensor):
@@ -100,12 +118,15 @@ def _baseline_like(baseline: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _integrated_gradients_all(
-    probe: Probe, baseline: Any, steps: int, rule: str, batch_size: int
+    probe: Probe, baseline: Any, steps: int, rule: str, batch_size: int, name: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """IG attributions ``(T, B, C, H, W)`` and convergence deltas ``(T, B)`` for every target at once."""
+    """IG attributions ``(T, B, C, H, W)`` and convergence deltas ``(T, B)`` for every target at once.
+
+    With several inputs, the path runs over input ``name`` (None: the first) with the others held fixed.
+    """
     rec = probe.recording
-    x = rec.inputs
-    base = _baseline_like(baseline, x)
+    name, x = varied_input(probe, name)
+    base = _baseline_like(baseline, x, name)
     alphas, weights = quadrature(steps, rule)
     dtype = precise_dtype(x)
     diff = x - base
@@ -117,14 +138,16 @@ def _integrated_gradients_all(
     def make_rows(copy_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
         return base[sample_index] + node[copy_index].view(-1, 1, 1, 1) * diff[sample_index]
 
-    passes = _row_passes(probe, make_rows, steps, batch_size, gradients=False, input_gradients=True)
+    passes = _row_passes(probe, make_rows, steps, batch_size, gradients=False, input_gradients=True, vary=name)
     for copy_index, sample_index, chunk, _ in passes:
-        assert chunk.input_gradients is not None  # requested
-        scaled = chunk.input_gradients.to(dtype) * weight[copy_index].view(1, -1, 1, 1, 1)
+        grads = chunk_input_gradients(chunk, name)
+        scaled = grads.to(dtype) * weight[copy_index].view(1, -1, *([1] * (grads.ndim - 2)))
         _accumulate(total, 1, sample_index, scaled)
     attributions = total * diff.to(dtype)
     assert rec.scores is not None  # set by Capture.run
-    base_logits = probe.logits(base)
+    base_logits = probe.logits(
+        base if rec.model_inputs is None or name is None else rec.model_inputs.replace(name, base)
+    )
     rows = torch.arange(x.shape[0], device=x.device)
     base_scores = torch.stack([probe.scores(base_logits, t, rows) for t in range(num_targets)])
     gap = rec.scores.T.to(dtype) - base_scores.to(dtype)
@@ -163,6 +186,12 @@ def integrated_gradients(
     number or a tensor broadcastable to the input (``(C, H, W)``, ``(1, C, H, W)`` or per sample
     ``(B, C, H, W)``, which then depends on the batch layout).
 
+    Several inputs (``explain(model, (x_rgb, x_depth))``): one map per image input, each integrated along the
+    path of that input alone, from its own baseline, with the other inputs held at their values (captum's
+    ``IntegratedGradients`` called on that input with the others in ``additional_forward_args``; completeness
+    then holds per input: ``sum(a_i) = S(.., x_i, ..) - S(.., x_i', ..)``). ``baseline`` may be a mapping
+    ``{input name: number or tensor}``. This costs ``steps`` passes per input.
+
     The ``steps × B`` interpolated inputs are run in chunks of at most ``Execution.chunk_size`` rows (32 by
     default; an execution knob, not an option: chunking changes nothing beyond float rounding), several
     interpolation points per forward/backward, with every target of the call in the same forward. Input
@@ -194,9 +223,10 @@ def integrated_gradients(
     if reduce not in _REDUCES:
         reduce_channels(torch.zeros(1, 1, 1, 1), reduce)  # raises the standard message
     options = {"baseline": baseline, "steps": steps, "rule": rule}
-    key = ("integrated_gradients", _options_key(options))
+    name = view_input_name(view)
+    key = ("integrated_gradients", name, _options_key(options))
     # The memo entry keeps ``options`` alive: a tensor baseline is keyed by identity.
     attributions, delta, _ = probe.memo(
-        key, lambda: (*_integrated_gradients_all(probe, baseline, steps, rule, batch_size), options)
+        key, lambda: (*_integrated_gradients_all(probe, baseline, steps, rule, batch_size, name), options)
     )
     return MethodOutput(reduce_channels(attributions[view.target], reduce), {"convergence_delta": delta[view.target]})

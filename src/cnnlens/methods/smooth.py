@@ -17,6 +17,12 @@ targets fixed to the classes explained on the clean input (a noisy copy never re
 
 **Cost.** The noisy passes record every requested layer at once: one explain call costs ``n`` forwards and
 ``n·T`` backwards (``T`` targets) per smoothed method, whatever the number of layers.
+
+**Several inputs** (:mod:`cnnlens.inputs`): an input-scope method (SmoothGrad) is smoothed per image input,
+with noise on that input alone and the others held at their values (``n`` passes per input; the convention
+of :mod:`cnnlens.methods.attribution`); a layer-scope method (Smooth Grad-CAM++, ``smooth("gradcam")``) adds
+noise to every floating-point explained input at once, each with its own noise (input ``"0"``'s is the
+noise a lone input would get; input ``name``'s is seeded by ``(seed, copy, name)``).
 """
 
 from __future__ import annotations
@@ -31,8 +37,16 @@ import torch
 
 from cnnlens.capture import Probe, Recording
 from cnnlens.errors import CnnlensWarning, MethodError, OptionError
+from cnnlens.inputs import ModelInputs
 from cnnlens.maps import precise_dtype
-from cnnlens.methods.attribution import _accumulate, _options_key, _row_passes, rows_per_pass
+from cnnlens.methods.attribution import (
+    _accumulate,
+    _options_key,
+    _row_passes,
+    explained_inputs,
+    input_view,
+    rows_per_pass,
+)
 from cnnlens.methods.cam import weighted_sum
 from cnnlens.methods.registry import LayerView, MethodOutput, MethodSpec, Scope, check_count, get_method, register
 
@@ -42,30 +56,38 @@ SMOOTH_OPTIONS = ("n", "sigma", "seed")
 """The options every smoothed method adds to its variant."""
 
 
-def _copy_seed(seed: int, copy: int) -> int:
-    digest = hashlib.blake2b(f"cnnlens-smooth:{seed}:{copy}".encode(), digest_size=8).digest()
+def _copy_seed(seed: int, copy: int, stream: str | None = None) -> int:
+    text = f"cnnlens-smooth:{seed}:{copy}" if stream is None else f"cnnlens-smooth:{seed}:{copy}:{stream}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
-def noise(seed: int, copy: int, shape: tuple[int, ...]) -> torch.Tensor:
+def noise(seed: int, copy: int, shape: tuple[int, ...], stream: str | None = None) -> torch.Tensor:
     """The standard normal noise ``eps_copy`` of one sample shape, float32 on the CPU.
+
+    ``stream`` separates the noise of several model inputs (None: the first input's, a lone input's).
 
     Example:
         >>> torch.equal(noise(0, 3, (3, 4, 4)), noise(0, 3, (3, 4, 4)))
         True
     """
-    gen = torch.Generator().manual_seed(_copy_seed(int(seed), int(copy)))
+    gen = torch.Generator().manual_seed(_copy_seed(int(seed), int(copy), stream))
     return torch.randn(shape, generator=gen, dtype=torch.float32)
 
 
 def _noisy_rows(
-    inputs: torch.Tensor, sigma: float, seed: int, copy_index: torch.Tensor, sample_index: torch.Tensor
+    inputs: torch.Tensor,
+    sigma: float,
+    seed: int,
+    copy_index: torch.Tensor,
+    sample_index: torch.Tensor,
+    stream: str | None = None,
 ) -> torch.Tensor:
     flat = inputs.detach().flatten(1)
     scale = float(sigma) * (flat.amax(dim=1) - flat.amin(dim=1)).float()
     shape = tuple(int(v) for v in inputs.shape[1:])
     copies = copy_index.tolist()
-    eps = {j: noise(seed, j, shape) for j in sorted(set(copies))}
+    eps = {j: noise(seed, j, shape, stream) for j in sorted(set(copies))}
     stacked = torch.stack([eps[j] for j in copies]).to(inputs.device)
     delta = scale[sample_index].view(-1, *([1] * len(shape))) * stacked
     return inputs[sample_index] + delta.to(inputs.dtype)
@@ -96,16 +118,40 @@ def _check_smooth(n: Any, sigma: Any, seed: Any, method: str = "smooth") -> None
         )
 
 
-def _noisy_passes(
-    probe: Probe, n: int, sigma: float, seed: int, batch_size: int, *, gradients: bool, input_gradients: bool
-) -> Iterator[tuple[torch.Tensor, Recording, Probe]]:
-    inputs = probe.recording.inputs
+def _stream(multi: ModelInputs, name: str) -> str | None:
+    return None if name == multi.names[0] else name
 
-    def make_rows(copy_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
-        return _noisy_rows(inputs, sigma, seed, copy_index, sample_index)
+
+def _noisy_passes(
+    probe: Probe,
+    n: int,
+    sigma: float,
+    seed: int,
+    batch_size: int,
+    *,
+    gradients: bool,
+    input_gradients: bool,
+    vary: str | None = None,
+) -> Iterator[tuple[torch.Tensor, Recording, Probe]]:
+    """Noisy passes of the lone input; with several inputs, of input ``vary`` alone, or of every input.
+
+    "Every input" (``vary`` None) means every floating-point explained input, each with its own noise.
+    """
+    multi = probe.recording.model_inputs
+
+    def make_rows(copy_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor | ModelInputs:
+        if multi is None:
+            return _noisy_rows(probe.recording.inputs, sigma, seed, copy_index, sample_index)
+        if vary is not None:
+            return _noisy_rows(multi.tensor(vary), sigma, seed, copy_index, sample_index, _stream(multi, vary))
+        rows = multi.rows(sample_index)
+        for name, x in zip(multi.names, multi.tensors, strict=True):
+            if x.is_floating_point():
+                rows = rows.replace(name, _noisy_rows(x, sigma, seed, copy_index, sample_index, _stream(multi, name)))
+        return rows
 
     for _, sample_index, rec, chunk_probe in _row_passes(
-        probe, make_rows, n, batch_size, gradients=gradients, input_gradients=input_gradients
+        probe, make_rows, n, batch_size, gradients=gradients, input_gradients=input_gradients, vary=vary
     ):
         yield sample_index, rec, chunk_probe
 
@@ -123,10 +169,34 @@ _Averages = dict[tuple[str, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 def _average_maps(
     probe: Probe, base: MethodSpec, base_options: dict[str, Any], n: int, sigma: float, seed: int, batch_size: int
 ) -> _Averages:
-    """Mean of the wrapped method's raw maps (and extras) over the noisy copies, for every layer and target."""
-    batch = int(probe.recording.inputs.shape[0])
+    """Mean of the wrapped method's raw maps (and extras) over the noisy copies, for every layer and target.
+
+    With several inputs an input-scope method is smoothed per input: noise on that input alone.
+    """
     sums: dict[tuple[str, int], torch.Tensor] = {}
     extra_sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    per_input = base.scope == "input" and probe.recording.model_inputs is not None
+    groups = [(key, name) for key, name, _ in explained_inputs(probe.recording)] if per_input else [("", None)]
+    for key_of_input, name in groups:
+        _smooth_group(probe, base, base_options, n, sigma, seed, batch_size, key_of_input, name, sums, extra_sums)
+    return {key: (total / n, {k: v / n for k, v in extra_sums[key].items()}) for key, total in sums.items()}
+
+
+def _smooth_group(
+    probe: Probe,
+    base: MethodSpec,
+    base_options: dict[str, Any],
+    n: int,
+    sigma: float,
+    seed: int,
+    batch_size: int,
+    input_key: str,
+    name: str | None,
+    sums: dict[tuple[str, int], torch.Tensor],
+    extra_sums: dict[tuple[str, int], dict[str, torch.Tensor]],
+) -> None:
+    """Accumulate the wrapped method's maps over noisy copies of one input (``name``) or of every input."""
+    batch = int(probe.recording.inputs.shape[0])
     for sample_index, rec, chunk_probe in _noisy_passes(
         probe,
         n,
@@ -135,8 +205,17 @@ def _average_maps(
         batch_size,
         gradients="gradients" in base.needs,
         input_gradients="input_gradients" in base.needs,
+        vary=name,
     ):
-        for view in _views(rec, chunk_probe, base.scope):
+        views = (
+            _views(rec, chunk_probe, base.scope)
+            if name is None
+            else (
+                input_view(rec, input_key, name, t, probe=chunk_probe, execution=probe.cap.execution)
+                for t in range(rec.num_targets)
+            )
+        )
+        for view in views:
             out = base.compute(view, base_options)
             key = (view.layer, view.target)
             raw = out.raw.to(precise_dtype(out.raw))
@@ -144,11 +223,10 @@ def _average_maps(
                 sums[key] = torch.zeros((batch, *raw.shape[1:]), dtype=raw.dtype, device=raw.device)
                 extra_sums[key] = {}
             _accumulate(sums[key], 0, sample_index, raw)
-            for name, value in out.extras.items():
+            for extra, value in out.extras.items():
                 value = value.detach().to(raw.dtype)
-                acc = extra_sums[key].setdefault(name, torch.zeros(batch, dtype=raw.dtype, device=raw.device))
+                acc = extra_sums[key].setdefault(extra, torch.zeros(batch, dtype=raw.dtype, device=raw.device))
                 _accumulate(acc, 0, sample_index, value)
-    return {key: (total / n, {k: v / n for k, v in extra_sums[key].items()}) for key, total in sums.items()}
 
 
 @dataclass(frozen=True)
