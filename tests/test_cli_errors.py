@@ -588,13 +588,13 @@ def test_run_takes_max_pixels(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert cli.main([*small[:-3], "--max-pixels", "2400", "--out", str(tmp_path / "r2")]) == 0
 
 
-def test_vit_default_layer_is_refused_with_a_clear_error() -> None:
+def test_vit_default_layer_is_the_norm_before_the_last_attention_block() -> None:
     import timm
 
-    from cnnlens.errors import LayerError
-
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3).eval()
-    # before: silently patch_embed.proj (the patch embedding, a meaningless map)
-    with pytest.raises(LayerError, match=r"'blocks.11' .* not a \(B, C, H, W\) feature map.*--layer NAME"):
-        cnnlens.explain(vit, torch.randn(1, 3, 224, 224))
+    # before: silently patch_embed.proj (a meaningless map), then 'blocks.11' refused as not a feature map;
+    # issue 11: blocks.11.norm1 read through its token layout (1 prefix token, 14x14 grid)
+    result = cnnlens.explain(vit, torch.randn(1, 3, 224, 224))
+    assert result.layers == ["blocks.11.norm1"]
+    assert "tokens: 1 prefix token + 14x14 grid" in result.manifest["layouts"]["blocks.11.norm1"]
     assert cnnlens.explain(vit, torch.randn(1, 3, 224, 224), layers=["patch_embed.proj"]).layers == ["patch_embed.proj"]

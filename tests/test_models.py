@@ -635,7 +635,7 @@ def test_one_default_layer_policy_for_api_and_cli() -> None:
     assert default_layer(net) == "layer4"
     assert default_layer(net) == load_model("resnet18", num_classes=3, random_weights=True).spec.default_layer
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3)
-    assert default_layer(vit) == "blocks.11"
+    assert default_layer(vit) == "blocks.11.norm1"  # issue 11: the norm before the last attention block
     assert default_layer(torchvision.models.vgg11(num_classes=2)) == "features.19"
     mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     with pytest.raises(LayerNotFoundError, match=r"no spatial layer.*layers=\[\.\.\.\].*--layer NAME"):

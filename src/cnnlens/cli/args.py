@@ -33,6 +33,7 @@ __all__ = [
     "check_out_dir",
     "check_range",
     "parse_bool",
+    "parse_layout_args",
     "parse_options",
     "resolve_device",
     "resolve_method_ids",
@@ -147,6 +148,61 @@ def parse_options(items: Sequence[str], methods: Sequence[str] | None = None) ->
                 f"(requested: {', '.join(methods)}); add it to --method or drop the option."
             )
     return options
+
+
+def parse_layout_args(items: Sequence[str]) -> str | dict[str, str] | None:
+    """Check ``--layout`` items: one ``SPEC`` for every explained layer, or ``LAYER=SPEC`` items, one per layer.
+
+    A ``SPEC`` is a layout text of :func:`cnnlens.capture.layout.parse_layout`: ``auto``, ``nchw``, ``nhwc``,
+    ``ncdhw``, ``tokens``, ``tokens:P`` (P prefix tokens, grid inferred) or ``tokens:P:HxW``. Only the texts
+    are checked here (before the model loads); whether a layout fits a layer's output is checked on the first
+    forward, and the layer names of ``LAYER=SPEC`` with the model (layers that are not explained are refused).
+
+    Args:
+        items: The ``--layout`` values, in order.
+
+    Returns:
+        None (no ``--layout``: every layout inferred), the one ``SPEC`` text, or ``{layer: SPEC}``.
+
+    Raises:
+        UsageError: A malformed spec or item, two layouts for one layer, or a plain ``SPEC`` mixed with
+            ``LAYER=SPEC`` items or given twice.
+
+    Example:
+        >>> parse_layout_args(["blocks.11.norm1=tokens:1:14x14"])
+        {'blocks.11.norm1': 'tokens:1:14x14'}
+    """
+    from cnnlens.capture.layout import parse_layout
+    from cnnlens.errors import OptionError
+
+    plain: list[str] = []
+    per_layer: dict[str, str] = {}
+    for item in items:
+        layer, sep, spec = item.partition("=")
+        layer, spec = layer.strip(), spec.strip()
+        if sep and (not layer or not spec):
+            raise UsageError(f"--layout {item!r} is not LAYER=SPEC; e.g. --layout blocks.11.norm1=tokens:1:14x14.")
+        text = spec if sep else layer
+        try:
+            parse_layout(text)
+        except OptionError as exc:
+            raise UsageError(f"--layout {item!r}: {exc}") from None
+        if not sep:
+            plain.append(text)
+        elif layer in per_layer and per_layer[layer] != spec:
+            raise UsageError(
+                f"--layout gives layer {layer!r} two layouts ({per_layer[layer]!r} and {spec!r}); give one."
+            )
+        else:
+            per_layer[layer] = spec
+    if plain and (per_layer or len(plain) > 1):
+        raise UsageError(
+            f"--layout takes either one SPEC for every layer or LAYER=SPEC items; received {list(items)}. Use "
+            "LAYER=SPEC for each layer whose layout you give (the others are inferred)."
+        )
+    if plain:
+        return plain[0]
+    return per_layer or None
 
 
 def check_range(value: int | None, flag: str, low: int, high: int | None = None, *, why: str = "") -> None:

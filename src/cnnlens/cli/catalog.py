@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # heavy modules load inside the commands, so --help and usage
 def cmd_layers(args: argparse.Namespace) -> int:
     """``cnnlens layers``: every feature-map layer with type, shape, stride and its roles.
 
+    A token model's candidate layers (ViT tokens, channels-last Swin outputs) get a ``layout`` column: the
+    ``--layout`` text of how their output maps to ``(C, h, w)`` maps, and that map view's shape.
+
     Listing needs no trained weights: without ``--weights`` and without published weights here, the
     architecture is built with untrained weights (said on stderr) just to list its layers.
     """
@@ -46,12 +49,15 @@ def cmd_layers(args: argparse.Namespace) -> int:
     infos = probe_layers(model.module, (c, h, w))
     catalog = candidate_layers(model.module, (c, h, w), infos=infos)
     roles = {layer.name: list(layer.roles) for layer in catalog.layers}
+    mapped = {layer.name: layer for layer in catalog.layers if layer.layout != "nchw"}
     for role, name in model.spec.known_layers.items():
         if role not in roles.setdefault(name, []):
             roles[name].append(role)
     default = model.spec.default_layer
     table = Table(title=escape(f"{model.spec.name}: layers for input {c}x{h}x{w} (* = default target: {default})"))
-    for col in ("layer", "type", "output shape", "stride", "params", "roles"):
+    layout_column = ("layout (map shape)",) if mapped else ()
+    columns = ("layer", "type", "output shape", *layout_column, "stride", "params", "roles")
+    for col in columns:
         table.add_column(col, justify="right" if col in {"stride", "params"} else "left", overflow="fold")
     for info in infos:
         feature_map = info.shape is not None and len(info.shape) == 3
@@ -60,11 +66,14 @@ def cmd_layers(args: argparse.Namespace) -> int:
         shape = "x".join(map(str, info.shape)) if info.shape is not None else ("not run" if info.calls == 0 else "-")
         if info.calls > 1:
             shape += f" (x{info.calls} calls)"
+        cand = mapped.get(info.name)
+        layout = [f"{cand.layout} ({'x'.join(map(str, cand.shape))})" if cand is not None else ""] if mapped else []
         table.add_row(
             escape(info.name + (" *" if info.name == default else "")),
             escape(info.type),
             shape,
-            str(info.stride or ""),
+            *layout,
+            str((cand.stride if cand is not None else info.stride) or ""),
             f"{info.params:,}" if info.params else "",
             escape(", ".join(r for r in roles.get(info.name, []) if r != "conv")),
         )

@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from cnnlens.cli.args import (
     check_device,
     check_out_dir,
     check_range,
+    parse_layout_args,
     parse_options,
     resolve_device,
     resolve_method_ids,
@@ -117,8 +118,8 @@ _FLAG_NAMES = {"show_top": "--show-top (--top-k)"}
 def _check_args(args: argparse.Namespace) -> None:
     """Check every argument that can be checked without a model, right after parsing.
 
-    Methods, options (typed against each method's declared options), colour map, device, output folder and
-    numeric ranges; the layer names and class-dependent ranges are checked right after the model loads
+    Methods, options (typed against each method's declared options), ``--layout`` texts, colour map, device,
+    output folder and numeric ranges; the layer names and class-dependent ranges are checked right after the model loads
     (:func:`_check_model_args`), before any computation.
 
     Raises:
@@ -148,6 +149,8 @@ def _check_args(args: argparse.Namespace) -> None:
             chunk_size=a.get("chunk_size"),
             threads=a.get("threads"),
         )
+    if "layout" in a:  # layout texts only; whether they fit is checked on the first forward
+        args.layout = parse_layout_args(a["layout"] or [])
     if isinstance(a.get("out"), str):
         check_out_dir(a["out"])
     if "method" in a and a["method"] is not None:
@@ -196,6 +199,25 @@ def _check_model_args(args: argparse.Namespace, model: LoadedModel) -> int | Non
         resolve_layer(model.module, name)
     target = a.get("target_class")
     return resolve_class(target, model.class_names) if target is not None else None
+
+
+def _print_layouts(manifest: Mapping[str, Any], layers: Sequence[str] = (), *, default: bool = False) -> None:
+    """Say how each layer was read, e.g. ``layer blocks.11.norm1 (default layer): tokens: 1 prefix token + ...``.
+
+    Args:
+        manifest: A result's manifest; its ``"layouts"`` maps layer -> :meth:`cnnlens.capture.Layout.describe`
+            for the layers that are not plain ``(B, C, h, w)`` outputs.
+        layers: The explained layers.
+        default: The layers are the model's default (no ``--layer``): said so, and a plain ``nchw`` default is
+            named too, so every command run without ``--layer`` says which layer it explained and how.
+    """
+    layouts: Mapping[str, str] = manifest.get("layouts") or {}
+    which = " (default layer)" if default else ""
+    for layer in dict.fromkeys([*layers, *layouts]):
+        if layer in layouts:
+            console.print(escape(f"layer {layer}{which}: {layouts[layer]}"), highlight=False)
+        elif default:
+            console.print(escape(f"layer {layer}{which}: nchw (B, C, h, w) as the layer outputs it"), highlight=False)
 
 
 def resolve_class(spec: str, class_names: Sequence[str]) -> int:

@@ -19,6 +19,7 @@ from cnnlens.cli.common import (
     _cli_hint,
     _expand_inputs,
     _load,
+    _print_layouts,
     _progress,
     _report_failures,
     _unique_names,
@@ -60,13 +61,19 @@ def _run_explain(
     cmap: str,
     written: list[Path] | None = None,
     execution: Execution | None = None,
+    layout: str | dict[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Explain pre-loaded images in batches; returns (result entries, predictions); files go into ``written``."""
+    """Explain pre-loaded images in batches; returns (result entries, predictions); files go into ``written``.
+
+    The layouts of non-``nchw`` layers (given by ``layout`` or inferred) are printed after the first batch, and
+    the default layer's (nchw too) when no layer was named.
+    """
     import torch
 
-    from cnnlens.explain import explain
+    from cnnlens.explain import default_layer, explain
 
     prep = model.spec.preprocessing
+    explained = list(layers) if layers else [default_layer(model)]
     entries: list[dict[str, Any]] = []
     predictions: list[dict[str, Any]] = []
     groups = _method_groups(methods)
@@ -89,11 +96,14 @@ def _run_explain(
                     options={m: options[m] for m in group if m in options},
                     image_names=names,
                     execution=execution,
+                    layout=layout,
                 )
                 batch_written, batch_entries = result.write_files(out, cmap=cmap)
                 if written is not None:
                     written.extend(batch_written)
                 entries.extend(batch_entries)
+                if g == 0 and start == 0:
+                    _print_layouts(result.manifest, explained, default=not layers)
                 if g == 0:
                     predictions.extend(result.predictions(top_k))
                     _print_predictions(result, names, top_k)
@@ -158,6 +168,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             explain_top=args.explain_top,
             options=args.options,
             execution=args.execution,
+            layout=args.layout,
             batch_size=args.batch_size,
             top_k=args.show_top,
             cmap=args.cmap,

@@ -1,4 +1,4 @@
-"""Argument groups several commands share (model, preprocessing, --max-pixels, --show-top, -v)."""
+"""Argument groups several commands share (model, preprocessing, --layout, --max-pixels, --show-top, -v)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,19 @@ def _add_preprocessing_options(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--resize", type=int, metavar="PX", help="shorter side before the center crop (default: input)")
     prep.add_argument("--mean", type=float, nargs="+", metavar="V", help="normalisation mean, 1 or 3 values")
     prep.add_argument("--std", type=float, nargs="+", metavar="V", help="normalisation std, 1 or 3 values")
+
+
+def _add_layout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--layout",
+        action="append",
+        default=[],
+        metavar="SPEC|LAYER=SPEC",
+        help="how a layer's output maps to (C, h, w) maps: auto (default: inferred and printed), nchw, nhwc "
+        "(channels last: Swin), tokens (ViT: prefix tokens and grid inferred), tokens:P (P prefix tokens), "
+        "tokens:P:HxW (e.g. tokens:1:14x14), or ncdhw (volumes). One SPEC for every layer, or LAYER=SPEC "
+        "(repeatable) for single layers",
+    )
 
 
 def _add_max_pixels(parser: argparse.ArgumentParser) -> None:

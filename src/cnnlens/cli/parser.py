@@ -9,6 +9,7 @@ from cnnlens._names import DEFAULT_METHODS, DEFAULT_MODEL, METHOD_IDS, __version
 from cnnlens.cli.options import (
     _OVERWRITE_HELP,
     _add_execution_options,
+    _add_layout,
     _add_max_pixels,
     _add_model_options,
     _add_verbose,
@@ -35,6 +36,7 @@ def _add_explain(sub: Any, methods_help: str) -> None:
         help=f"{methods_help} (default: {' '.join(DEFAULT_METHODS)}, as in the API and `cnnlens run`)",
     )
     ex.add_argument("--layer", nargs="+", metavar="NAME", help="target layer(s), dotted names (default: the model's)")
+    _add_layout(ex)
     ex.add_argument(
         "--class",
         dest="target_class",
@@ -114,6 +116,7 @@ def _add_studies(sub: Any, methods_help: str) -> None:
         "gradcam gradcampp)"
     )  # fmt: skip
     cl.add_argument("--layer", nargs="+", metavar="NAME", help="explicit layers instead of the candidates")
+    _add_layout(cl)
     cl.add_argument("--last-n", type=int, default=4, help="keep the last N merges/block outputs (default 4)")
     cl.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
     cl.add_argument("--out", default="cnnlens-layers", metavar="DIR")

@@ -18,6 +18,7 @@ from cnnlens.cli.common import (
     _load,
     _load_inputs,
     _phase,
+    _print_layouts,
     _report_failures,
 )
 from cnnlens.errors import UsageError
@@ -58,8 +59,9 @@ def _cmd_compare_layers(args: argparse.Namespace) -> int:
     with _phase(f"compare-layers: every candidate layer explained, maps measured ({len(images)} image(s))") as update:
         study = compare_layers(
             model, x, methods=args.method, layers=args.layer, last_n=args.last_n, steps=args.steps, image_names=names,
-            progress=update, execution=args.execution,
+            progress=update, execution=args.execution, layout=args.layout,
         )  # fmt: skip
+    _print_layouts(study.explanations.manifest, study.explanations.layers)
     _print_layer_table(study)
     report = render_study_report(
         args.out,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cnnlens.candidates import ROLES, LayerCatalog, candidate_layers
+from cnnlens.capture.layout import LayoutSpec
 from cnnlens.errors import LayerError
 from cnnlens.execution import Execution
 from cnnlens.explain import explain
@@ -197,6 +198,7 @@ def compare_layers(
     catalog: LayerCatalog | None = None,
     progress: Callable[[int, int], None] | None = None,
     execution: Execution | None = None,
+    layout: LayoutSpec | Mapping[str, LayoutSpec] = None,
 ) -> LayerStudy:
     """Compare target layers: one capture for every layer and method, every map measured.
 
@@ -217,6 +219,9 @@ def compare_layers(
             maps are computed), for progress bars.
         execution: How to run the capture and the metrics' forwards (:class:`cnnlens.Execution`; None: the
             default). Never changes what is measured.
+        layout: How layer outputs map to ``(B, C, h, w)`` (see :func:`cnnlens.explain`): None infers each
+            layer's (tokens of a ViT, channels-last Swin stages), one spec applies to every layer, a mapping
+            gives single layers theirs. The inferred layouts are in ``explanations.manifest["layouts"]``.
 
     Returns:
         A :class:`LayerStudy` with the table, the recommendation and the maps.
@@ -247,6 +252,7 @@ def compare_layers(
             targets=targets,
             image_names=image_names,
             execution=execution,
+            layout=layout,
         )
     notes = _group_notes(str(w.message) for w in caught)
     space = "pixel" if loaded is not None else "normalized"
