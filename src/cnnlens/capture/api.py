@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from cnnlens.capture.core import Capture
 from cnnlens.capture.layers import LayerSpec
+from cnnlens.capture.layout import LayoutSpec
 from cnnlens.capture.recording import Recording
 from cnnlens.capture.rectifier import ReluBackward
 from cnnlens.errors import LayerNotFoundError
@@ -35,6 +36,7 @@ def capture(
     *,
     output_selector: OutputSelector | None = None,
     execution: Execution | None = None,
+    layout: LayoutSpec | Mapping[str, LayoutSpec] = None,
 ) -> Capture:
     """Open a capture of ``layers`` of ``model``: use it as a context manager.
 
@@ -47,6 +49,11 @@ def capture(
             forwards in channels-last format: 1.2-1.6x faster convolutions, but less accurate gradients
             (ResNet-50 guided backprop 1.1e-4 relative error against float64 instead of 2.6e-7; see
             ``Capture._call_model``). Recorded tensors are contiguous either way.
+        layout: How each layer's output maps to the ``(B, C, h, w)`` view methods see
+            (:mod:`cnnlens.capture.layout`): None or ``"auto"`` infers it (``nchw``; ``nhwc`` for Swin stages
+            and permuted ConvNeXt layers; ``tokens`` with the model's prefix tokens and patch grid for ViTs);
+            ``"nchw"``, ``"nhwc"``, ``"ncdhw"``, ``"tokens"``, ``"tokens:P"`` or ``"tokens:P:HxW"`` fixes it for
+            every layer; a mapping layer name -> spec fixes it per layer. Checked before anything runs.
 
     Returns:
         A :class:`Capture`; ``run()`` inside the ``with`` block records one forward and its gradients.
@@ -62,7 +69,7 @@ def capture(
     layer_list = _layer_list(layers)
     if not layer_list:
         raise LayerNotFoundError("no layer given; name at least one layer (see `cnnlens layers`).")
-    return Capture(model, layer_list, output_selector=output_selector, execution=execution)
+    return Capture(model, layer_list, output_selector=output_selector, execution=execution, layout=layout)
 
 
 def record(
@@ -77,15 +84,16 @@ def record(
     relu_backward: ReluBackward = "normal",
     output_selector: OutputSelector | None = None,
     execution: Execution | None = None,
+    layout: LayoutSpec | Mapping[str, LayoutSpec] = None,
 ) -> Recording:
-    """One-shot :func:`capture`: open, run once, close.
+    """One-shot :func:`capture`: open, run once, close (``layout`` as for :func:`capture`).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
         >>> record(net, torch.randn(1, 3, 8, 8), "0").activations["0"].shape
         torch.Size([1, 4, 6, 6])
     """
-    with capture(model, layers, output_selector=output_selector, execution=execution) as cap:
+    with capture(model, layers, output_selector=output_selector, execution=execution, layout=layout) as cap:
         return cap.run(
             inputs,
             targets,

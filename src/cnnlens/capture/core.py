@@ -7,43 +7,35 @@ is open (hooks, eval mode, flags restored in ``finally``) and, once a replay ask
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
-from cnnlens.capture.layers import LayerRef, LayerSpec, resolve_layer
-from cnnlens.capture.memory import call_in_layout
+from cnnlens.capture.layers import LayerRef, LayerSpec, check_layers_ran, check_model, resolve_layer
+from cnnlens.capture.layout import Layout, LayoutResolver, LayoutSpec
+from cnnlens.capture.memory import call_in_layout, wants_channels_last
 from cnnlens.capture.recording import Recording, _grad, _is_target_list, _stack
 from cnnlens.capture.rectifier import RectifierOverride, ReluBackward
-from cnnlens.capture.replay import Replayer, replay_rows
+from cnnlens.capture.replay import Replayer, input_shape_of
+from cnnlens.capture.rows import replay_tensor
 from cnnlens.capture.scope import ModelScope
 from cnnlens.errors import (
     InputShapeError,
     LayerError,
-    ModelTypeError,
     OptionError,
     TargetError,
 )
 from cnnlens.execution import Execution, as_execution
+from cnnlens.inputs import InputsSpec, ModelInputs, as_model_inputs, is_multi
 from cnnlens.outputs import OutputSelector, to_logits
-from cnnlens.targets import Target, TargetSpec, resolve_targets
+from cnnlens.targets import Target, TargetSpec, expand_targets, resolve_targets
 
 __all__ = ["Capture"]
 
 _RULES = ("normal", "guided", "deconvnet")
-
-
-def _check_model(model: object, output_selector: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    if output_selector is not None and not callable(output_selector):
-        raise OptionError(
-            f"output_selector must be a callable (model output -> logits tensor) or None, got "
-            f"{type(output_selector).__name__}."
-        )
 
 
 class Capture:
@@ -54,6 +46,8 @@ class Capture:
         refs: The resolved layers (duplicates removed), in the order requested.
         execution: How to run (the capture reads its ``memory_format``).
         output_selector: Picks the logits from the model output, or None.
+        layouts: Layer key -> the :class:`~cnnlens.capture.Layout` of its output in the last forward that
+            recorded it (given or inferred; see :mod:`cnnlens.capture.layout`).
     """
 
     freeze_parameters = False
@@ -67,8 +61,9 @@ class Capture:
         *,
         output_selector: OutputSelector | None = None,
         execution: Execution | None = None,
+        layout: LayoutSpec | Mapping[str, LayoutSpec] = None,
     ) -> None:
-        _check_model(model, output_selector)
+        check_model(model, output_selector)
         self.execution = as_execution(execution)
         self.model = model
         self._modules = dict(model.named_modules())  # one traversal serves resolution and the scope
@@ -79,6 +74,9 @@ class Capture:
             if ref.key not in seen:
                 seen.add(ref.key)
                 self.refs.append(ref)
+        self._layout = LayoutResolver(model, layout, self.refs, self._modules)
+        self.layouts: dict[str, Layout | None] = {}  # None: an output that is not spatial, recorded as it is
+        self._input_shape: tuple[int, ...] = ()
         self.output_selector = output_selector
         self._scope: ModelScope | None = None
         self._replayer: Replayer | None = None
@@ -90,6 +88,7 @@ class Capture:
         self._graph: dict[str, torch.Tensor] = {}
         self._acts: dict[str, torch.Tensor] = {}
         self._multi_call: dict[str, int] = {}
+        self._prefix: dict[str, torch.Tensor] = {}
 
     @property
     def active(self) -> bool:
@@ -100,7 +99,7 @@ class Capture:
     def replayer(self) -> Replayer:
         """The replay state of this capture (traced tails per layer), created on first use, kept for its life."""
         if self._replayer is None:
-            self._replayer = Replayer(self.model, self.output_selector)
+            self._replayer = Replayer(self.model, self.output_selector, layout_of=self.layout_of)
         return self._replayer
 
     # -- context management -------------------------------------------------------------------------
@@ -144,6 +143,17 @@ class Capture:
         self._acts = {}
         self._calls = {}
         self._multi_call = {}
+        self._prefix = {}
+
+    # -- layouts -----------------------------------------------------------------------------------
+    def layout_of(self, ref: LayerRef, output: torch.Tensor, input_shape: tuple[int, ...]) -> Layout | None:
+        """The layout of ``ref``'s ``output`` for an input of ``input_shape`` (see :class:`LayoutResolver`)."""
+        return self._layout.of(ref, output, input_shape)
+
+    def _map_grad(self, key: str, g: torch.Tensor) -> torch.Tensor:
+        """A gradient w.r.t. a layer's raw output in the map view of that layer (contiguous)."""
+        layout = self.layouts.get(key)
+        return g.contiguous() if layout is None or layout.is_identity else layout.to_maps(g).contiguous()
 
     # -- hooks -------------------------------------------------------------------------------------
     def _make_hook(self, module: nn.Module, refs: list[LayerRef]) -> Any:
@@ -173,20 +183,31 @@ class Capture:
                 if ref.call is None and call > 0:
                     self._multi_call[ref.key] = call + 1
                 self._graph[ref.key] = node
-                self._acts[ref.key] = node.detach().contiguous()  # standard layout whatever the forward used
+                # The map view, contiguous whatever memory format the forward used.
+                self._acts[ref.key], prefix, self.layouts[ref.key] = self._layout.record(ref, node, self._input_shape)
+                if prefix is not None:
+                    self._prefix[ref.key] = prefix
             # The model continues on a copy, so no later in-place op can change what we recorded.
             return node.clone()
 
         return hook
 
     # -- running -----------------------------------------------------------------------------------
-    def _call_model(
-        self, x: torch.Tensor, call: Callable[[torch.Tensor], Any], execution: Execution | None = None
-    ) -> Any:
-        """``call(x)`` in the memory layout of ``execution`` (else the capture's): see :func:`call_in_layout`."""
-        return call_in_layout(self.model, x, call, execution if execution is not None else self.execution)
+    def _call_model(self, x: Any, call: Callable[[Any], Any], execution: Execution | None = None) -> Any:
+        """``call(x)`` in the memory layout of ``execution`` (else the capture's): see :func:`call_in_layout`.
 
-    def _prepare_input(self, inputs: torch.Tensor) -> torch.Tensor:
+        For several inputs (:class:`~cnnlens.inputs.ModelInputs`) every 4-D floating-point input is converted.
+        """
+        ex = execution if execution is not None else self.execution
+        if isinstance(x, ModelInputs):
+            rest = x.map(lambda t: t.contiguous(memory_format=torch.channels_last) if wants_channels_last(t, ex) else t)
+            return call_in_layout(self.model, x.primary, lambda p: call(rest.replace(x.names[0], p)), ex)
+        return call_in_layout(self.model, x, call, ex)
+
+    def _prepare_input(self, inputs: Any, additional_forward_args: Any = None) -> Any:
+        """A tensor (as today, no wrapper) or, for several inputs or extra arguments, a prepared ModelInputs."""
+        if is_multi(inputs, additional_forward_args):
+            return self._prepare_inputs(as_model_inputs(inputs, additional_forward_args))
         if not isinstance(inputs, torch.Tensor):
             raise InputShapeError(f"inputs must be a tensor (B, C, H, W), got {type(inputs).__name__}.")
         if inputs.ndim == 3:
@@ -202,22 +223,36 @@ class Capture:
         # Inference-mode tensors cannot enter an autograd graph: a clone made here is a normal tensor.
         return inputs.detach().clone() if inputs.is_inference() else inputs.detach()
 
+    def _prepare_inputs(self, inputs: ModelInputs) -> ModelInputs:
+        """Every explained and per-sample extra tensor moved like a lone input (device; dtype if floating)."""
+        param = next(self.model.parameters(), None)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if param is not None:
+                t = t.to(device=param.device, dtype=param.dtype if t.is_floating_point() else t.dtype)
+            return t.detach().clone() if t.is_inference() else t.detach()
+
+        return inputs.map(move, extras=True)
+
     def run(
         self,
-        inputs: torch.Tensor,
+        inputs: InputsSpec,
         targets: TargetSpec | list[Target] = None,
         *,
         top_k: int | None = None,
         gradients: bool = True,
         input_gradients: bool = False,
         relu_backward: ReluBackward = "normal",
+        additional_forward_args: Any = None,
     ) -> Recording:
         """Run one forward and, if asked, one gradient pass per target, recording every layer.
 
         Every argument is checked before the model runs or any state changes.
 
         Args:
-            inputs: ``(B, C, H, W)`` or ``(C, H, W)``; moved to the model's device and dtype.
+            inputs: ``(B, C, H, W)`` or ``(C, H, W)``; moved to the model's device and dtype. Several inputs: a
+                tuple/list of tensors, a mapping keyword -> tensor or a :class:`~cnnlens.inputs.ModelInputs`
+                (each explained input gets its own input gradient; see :mod:`cnnlens.inputs`).
             targets: What to explain (see :func:`cnnlens.targets.resolve_targets`).
             top_k: Explain the top-k classes of each sample instead of ``targets``.
             gradients: Compute gradients of the scores with respect to the recorded layers.
@@ -226,6 +261,8 @@ class Capture:
                 or ``"deconvnet"`` (only positive gradients) replace the backward rule of every ReLU and
                 ReLU6 for this run (modules, functional and in-place calls alike); ``"normal"`` keeps
                 autograd's rule. Nothing of the override outlives the call.
+            additional_forward_args: Arguments passed to the model after the inputs, neither explained nor
+                differentiated (captum's convention; see :func:`cnnlens.inputs.as_model_inputs`).
 
         Returns:
             The :class:`Recording`.
@@ -246,10 +283,11 @@ class Capture:
         if need_grad and torch.is_inference_mode_enabled():
             raise TargetError("gradients cannot be computed inside torch.inference_mode(); call cnnlens outside it.")
         target_list: list[Target] = targets if _is_target_list(targets) else resolve_targets(targets, top_k=top_k)
-        x = self._prepare_input(inputs)
+        x = self._prepare_input(inputs, additional_forward_args)
         if input_gradients:
-            x = x.clone().requires_grad_(True)
+            x = _differentiable(x)
         self._clear()
+        self._input_shape = input_shape_of(x)
         prev_grad = torch.is_grad_enabled()
         self._recording = True
         self._record_graph = gradients and need_grad
@@ -264,17 +302,17 @@ class Capture:
             self._clear()
         return recording
 
-    def _record_forward(self, x: torch.Tensor, input_gradients: bool, relu_backward: ReluBackward) -> torch.Tensor:
+    def _record_forward(self, x: Any, input_gradients: bool, relu_backward: ReluBackward) -> torch.Tensor:
         """The recorded forward of :meth:`run`: logits checked against the batch, every layer checked to have run."""
 
-        def attempt(inp: torch.Tensor) -> Any:
+        def attempt(inp: Any) -> Any:
             self._clear()
             torch.set_grad_enabled(input_gradients)
             if relu_backward == "normal":
-                return self.model(inp)
+                return _invoke(self.model, inp)
             override = RectifierOverride(relu_backward)
             with override:
-                out = self.model(inp)
+                out = _invoke(self.model, inp)
             if override.count == 0:
                 raise LayerError(
                     f"relu_backward={relu_backward!r} found no ReLU or ReLU6 in {type(self.model).__name__}'s "
@@ -283,67 +321,81 @@ class Capture:
             return out
 
         logits = to_logits(self._call_model(x, attempt), self.output_selector)
-        if logits.shape[:1] != x.shape[:1]:
+        batch = x.batch if isinstance(x, ModelInputs) else x.shape[0]
+        if logits.ndim == 0 or logits.shape[0] != batch:
             raise TargetError(
                 f"the model output has batch size {logits.shape[0] if logits.ndim else 'none'} for an "
-                f"input batch of {x.shape[0]}; pass output_selector= to pick the per-sample logits."
+                f"input batch of {batch}; pass output_selector= to pick the per-sample logits."
             )
         self._check_layers_ran()
         return logits
 
     def _score_and_differentiate(
         self,
-        x: torch.Tensor,
+        x: Any,
         logits: torch.Tensor,
         target_list: list[Target],
         gradients: bool,
         input_gradients: bool,
     ) -> Recording:
         """Scores of every target and one ``autograd.grad`` per target with respect to all recorded layers."""
+        target_list = expand_targets(target_list, logits.detach())
         score_list = [target(logits) for target in target_list]
         classes = [target.class_indices(logits.detach()) for target in target_list]
         grads: dict[str, list[torch.Tensor]] = {ref.key: [] for ref in self.refs} if gradients else {}
-        in_grads: list[torch.Tensor] = []
+        # One gradient per differentiable input: the lone tensor, or every floating-point explained input.
+        in_names = _grad_names(x) if input_gradients else []
+        in_grads: dict[str, list[torch.Tensor]] = {name: [] for name in in_names}
         if gradients or input_gradients:
             wrt = [self._graph[ref.key] for ref in self.refs] if gradients else []
-            if input_gradients:
-                wrt.append(x)
+            n_layers = len(wrt)
+            wrt += [x.tensor(n) for n in in_names] if isinstance(x, ModelInputs) else [x] if input_gradients else []
             for t, score in enumerate(score_list):
                 results = _grad(score, wrt, retain=t < len(score_list) - 1)
                 if gradients:
                     for ref, g in zip(self.refs, results, strict=False):
-                        grads[ref.key].append(g.contiguous())
-                if input_gradients:
-                    in_grads.append(results[-1].contiguous())
+                        grads[ref.key].append(self._map_grad(ref.key, g))
+                for name, g in zip(in_names, results[n_layers:], strict=True):
+                    in_grads[name].append(g.contiguous())
+        multi = x if isinstance(x, ModelInputs) else None
+        by_input = {name: _stack(v) for name, v in in_grads.items()}
+        first = None if not input_gradients else by_input.get(multi.names[0] if multi is not None else "0")
         return Recording(
             layers=[ref.key for ref in self.refs],
-            inputs=x.detach(),
+            inputs=multi.primary.detach() if multi is not None else x.detach(),
+            model_inputs=multi.map(torch.Tensor.detach, extras=True) if multi is not None else None,
+            input_gradients_by_input=by_input if multi is not None else {},
             logits=logits.detach(),
             activations=dict(self._acts),
+            layouts={ref.key: lay for ref in self.refs if (lay := self.layouts.get(ref.key)) is not None},
+            prefix_tokens=dict(self._prefix),
             gradients={k: _stack(v) for k, v in grads.items()},
-            input_gradients=_stack(in_grads) if input_gradients else None,
+            input_gradients=first,
             scores=torch.stack([s.detach() for s in score_list], dim=1),
             target_classes=torch.stack(classes, dim=1),
             target_names=[t.name for t in target_list],
             targets=list(target_list),
         )
 
-    def forward(self, inputs: torch.Tensor, *, execution: Execution | None = None) -> torch.Tensor:
+    def forward(
+        self, inputs: InputsSpec, *, execution: Execution | None = None, additional_forward_args: Any = None
+    ) -> torch.Tensor:
         """Run the model without recording (eval mode, no graph) and return its logits.
 
         Used by perturbation methods and metrics for their extra forwards.
 
         Args:
-            inputs: The input batch.
+            inputs: The input batch (a tensor, or several inputs as in :meth:`run`).
             execution: Overrides the capture's execution (its ``memory_format``) for this call.
+            additional_forward_args: Passed to the model after the inputs, as in :meth:`run`.
         """
         if execution is not None:
             as_execution(execution)
         if not self._entered:
             raise LayerError("Capture.forward() needs an active capture.")
-        x = self._prepare_input(inputs)
+        x = self._prepare_input(inputs, additional_forward_args)
         with torch.inference_mode():
-            return to_logits(self._call_model(x, self.model, execution), self.output_selector)
+            return to_logits(self._call_model(x, lambda i: _invoke(self.model, i), execution), self.output_selector)
 
     def replay(
         self,
@@ -351,63 +403,22 @@ class Capture:
         activations: torch.Tensor,
         sample_index: torch.Tensor | Sequence[int],
         *,
-        inputs: torch.Tensor,
+        inputs: InputsSpec,
         logits: torch.Tensor | None = None,
         batch_budget_mb: float | None = None,
         execution: Execution | None = None,
     ) -> torch.Tensor:
-        """Logits of the model when ``layer``'s output is replaced by ``activations``.
+        """Logits of the model when ``layer``'s output is replaced by ``activations`` (rows in its map view).
 
-        Row ``n`` of ``activations`` replaces the layer's output for original sample ``sample_index[n]`` of
-        ``inputs``. Only the part of the network after the layer is re-executed where ``torch.fx`` can trace the
-        model (the traced tail is checked once against the real logits and kept in :attr:`replayer`), else full
-        forwards with a temporary hook that substitutes the rows; rows run in memory-bounded chunks under
-        ``torch.inference_mode``. See :mod:`cnnlens.capture.replay` and :func:`~cnnlens.capture.replay_rows`.
+        Row ``n`` replaces the layer's output for original sample ``sample_index[n]`` of ``inputs``; see
+        :func:`cnnlens.capture.rows.replay_tensor` for the arguments, the two replay paths and the errors.
 
-        Args:
-            layer: The layer whose output is replaced (a name, ``name@k`` or module).
-            activations: ``(N, C, h, w)`` replacement outputs (the layer's output shape per sample).
-            sample_index: ``(N,)`` which original sample each row belongs to.
-            inputs: ``(B, ...)`` the original model inputs (e.g. ``Recording.inputs``).
-            logits: ``(B, K)`` the model's logits on ``inputs`` if known (used to verify the traced tail;
-                computed with one forward when omitted).
-            batch_budget_mb: Memory budget of one chunk in MiB (default: ``execution``'s, else
-                :mod:`cnnlens.batching`'s).
-            execution: Memory budget and chunk size of the chunks (None: the capture's execution).
-
-        Returns:
-            ``(N, K)`` logits.
-
-        Raises:
-            LayerError: Outside an active capture, or when the rows do not fit the layer's output.
-
-        Example:
-            >>> from cnnlens.capture import capture
-            >>> net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
-            >>> x = torch.randn(1, 3, 4, 4)
-            >>> with capture(net, "0") as cap:
-            ...     rec = cap.run(x, gradients=False)
-            ...     out = cap.replay("0", torch.zeros(2, 2, 4, 4), [0, 0], inputs=x)
-            >>> torch.allclose(out, net[3].bias.expand(2, 3))
-            True
         """
-        if not isinstance(activations, torch.Tensor):
-            raise InputShapeError(f"activations must be a tensor (N, C, h, w), got {type(activations).__name__}.")
-        index = torch.as_tensor(sample_index, dtype=torch.long, device=activations.device).reshape(-1)
-        if index.shape[0] != activations.shape[0]:
-            raise InputShapeError(
-                f"got {activations.shape[0]} replacement rows but {index.shape[0]} sample indices; give one "
-                "original-sample index per row."
-            )
-
-        def make_rows(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return activations[start:stop].clone(), index[start:stop]  # the model may modify rows in place
-
-        return replay_rows(
+        return replay_tensor(
             self,
             layer,
-            int(activations.shape[0]),
-            make_rows,
+            activations,
+            sample_index,
             inputs=inputs,
             logits=logits,
             batch_budget_mb=batch_budget_mb,
@@ -415,17 +426,23 @@ class Capture:
         )
 
     def _check_layers_ran(self) -> None:
-        missing = [ref.key for ref in self.refs if ref.key not in self._acts]
-        if missing:
-            calls = {ref.key: self._calls.get(ref.module, 0) for ref in self.refs if ref.key in missing}
-            detail = ", ".join(f"{key!r} (ran {n} time{'s' if n != 1 else ''})" for key, n in calls.items())
-            raise LayerError(
-                f"layer(s) {detail} did not produce an output in this forward; choose layers on the path the "
-                "forward takes (e.g. not an unused auxiliary head), or a valid call index name@k."
-            )
-        if self._multi_call:
-            key, n = next(iter(self._multi_call.items()))
-            options = ", ".join(f"'{key}@{i}'" for i in range(n))
-            raise LayerError(
-                f"layer {key!r} ran {n} times in one forward (a shared module); name the call you want: {options}."
-            )
+        check_layers_ran(self.refs, self._acts, self._calls, self._multi_call)
+
+
+def _invoke(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or the call of several inputs (:meth:`ModelInputs.call`)."""
+    return x.call(model) if isinstance(x, ModelInputs) else model(x)
+
+
+def _grad_names(x: Any) -> list[str]:
+    """The inputs that get an input gradient: the lone tensor ("0"), or every floating-point explained input."""
+    if isinstance(x, ModelInputs):
+        return [n for n, t in zip(x.names, x.tensors, strict=True) if t.requires_grad]
+    return ["0"]
+
+
+def _differentiable(x: Any) -> Any:
+    """Fresh leaves that require grad: the lone tensor, or every floating-point explained input."""
+    if isinstance(x, ModelInputs):
+        return x.map(lambda t: t.clone().requires_grad_(True) if t.is_floating_point() else t)
+    return x.clone().requires_grad_(True)

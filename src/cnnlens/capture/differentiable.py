@@ -11,7 +11,7 @@ weights: parameter ``.grad`` can never be written, even by a caller's ``.backwar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch import nn
 from cnnlens.capture.api import _layer_list
 from cnnlens.capture.core import Capture
 from cnnlens.capture.layers import LayerRef, LayerSpec
+from cnnlens.capture.layout import LayoutSpec
 from cnnlens.errors import InputShapeError, LayerError, OptionError, TargetError
 from cnnlens.outputs import OutputSelector, to_logits
 
@@ -33,8 +34,9 @@ class GraphRecording:
 
     Attributes:
         layers: The layer keys in the order requested.
-        activations: Layer key -> output ``(B, C, h, w)``, attached to the graph of the input (the model
-            continued on a copy, so later in-place operations did not change them).
+        activations: Layer key -> output in the map view ``(B, C, h, w)`` (channels-last and token layers mapped
+            by their layout, prefix tokens left out), attached to the graph of the input (the model continued on
+            a copy, so later in-place operations did not change them).
         logits: ``(B, K)`` the model's logits (attached), or None when the forward stopped after the last
             recorded layer (``stop_early=True``).
     """
@@ -65,10 +67,11 @@ class DifferentiableCapture(Capture):
         *,
         output_selector: OutputSelector | None = None,
         stop_early: bool = False,
+        layout: LayoutSpec | Mapping[str, LayoutSpec] = None,
     ) -> None:
         if not isinstance(stop_early, bool):
             raise OptionError(f"stop_early must be True or False, got {stop_early!r}.")
-        super().__init__(model, layers, output_selector=output_selector)
+        super().__init__(model, layers, output_selector=output_selector, layout=layout)
         self.stop_early = stop_early
         self._graph_run = False  # stop early only inside run_graph(), never in the inherited run()
 
@@ -86,6 +89,11 @@ class DifferentiableCapture(Capture):
             return result
 
         return hook
+
+    def _map_view(self, key: str, node: torch.Tensor) -> torch.Tensor:
+        """The recorded output in its layer's map view, still attached to the graph."""
+        layout = self.layouts.get(key)
+        return node if layout is None or layout.is_identity else layout.to_maps(node)
 
     def run_graph(self, inputs: torch.Tensor) -> GraphRecording:
         """Run one forward and return the recorded activations still attached to ``inputs``' graph.
@@ -121,6 +129,7 @@ class DifferentiableCapture(Capture):
         if param is not None and x.is_floating_point():
             x = x.to(device=param.device, dtype=param.dtype)
         self._clear()
+        self._input_shape = tuple(int(d) for d in x.shape)
         prev_grad = torch.is_grad_enabled()
         self._recording = True
         self._record_graph = True
@@ -143,7 +152,7 @@ class DifferentiableCapture(Capture):
                 self._check_layers_ran()
             recording = GraphRecording(
                 layers=[ref.key for ref in self.refs],
-                activations={ref.key: self._graph[ref.key] for ref in self.refs},
+                activations={ref.key: self._map_view(ref.key, self._graph[ref.key]) for ref in self.refs},
                 logits=logits,
             )
         finally:
@@ -161,6 +170,7 @@ def differentiable_capture(
     *,
     output_selector: OutputSelector | None = None,
     stop_early: bool = False,
+    layout: LayoutSpec | Mapping[str, LayoutSpec] = None,
 ) -> DifferentiableCapture:
     """Open a capture whose recorded activations keep their autograd graph to the input.
 
@@ -178,6 +188,7 @@ def differentiable_capture(
             the network is not run and ``logits`` is None). Saves the tail of the forward when the
             objective needs no logits; a shared module called again after that point is not detected, so
             name the call (``name@k``) for shared modules.
+        layout: Layer layouts, as for :func:`cnnlens.capture.capture`: activations come in the map view.
 
     Returns:
         A :class:`DifferentiableCapture`; ``run_graph(x)`` inside the ``with`` block gives a
@@ -192,4 +203,6 @@ def differentiable_capture(
         >>> g.shape, net[0].weight.grad is None
         (torch.Size([1, 3, 8, 8]), True)
     """
-    return DifferentiableCapture(model, _layer_list(layers), output_selector=output_selector, stop_early=stop_early)
+    return DifferentiableCapture(
+        model, _layer_list(layers), output_selector=output_selector, stop_early=stop_early, layout=layout
+    )

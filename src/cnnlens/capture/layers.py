@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from cnnlens.capture.scope import ModelScope
-from cnnlens.errors import InputShapeError, LayerNotFoundError, ModelTypeError
+from cnnlens.errors import InputShapeError, LayerError, LayerNotFoundError, ModelTypeError, OptionError
 
-__all__ = ["LayerInfo", "LayerRef", "LayerSpec", "probe_layers", "resolve_layer"]
+__all__ = ["LayerInfo", "LayerRef", "LayerSpec", "check_layers_ran", "check_model", "probe_layers", "resolve_layer"]
 
 LayerSpec = str | nn.Module
 """A layer as a user names it: a dotted ``named_modules()`` path (optionally ``name@k``) or the module."""
@@ -213,3 +213,41 @@ def _infos(
             )
         )
     return infos
+
+
+def check_model(model: object, output_selector: object) -> None:
+    """Refuse a model that is not an ``nn.Module`` or an output selector that is not callable."""
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if output_selector is not None and not callable(output_selector):
+        raise OptionError(
+            f"output_selector must be a callable (model output -> logits tensor) or None, got "
+            f"{type(output_selector).__name__}."
+        )
+
+
+def check_layers_ran(
+    refs: Sequence[LayerRef], produced: Any, calls: dict[nn.Module, int], multi_call: dict[str, int]
+) -> None:
+    """Refuse a forward in which a requested layer did not produce an output, or a shared one ran twice.
+
+    Args:
+        refs: The requested layers.
+        produced: What the forward recorded (anything supporting ``key in produced``).
+        calls: How often each module ran.
+        multi_call: Layer key -> call count, for layers named without a call index that ran more than once.
+    """
+    missing = [ref.key for ref in refs if ref.key not in produced]
+    if missing:
+        counts = {ref.key: calls.get(ref.module, 0) for ref in refs if ref.key in missing}
+        detail = ", ".join(f"{key!r} (ran {n} time{'s' if n != 1 else ''})" for key, n in counts.items())
+        raise LayerError(
+            f"layer(s) {detail} did not produce an output in this forward; choose layers on the path the "
+            "forward takes (e.g. not an unused auxiliary head), or a valid call index name@k."
+        )
+    if multi_call:
+        key, n = next(iter(multi_call.items()))
+        options = ", ".join(f"'{key}@{i}'" for i in range(n))
+        raise LayerError(
+            f"layer {key!r} ran {n} times in one forward (a shared module); name the call you want: {options}."
+        )

@@ -7,6 +7,8 @@ from typing import TypeGuard
 
 import torch
 
+from cnnlens.capture.layout import Layout
+from cnnlens.inputs import ModelInputs
 from cnnlens.targets import Target
 
 __all__ = ["Recording"]
@@ -20,13 +22,25 @@ class Recording:
         layers: The layer keys in the order requested.
         inputs: The model input ``(B, C, H, W)`` (detached).
         logits: The model's logits ``(B, K)`` (detached).
-        activations: Layer key -> output ``(B, C, h, w)``, detached, never modified in place later.
-        gradients: Layer key -> ``(T, B, C, h, w)`` gradients of each target's score; empty when
-            gradients were not requested.
+        activations: Layer key -> output in the map view ``(B, C, h, w)`` (``(B, C, d, h, w)`` for volumes),
+            detached, never modified in place later. A layer whose output is channels-last or tokens is mapped
+            by its layout (:attr:`layouts`); prefix tokens are left out.
+        gradients: Layer key -> ``(T, B, C, h, w)`` gradients of each target's score with respect to the layer's
+            output, in the same map view; empty when gradients were not requested.
         input_gradients: ``(T, B, C, H, W)`` gradients of each score with respect to the input, or None.
         scores: ``(B, T)`` the target scores.
         target_classes: ``(B, T)`` the class index each target explains (``-1`` for custom targets).
         target_names: One readable name per target.
+        layouts: Layer key -> the :class:`~cnnlens.capture.Layout` of its output (``nchw`` for feature maps);
+            layers whose output is not spatial (rank 2) have none.
+        prefix_tokens: Token layers with prefix tokens only: layer key -> their raw prefix rows ``(B, P, C)``
+            (class, distillation, register tokens), detached.
+        model_inputs: Every model input (:class:`~cnnlens.inputs.ModelInputs`, detached) when the model was called
+            with several inputs or extra arguments; None for a lone tensor (``inputs`` is then all of it).
+            ``inputs`` is always the first explained input.
+        input_gradients_by_input: With several inputs: input name -> ``(T, B, ...)`` gradients of each score with
+            respect to that input (every floating-point explained input); ``input_gradients`` is the first
+            input's. Empty for a lone tensor.
     """
 
     layers: list[str]
@@ -39,6 +53,10 @@ class Recording:
     target_classes: torch.Tensor | None = None
     target_names: list[str] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
+    layouts: dict[str, Layout] = field(default_factory=dict)
+    prefix_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    model_inputs: ModelInputs | None = None
+    input_gradients_by_input: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_targets(self) -> int:

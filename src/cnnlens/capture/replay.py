@@ -12,6 +12,11 @@ Two paths, chosen per (capture, layer) and kept in the capture's :class:`Replaye
   otherwise the layer switches to the hook path for good.
 * "hooks": full forwards of the original inputs indexed by sample_index, with a temporary forward hook
   on the layer that returns the replacement rows (a :class:`~cnnlens.capture.ModelScope`, removed in finally).
+
+Replacement rows come in the layer's *map view* ``(n, C, h, w)``, as :attr:`Recording.activations` holds it;
+before the tail or the hook substitutes them they are mapped back to the layer's own layout
+(:meth:`~cnnlens.capture.Layout.from_maps`: channels-last permuted back; tokens flattened, with the prefix
+tokens of their samples copied from the layer's real output on the original inputs).
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from cnnlens.capture.fxsplit import LeafTracer, split_graph
 from cnnlens.capture.layers import LayerRef, LayerSpec, resolve_layer
+from cnnlens.capture.layout import Layout, infer_layout
 from cnnlens.capture.scope import ModelScope
 from cnnlens.errors import InputShapeError, LayerError
 from cnnlens.execution import Execution, as_execution
+from cnnlens.inputs import ModelInputs
 from cnnlens.outputs import OutputSelector, to_logits
 
 if TYPE_CHECKING:
@@ -40,26 +48,20 @@ log = logging.getLogger(__name__)
 RowSource = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor]"]
 """``make_rows(start, stop) -> (activations (n, C, h, w), sample_index (n,))`` for rows start..stop-1.
 
+Activations are in the layer's map view (its layout's ``(n, C, h, w)``, as recorded), whatever its raw layout.
+
 The rows belong to the replay from then on: the model may modify them in place (``ReLU(inplace=True)``,
 ``out += identity`` after the layer), and a source may reuse one buffer for successive chunks.
 """
 
-_INPLACE_FUNCTIONS = {
-    "iadd",
-    "isub",
-    "imul",
-    "itruediv",
-    "ifloordiv",
-    "imod",
-    "ipow",
-    "iand",
-    "ior",
-    "ixor",
-    "ilshift",
-    "irshift",
-    "imatmul",
-    "setitem",
-}
+LayoutOf = Callable[[LayerRef, torch.Tensor, "tuple[int, ...]"], "Layout | None"]
+"""``layout_of(ref, raw_output, input_shape)``: the layout of a layer's output (:meth:`Capture.layout_of`)."""
+
+
+def input_shape_of(x: Any) -> tuple[int, ...]:
+    """The shape of the (first explained) model input: what a layer's layout is inferred against."""
+    primary = getattr(x, "primary", x)
+    return tuple(int(d) for d in primary.shape) if isinstance(primary, torch.Tensor) else ()
 
 
 @dataclass
@@ -75,106 +77,35 @@ class _TailPlan:
     per_row_bytes: int = 0
     measured_for: tuple[Any, ...] | None = None  # key of the inputs per_row_bytes was measured with
     held: torch.Tensor | None = None  # keeps those inputs' storage alive, so their key stays unique
-    act_shape: tuple[int, ...] = ()  # the layer's output shape per sample (fx path)
+    act_shape: tuple[int, ...] = ()  # the layer's output shape per sample, in the map view (fx path)
+    layout: Layout | None = None  # the layer's layout for the saved inputs (fx path; None: rows are raw)
+    prefix: torch.Tensor | None = None  # (B, P, C) raw prefix tokens of the saved inputs (token layers, fx path)
     n_saved: int = 0  # how many values from before the layer the tail needs (fx path)
 
 
-class _LeafTracer:
-    """Builds an fx tracer that keeps one named module as a single call (imported lazily)."""
-
-    @staticmethod
-    def trace(model: nn.Module, leaf: str) -> Any:
-        import torch.fx
-
-        class Tracer(torch.fx.Tracer):
-            def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-                return module_qualified_name == leaf or super().is_leaf_module(m, module_qualified_name)
-
-        graph = Tracer().trace(model)
-        return torch.fx.GraphModule(model, graph)
-
-
-def _mutates(node: Any, modules: dict[str, nn.Module]) -> bool:
-    """Whether an fx node modifies its first argument in place."""
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return bool(
-            name in _INPLACE_FUNCTIONS
-            or node.kwargs.get("inplace", False)
-            or (name.endswith("_") and not name.startswith("_"))
-        )
-    if node.op == "call_method":
-        name = str(node.target)
-        return name.endswith("_") and not name.startswith("_")
-    if node.op == "call_module":
-        return bool(getattr(modules.get(str(node.target)), "inplace", False))
-    return False
-
-
-def _split_graph(gm: Any, ref: LayerRef) -> tuple[Any, Any, list[Any]] | str:
-    """Cut a traced model at ``ref``'s node: (head module, tail module, saved head nodes) or why not."""
-    import torch.fx
-
-    graph = gm.graph
-    nodes = list(graph.nodes)
-    hits = [n for n in nodes if n.op == "call_module" and n.target == ref.name]
-    wanted = ref.call if ref.call is not None else 0
-    if not hits:
-        return f"the traced graph has no call of {ref.name!r} (it is inlined or inside a library leaf module)"
-    if (ref.call is None and len(hits) > 1) or wanted >= len(hits):
-        return f"{ref.name!r} is called {len(hits)} times in the traced graph"
-    target = hits[wanted]
-    pos = nodes.index(target)
-    before = nodes[: pos + 1]
-    after = [n for n in nodes[pos + 1 :] if n.op != "output"]
-    output = next(n for n in nodes if n.op == "output")
-    modules = dict(gm.named_modules())
-    depends = {target}
-    for node in after:
-        if any(a in depends for a in node.all_input_nodes):
-            depends.add(node)
-    movable = [n for n in after if n not in depends and n.op not in ("placeholder", "output")]
-    # Moving independent nodes into the head is unsafe when an in-place op mutates a value read on both
-    # sides of the cut (the order of the read and the write would change).
-    for node in after:
-        if _mutates(node, modules) and node.args and isinstance(node.args[0], torch.fx.Node):
-            readers = set(node.args[0].users) | {node}
-            sides = {r in depends for r in readers if r in after or r is target}
-            if len(sides) > 1:
-                movable = []
-                break
-    head_set = set(before) | set(movable)
-    tail_nodes = [n for n in after if n not in head_set]
-    needed: list[Any] = []
-    for node in [*tail_nodes, output]:
-        for arg in node.all_input_nodes:
-            if arg in head_set and arg is not target and arg not in needed:
-                needed.append(arg)
-    saved = [n for n in needed if n.op != "get_attr"]
-    consts = [n for n in needed if n.op == "get_attr"]
-
-    head = torch.fx.Graph()
-    env: dict[Any, Any] = {}
-    for node in nodes:
-        if node in head_set:
-            env[node] = head.node_copy(node, lambda a: env[a])
-    head.output((*[env[n] for n in saved], env[target]))
-
-    tail = torch.fx.Graph()
-    tenv: dict[Any, Any] = {target: tail.placeholder("replaced_activation")}
-    for i, node in enumerate(saved):
-        tenv[node] = tail.placeholder(f"saved_{i}")
-    for node in consts:
-        tenv[node] = tail.node_copy(node, lambda a: tenv[a])
-    for node in tail_nodes:
-        tenv[node] = tail.node_copy(node, lambda a: tenv[a])
-    tail.output(torch.fx.node.map_arg(output.args[0], lambda a: tenv[a]))
-    return torch.fx.GraphModule(gm, head), torch.fx.GraphModule(gm, tail), saved
-
-
-def _input_key(x: torch.Tensor) -> tuple[Any, ...]:
+def _input_key(x: torch.Tensor | ModelInputs) -> tuple[Any, ...]:
     """Identifies an input batch (same storage, shape, dtype and no in-place change since)."""
+    if isinstance(x, ModelInputs):
+        return x.key()
     return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x._version)
+
+
+def _apply(fn: Callable[..., Any], x: torch.Tensor | ModelInputs) -> Any:
+    """``fn(x)``, or ``fn`` called with every model input (several inputs: every input indexed alike)."""
+    return x.call(fn) if isinstance(x, ModelInputs) else fn(x)
+
+
+def _batch_of(x: torch.Tensor | ModelInputs) -> int:
+    return x.batch if isinstance(x, ModelInputs) else int(x.shape[0])
+
+
+def _take(x: torch.Tensor | ModelInputs, index: torch.Tensor) -> torch.Tensor | ModelInputs:
+    """Rows ``index`` of the inputs (of every input and per-sample extra argument)."""
+    return x.rows(index) if isinstance(x, ModelInputs) else x.index_select(0, index)
+
+
+def _row_bytes(x: torch.Tensor | ModelInputs) -> int:
+    return x.row_bytes() if isinstance(x, ModelInputs) else x[:1].nelement() * x.element_size()
 
 
 def _tolerance(reference: torch.Tensor) -> float:
@@ -188,10 +119,19 @@ class Replayer:
     It holds the model and the output selector, not the capture (no reference cycle).
     """
 
-    def __init__(self, model: nn.Module, output_selector: OutputSelector | None) -> None:
+    def __init__(
+        self, model: nn.Module, output_selector: OutputSelector | None, *, layout_of: LayoutOf | None = None
+    ) -> None:
         self.model = model
         self.output_selector = output_selector
         self.plans: dict[str, _TailPlan] = {}
+        self.layout_of: LayoutOf = layout_of if layout_of is not None else self._infer
+
+    def _infer(self, ref: LayerRef, output: torch.Tensor, input_shape: tuple[int, ...]) -> Layout | None:
+        """Inferred layout (no explicit spec) for a replayer made without a capture's ``layout_of``."""
+        if output.ndim not in (3, 4, 5):
+            return None
+        return infer_layout(self.model, ref.module, output, input_shape, None, layer=ref.key)
 
     def plan(self, ref: LayerRef) -> _TailPlan:
         """The replay plan of ``ref`` (traced on first use, then kept)."""
@@ -203,8 +143,8 @@ class Replayer:
 
     def _trace(self, ref: LayerRef) -> _TailPlan:
         try:
-            gm = _LeafTracer.trace(self.model, ref.name)
-            split = _split_graph(gm, ref)
+            gm = LeafTracer.trace(self.model, ref.name)
+            split = split_graph(gm, ref)
         except Exception as exc:  # any tracing failure means: use the hook path (reason kept)
             return _TailPlan("hooks", reason=f"torch.fx could not trace the model: {type(exc).__name__}: {exc}")
         if isinstance(split, str):
@@ -215,6 +155,7 @@ class Replayer:
     def _fallback(self, plan: _TailPlan, reason: str) -> None:
         log.debug("replay falls back to full forwards: %s", reason)
         plan.kind, plan.reason, plan.head, plan.tail, plan.saved = "hooks", reason, None, None, []
+        plan.layout, plan.prefix = None, None
         plan.inputs, plan.per_row_bytes, plan.measured_for = None, 0, None
 
     def prepare(
@@ -225,8 +166,13 @@ class Replayer:
         reference: torch.Tensor | None,
         example: tuple[torch.Tensor, torch.Tensor],
         forward: Callable[[torch.Tensor], torch.Tensor],
+        known: Layout | None = None,
     ) -> _TailPlan:
-        """Compute the saved head values for ``inputs`` (once), check the tail, measure one row's footprint."""
+        """Compute the saved head values for ``inputs`` (once), check the tail, measure one row's footprint.
+
+        ``reference`` is the recorded activation in the map view and ``known`` the layout it was recorded with
+        (when both are given and the raw output can be rebuilt from the reference alone, the head is not run).
+        """
         from cnnlens.batching import measure_peak_bytes
 
         plan = self.plan(ref)
@@ -234,7 +180,7 @@ class Replayer:
         row, row_index = example
         key = _input_key(inputs)
         if plan.kind == "fx" and plan.inputs != key:
-            problem = self._check_tail(plan, inputs, logits, reference, forward)
+            problem = self._check_tail(plan, ref, inputs, logits, reference, forward, known)
             if problem:
                 self._fallback(plan, problem)
             else:
@@ -253,7 +199,7 @@ class Replayer:
                     peak = measure_peak_bytes(run, device)
             extra = sum(v[:1].nelement() * v.element_size() for v in plan.saved)
             if plan.kind == "hooks":
-                extra += inputs[:1].nelement() * inputs.element_size()
+                extra += _row_bytes(inputs)
             plan.per_row_bytes = max(1, peak + 2 * row[:1].nelement() * row.element_size() + extra)
             plan.measured_for = key
         plan.held = inputs
@@ -262,27 +208,33 @@ class Replayer:
     def _check_tail(
         self,
         plan: _TailPlan,
+        ref: LayerRef,
         inputs: torch.Tensor,
         logits: torch.Tensor | None,
         reference: torch.Tensor | None,
         forward: Callable[[torch.Tensor], torch.Tensor],
+        known: Layout | None = None,
     ) -> str:
         """Run the head on ``inputs`` and check the tail on the unmodified activations; '' when all is well."""
+        rebuildable = known is None or known.is_identity or known.prefix == 0
         try:
-            if plan.n_saved == 0 and reference is not None:
-                values: list[Any] = [reference]  # the tail needs nothing else: no head run
+            if plan.n_saved == 0 and reference is not None and rebuildable:
+                # The tail needs nothing else: no head run (the raw output rebuilt from the map view).
+                values: list[Any] = [reference if known is None else known.from_maps(reference)]
             else:
                 with torch.inference_mode():
-                    out = plan.head(inputs)
+                    out = _apply(plan.head, inputs)
                 values = list(out) if isinstance(out, tuple) else [out]
             saved, head_act = values[:-1], values[-1]
-            batch = int(inputs.shape[0])
+            batch = _batch_of(inputs)
             if not all(isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch for v in saved):
                 return "the tail needs values from before the layer that are not per-sample tensors"
             if not isinstance(head_act, torch.Tensor):
                 return "the traced layer output is not a tensor"
+            layout = self.layout_of(ref, head_act, input_shape_of(inputs))
+            mapped = head_act if layout is None or layout.is_identity else layout.to_maps(head_act)
             if reference is not None and (
-                reference.shape != head_act.shape or float((reference - head_act).abs().max()) > _tolerance(reference)
+                reference.shape != mapped.shape or float((reference - mapped).abs().max()) > _tolerance(reference)
             ):
                 return "the traced head does not reproduce the recorded activation"
             real = logits if logits is not None else forward(inputs)
@@ -296,10 +248,12 @@ class Replayer:
         except Exception as exc:  # a traced graph that cannot run here: use the hook path (reason kept)
             return f"the traced graph failed to run: {type(exc).__name__}: {exc}"
         plan.saved = saved
-        plan.act_shape = tuple(head_act.shape[1:])
+        plan.act_shape = tuple(mapped.shape[1:])
+        plan.layout = layout
+        plan.prefix = head_act[:, : layout.prefix].detach().clone() if layout is not None and layout.prefix else None
         return ""
 
-    def hooked(self, ref: LayerRef, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def hooked(self, ref: LayerRef, x: torch.Tensor | ModelInputs, rows: torch.Tensor) -> torch.Tensor:
         """Full forward of ``x`` with ``ref``'s output replaced by ``rows`` (hook removed in finally)."""
         state = {"call": 0}
         wanted = ref.call if ref.call is not None else 0
@@ -309,18 +263,23 @@ class Replayer:
             state["call"] = call + 1
             if call != wanted:
                 return None
-            if not isinstance(output, torch.Tensor) or tuple(output.shape) != tuple(rows.shape):
-                got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            layout = self.layout_of(ref, output, input_shape_of(x)) if isinstance(output, torch.Tensor) else None
+            mapped = output if layout is None or layout.is_identity else layout.to_maps(output)
+            if not isinstance(mapped, torch.Tensor) or tuple(mapped.shape) != tuple(rows.shape):
+                got = tuple(mapped.shape) if isinstance(mapped, torch.Tensor) else type(output).__name__
                 raise LayerError(
                     f"replacement activations for layer {ref.key!r} have shape {tuple(rows.shape)}, but the "
-                    f"layer outputs {got} for these inputs; give rows shaped like the layer's output."
+                    f"layer outputs {got} for these inputs (in its map view); give rows shaped like the "
+                    "recorded activation."
                 )
+            if layout is not None and not layout.is_identity:
+                return layout.from_maps(rows.to(dtype=output.dtype), output)
             return rows.to(dtype=output.dtype)
 
         with ModelScope(self.model, eval_mode=False) as scope:
             scope.add_forward_hook(ref.module, hook)
             with torch.inference_mode():
-                return to_logits(self.model(x), self.output_selector)
+                return to_logits(_apply(self.model, x), self.output_selector)
 
     def run(
         self, ref: LayerRef, plan: _TailPlan, inputs: torch.Tensor, rows: torch.Tensor, index: torch.Tensor
@@ -333,10 +292,14 @@ class Replayer:
                     f"layer outputs {(rows.shape[0], *plan.act_shape)} for these inputs; give rows shaped like "
                     "the layer's output."
                 )
+            layout = plan.layout
+            if layout is not None and not layout.is_identity:
+                prefix = plan.prefix.index_select(0, index) if plan.prefix is not None else None
+                rows = layout.from_maps(rows, prefix)
             with torch.inference_mode():
                 out = plan.tail(rows, *[v.index_select(0, index) for v in plan.saved])
             return to_logits(out, self.output_selector)
-        return self.hooked(ref, inputs.index_select(0, index), rows)
+        return self.hooked(ref, _take(inputs, index), rows)
 
 
 def replay_path(cap: Capture, layer: LayerSpec) -> tuple[str, str]:
@@ -372,7 +335,8 @@ def replay_rows(
         cap: An active capture.
         layer: The layer whose output is replaced.
         n_rows: How many rows.
-        make_rows: ``make_rows(start, stop) -> (activations, sample_index)``.
+        make_rows: ``make_rows(start, stop) -> (activations, sample_index)``; activations in the layer's map
+            view ``(n, C, h, w)`` (mapped back to its layout before they replace its output).
         inputs: The original inputs ``(B, ...)``.
         logits: The model's logits on ``inputs`` if known.
         reference: The recorded activations (a dict by layer key, or the layer's tensor) if known.
@@ -400,7 +364,7 @@ def replay_rows(
         return torch.zeros(0, 0, device=x.device)
     act_ref = reference.get(ref.key) if isinstance(reference, dict) else reference
     replayer = cap.replayer
-    batch = int(x.shape[0])
+    batch = _batch_of(x)
     budget = resolve_budget(batch_budget_mb if batch_budget_mb is not None else ex.memory_budget_mb, x.device)
 
     def make(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,7 +379,7 @@ def replay_rows(
             )
         return rows.to(device=x.device), index
 
-    plan = replayer.prepare(ref, x, logits, act_ref, make(0, 1), cap.forward)
+    plan = replayer.prepare(ref, x, logits, act_ref, make(0, 1), cap.forward, known=cap.layouts.get(ref.key))
 
     def work(chunk: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return replayer.run(ref, plan, x, chunk[0], chunk[1])
