@@ -34,6 +34,7 @@ from cnnlens.methods.registry import (
     MethodSpec,
     NetworkRecord,
     apply_display,
+    check_volumes,
     display_mode,
     resolve_bound,
 )
@@ -74,7 +75,7 @@ def _check_finite_inputs(inputs: object) -> None:
     finite = torch.isfinite(inputs.detach())
     if bool(finite.all()):
         return
-    per_image = (~finite).flatten(1).sum(1) if inputs.ndim == 4 else (~finite).sum().view(1)
+    per_image = (~finite).flatten(1).sum(1) if inputs.ndim >= 4 else (~finite).sum().view(1)
     bad = [i for i, n in enumerate(per_image.tolist()) if n]
     raise NonFiniteInputError(
         f"the input holds NaN or infinite values ({int((~finite).sum())} of {inputs.numel()}, in image(s) "
@@ -101,7 +102,7 @@ def _check_finite_logits(logits: torch.Tensor | None, module: nn.Module) -> None
 def _check_default_is_spatial(activations: Mapping[str, torch.Tensor], module: nn.Module) -> None:
     """Refuse a default layer whose output is not a feature map (a ViT's tokens), naming how to choose one."""
     for name, value in activations.items():
-        if value.ndim != 4:
+        if value.ndim not in (4, 5):  # (B, C, h, w) feature maps, (B, C, d, h, w) volumes
             raise LayerError(
                 f"the default layer {name!r} of {type(module).__name__} outputs shape {tuple(value.shape)}, not a "
                 "(B, C, H, W) feature map (token layouts are not supported); name a convolutional layer or block: "
@@ -196,7 +197,7 @@ def _compute(
         for key, value in out.extras.items():
             extras.setdefault(key, []).append(value.detach())
     joined = per_target[0].unsqueeze(1) if len(per_target) == 1 else torch.stack(per_target, dim=1)
-    raw, bad = finite_or_zero(joined.to(raw_dtype))
+    raw, bad = finite_or_zero(joined.to(raw_dtype), spatial_dims=joined.ndim - 2)  # (h, w) or (d, h, w)
     stacked = {k: torch.stack(v, dim=1) for k, v in extras.items()}
     if bool(bad.any()):  # NaN/inf gradients (weights, overflow): flagged apart from constant maps
         stacked["nonfinite"] = bad
@@ -209,7 +210,7 @@ _Computed = tuple[MethodSpec, str, dict[str, Any], torch.Tensor, torch.Tensor, d
 def _results(
     computed: list[_Computed],
     rec: Recording,
-    size: tuple[int, int],
+    size: tuple[int, ...],
     images: torch.Tensor,
     image_names: Sequence[str] | None,
     names: list[str] | None,
@@ -249,9 +250,12 @@ def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None =
     """The uint8 ``(B, H, W, 3)`` images that maps align with, for overlays.
 
     A zoo model's preprocessing is inverted exactly; for any other model each image is min-max stretched
-    to [0, 255] (per image, so images do not influence each other).
+    to [0, 255] (per image, so images do not influence each other). For volumes ``(B, C, D, H, W)`` the
+    image is the middle depth slice ``D // 2`` (the slice :meth:`cnnlens.ExplanationSet.save` draws).
     """
     x = inputs.detach().float()
+    if x.ndim == 5:
+        x = x[:, :, x.shape[2] // 2]
     if x.ndim != 4:
         raise InputShapeError(f"display_images needs a batch (B, C, H, W), got shape {tuple(x.shape)}.")
     if isinstance(model, LoadedModel) and x.shape[1] == 3:
@@ -290,7 +294,9 @@ def explain(
     Args:
         model: An ``nn.Module`` or a :class:`cnnlens.models.LoadedModel` (whose class names,
             preprocessing and provenance then go into the results).
-        inputs: ``(B, C, H, W)`` or ``(C, H, W)`` preprocessed input.
+        inputs: ``(B, C, H, W)`` or ``(C, H, W)`` preprocessed input, or a batch of volumes ``(B, C, D, H, W)``
+            (a ``Conv3d`` network; only the methods registered with ``volumes=True`` run on them, see
+            :func:`cnnlens.methods.registry.volume_method_ids`; maps are then ``(B, T, D, H, W)``).
         methods: Method ids (``"gradcam"``, ``"gradcampp"``...), ``"all"``, specs, or bound methods with
             typed options, e.g. ``get_method("gradcampp").bind(alpha_normalize=True)``.
         layers: Layer names or modules; default: :func:`default_layer`.
@@ -334,6 +340,7 @@ def explain(
         raise ModelTypeError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
     _check_finite_inputs(inputs)
     variants = _variants(methods, options)
+    check_volumes([spec for spec, _ in variants], inputs)  # methods that do not run on volumes: before any forward
     if layers is None:
         layer_list: list[LayerSpec] = [default_layer(loaded if loaded is not None else module)]
     elif isinstance(layers, (str, nn.Module)):
@@ -352,11 +359,14 @@ def explain(
             input_gradients="input_gradients" in needs,
         )
         _check_finite_logits(rec.logits, module)
-        if rec.inputs.ndim != 4:
-            raise InputShapeError(f"explain() needs image batches (B, C, H, W), got {tuple(rec.inputs.shape)}.")
+        if rec.inputs.ndim not in (4, 5):
+            raise InputShapeError(
+                f"explain() needs image batches (B, C, H, W) or volume batches (B, C, D, H, W), got "
+                f"{tuple(rec.inputs.shape)}."
+            )
         if layers is None and "activations" in needs:
             _check_default_is_spatial(rec.activations, module)
-        size = (int(rec.inputs.shape[-2]), int(rec.inputs.shape[-1]))
+        size = tuple(int(s) for s in rec.inputs.shape[2:])  # (H, W), or (D, H, W) for volumes
         assert rec.scores is not None  # set by run()
         assert rec.target_classes is not None
         images = display_images(rec.inputs, loaded)

@@ -4,6 +4,13 @@ An :class:`Explanation` holds one method at one layer for a batch of images and 
 image. Raw maps (signed, at layer resolution, before any ReLU) and the displayed maps (ReLU if the method
 uses it, upsampled to the input, min-max normalised per map) are kept apart. ``degenerate`` flags maps that
 were constant or all zero and were returned as zeros.
+
+Volumes: for a ``Conv3d`` network explained on inputs ``(B, C, D, H, W)``, raw maps are ``(B, T, d, h, w)``
+and maps ``(B, T, D, H, W)`` (:attr:`Explanation.is_volume`). ``save()`` then writes the full arrays (the raw
+``.raw.npy`` and the upsampled, normalised ``.map.npy``) and draws the overlay and heatmap PNGs of the
+middle depth slice ``D // 2`` (recorded as ``depth_slice`` in the manifest); ``images`` holds that slice of
+the input. Consumers of 2-D maps (metrics, figures) call :meth:`Explanation.require_images`, which refuses a
+volume with a message saying how to take a slice.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import numpy as np
 import torch
 
 from cnnlens.display import SPARSE_CMAP, method_traits, variant_options
-from cnnlens.errors import LayerNotFoundError, MethodNotFoundError
+from cnnlens.errors import InputShapeError, LayerNotFoundError, MethodNotFoundError
 from cnnlens.explain_folder import ExplainFolder, _png_text, environment_versions, write_manifest
 from cnnlens.imaging import clip_percentile, colorize, overlay, overlay_weighted, save_png
 from cnnlens.outputs_dir import safe_name
@@ -74,13 +81,16 @@ class Explanation:
         title: The method's display name.
         layer: The layer key.
         variant: The method's options as used (e.g. ``{"alpha_normalize": False, "relu": True}``).
-        raw: ``(B, T, h, w)`` float32 signed raw maps at layer resolution, before any ReLU.
-        maps: ``(B, T, H, W)`` float32 maps in [0, 1] at input resolution (ReLU'd if ``variant["relu"]``).
+        raw: ``(B, T, h, w)`` float32 signed raw maps at layer resolution, before any ReLU
+            (``(B, T, d, h, w)`` for volumes).
+        maps: ``(B, T, H, W)`` float32 maps in [0, 1] at input resolution (ReLU'd if ``variant["relu"]``;
+            ``(B, T, D, H, W)`` for volumes).
         degenerate: ``(B, T)`` bool: the map was constant or all zero and is returned as zeros.
         target_classes: ``(B, T)`` explained class indices (``-1`` for custom targets).
         target_names: One description per target.
         scores: ``(B, T)`` the explained scores.
-        images: ``(B, H, W, 3)`` uint8 images the maps align with (for overlays), or None.
+        images: ``(B, H, W, 3)`` uint8 images the maps align with (for overlays), or None; for volumes, the
+            middle depth slice ``D // 2`` of each input.
         image_names: One name per image (file stems), used for file names.
         class_names: Class names of the model, or None.
         manifest: Model, weights, preprocessing and versions (JSON-serialisable).
@@ -122,6 +132,38 @@ class Explanation:
         """Number of targets per image."""
         return int(self.raw.shape[1])
 
+    @property
+    def is_volume(self) -> bool:
+        """Whether the maps are volumes ``(B, T, D, H, W)`` (a ``Conv3d`` network) rather than images."""
+        return self.maps.ndim == 5
+
+    @property
+    def depth_slice(self) -> int | None:
+        """For volumes, the depth index ``D // 2`` that ``images`` and the saved PNGs show; None for images."""
+        return int(self.maps.shape[2]) // 2 if self.is_volume else None
+
+    def require_images(self, what: str) -> None:
+        """Refuse a volume where only 2-D maps ``(B, T, H, W)`` make sense (metrics, figures), naming ``what``.
+
+        Raises:
+            InputShapeError: The maps are volumes; the message says how to take a slice.
+
+        Example:
+            >>> e = Explanation("gradcam", "Grad-CAM", "conv", {}, torch.zeros(1, 1, 2, 4, 4),
+            ...                 torch.zeros(1, 1, 8, 16, 16), torch.zeros(1, 1, dtype=torch.bool),
+            ...                 torch.zeros(1, 1, dtype=torch.long), ["0"], torch.zeros(1, 1))
+            >>> e.require_images("the pointing game")
+            Traceback (most recent call last):
+            ...
+            cnnlens.errors.InputShapeError: the pointing game works on 2-D maps (B, T, H, W), but gradcam ...
+        """
+        if self.is_volume:
+            raise InputShapeError(
+                f"{what} works on 2-D maps (B, T, H, W), but {self.method} at layer {self.layer!r} holds volumes "
+                f"{_shape(self.maps)} (B, T, D, H, W) from a Conv3d network; pass one depth slice instead, e.g. "
+                f"explanation.maps[:, :, {self.depth_slice}] (the middle slice), or save() the volumes as arrays."
+            )
+
     def class_label(self, b: int, t: int) -> str:
         """A readable label of target ``t`` of image ``b`` (class name when known)."""
         idx = int(self.target_classes[b, t])
@@ -140,6 +182,7 @@ class Explanation:
             "variant": self.variant,
             "raw_shape": list(self.raw.shape),
             "map_shape": list(self.maps.shape),
+            "depth_slice": self.depth_slice,
             "degenerate": self.degenerate.tolist(),
             "target_classes": self.target_classes.tolist(),
             "target_names": self.target_names,
@@ -303,6 +346,9 @@ class ExplanationSet(Sequence[Explanation]):
 
         Layout: ``<image>/<method>__<layer>__<target>.overlay.png`` (the map over the preprocessed image),
         ``.heatmap.png`` (the coloured map) and ``.raw.npy`` (the signed layer-resolution map, float32).
+        Volumes (maps ``(B, T, D, H, W)``): the PNGs show the middle depth slice ``D // 2`` (the entry's
+        ``depth_slice``), ``.raw.npy`` holds the whole ``(d, h, w)`` raw volume and ``.map.npy`` the whole
+        upsampled, normalised ``(D, H, W)`` map (float32), written whenever ``raw`` is True.
         Class-activation maps use ``cmap`` at opacity ``alpha``; pixel attributions (saliency, guided
         backprop, Integrated Gradients...: sparse maps) use ``sparse_cmap`` scaled to their 99th percentile,
         with an opacity proportional to the map (:func:`cnnlens.imaging.overlay_weighted`), so the photo shows
@@ -318,6 +364,10 @@ class ExplanationSet(Sequence[Explanation]):
         for exp in self._items:
             images = exp.images.cpu().numpy() if exp.images is not None else None
             maps = exp.maps.detach().float().cpu().numpy()
+            depth = exp.depth_slice
+            volumes = maps if depth is not None else None
+            if depth is not None:  # volumes (B, T, D, H, W): the PNGs show the middle slice
+                maps = maps[:, :, depth]
             raws = exp.raw.detach().float().cpu().numpy()
             keys = _image_keys(exp.image_names, exp.batch_size)
             traits = method_traits(exp.method)
@@ -347,6 +397,11 @@ class ExplanationSet(Sequence[Explanation]):
                         np.save(path, raws[b, t].astype(np.float32))
                         files["raw"] = path.relative_to(root).as_posix()
                         written.append(path)
+                        if volumes is not None:  # the PNGs show one slice: keep the whole map too
+                            path = folder / f"{stem}.map.npy"
+                            np.save(path, volumes[b, t].astype(np.float32))
+                            files["map"] = path.relative_to(root).as_posix()
+                            written.append(path)
                     entries.append(
                         {
                             "image": image_name,
@@ -365,6 +420,7 @@ class ExplanationSet(Sequence[Explanation]):
                             "score": float(exp.scores[b, t]),
                             "degenerate": bool(exp.degenerate[b, t]),
                             "raw_shape": list(raws.shape[2:]),
+                            **({"depth_slice": depth} if depth is not None else {}),
                             **{k: float(v[b, t]) for k, v in exp.extras.items()},
                             "files": files,
                         }

@@ -2,7 +2,13 @@
 
 Each method returns the raw, signed map ``sum_k w_k A_k`` at layer resolution; the ReLU (CAM convention),
 upsampling and normalisation are applied afterwards by :func:`cnnlens.explain.explain`, so the raw map is
-always available. Arithmetic over whole feature maps runs in float64 for float64 models and in float32
+always available.
+
+Every method here runs on images and on volumes alike: a layer view is ``(B, C, *spatial)`` with two spatial
+dimensions ``(h, w)`` or three ``(d, h, w)`` (``Conv3d`` video/medical networks), the sums and means of the
+formulas run over all spatial dimensions (:func:`spatial_dims`), and the raw map is ``(B, *spatial)``.
+
+Arithmetic over whole feature maps runs in float64 for float64 models and in float32
 otherwise (float16/bfloat16 upcast first, so nothing underflows; see :func:`map_dtype`); Grad-CAM++'s powers
 of the gradient, used only for signed activations, run in float64 (float32 on MPS).
 """
@@ -29,6 +35,7 @@ __all__ = [
     "layercam",
     "map_dtype",
     "register_cam",
+    "spatial_dims",
     "weighted_sum",
     "xgradcam",
 ]
@@ -45,13 +52,29 @@ def map_dtype(activation: torch.Tensor) -> torch.dtype:
     return torch.float64 if activation.dtype == torch.float64 else torch.float32
 
 
-def weighted_sum(weights: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
-    """``sum_k w_k A_k``: channel weights ``(B, C)`` times activations ``(B, C, h, w)`` -> ``(B, h, w)``.
+def spatial_dims(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The spatial dimensions of a ``(B, C, *spatial)`` view: ``(2, 3)`` for images, ``(2, 3, 4)`` for volumes.
 
-    Computed in :func:`map_dtype` of the activation (float64 for float64 models, float32 otherwise).
+    Example:
+        >>> spatial_dims(torch.zeros(1, 2, 3, 4)), spatial_dims(torch.zeros(1, 2, 3, 4, 5))
+        ((2, 3), (2, 3, 4))
+    """
+    return tuple(range(2, tensor.ndim))
+
+
+def weighted_sum(weights: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_k A_k``: channel weights ``(B, C)`` times activations ``(B, C, *spatial)`` -> ``(B, *spatial)``.
+
+    Computed in :func:`map_dtype` of the activation (float64 for float64 models, float32 otherwise). Images
+    ``(B, C, h, w)`` and volumes ``(B, C, d, h, w)`` alike.
+
+    Example:
+        >>> weighted_sum(torch.tensor([[2.0, -1.0]]), torch.ones(1, 2, 1, 2, 2)).shape
+        torch.Size([1, 1, 2, 2])
     """
     dtype = map_dtype(activation)
-    return torch.einsum("bc,bchw->bhw", weights.to(dtype), activation.to(dtype))
+    equation = "bc,bchw->bhw" if activation.ndim == 4 else "bc,bc...->b..."
+    return torch.einsum(equation, weights.to(dtype), activation.to(dtype))
 
 
 class CamMethod:
@@ -60,10 +83,14 @@ class CamMethod:
     A subclass sets the registry metadata as class attributes (``id``, ``title``, ``paper``, ``formula``,
     ``summary``, optionally ``defaults`` and ``needs_gradient``) and implements
     ``weights(activation, gradient, **options) -> (B, C)``. Calling an instance with a :class:`LayerView`
-    checks the view is a ``(B, C, h, w)`` feature map and (when ``needs_gradient``) that its gradient was
-    captured, both errors naming the method's own ``id``, then returns ``sum_k w_k A_k``
-    (:func:`weighted_sum`). Methods that are not a channel weighting (HiResCAM, LayerCAM...) override
-    :meth:`combine` instead. :func:`register_cam` registers the class under its ``id``.
+    checks the view is a ``(B, C, h, w)`` feature map or a ``(B, C, d, h, w)`` volume and (when
+    ``needs_gradient``) that its gradient was captured, both errors naming the method's own ``id``, then
+    returns ``sum_k w_k A_k`` (:func:`weighted_sum`). Methods that are not a channel weighting (HiResCAM,
+    LayerCAM...) override :meth:`combine` instead. :func:`register_cam` registers the class under its ``id``.
+
+    Volumes: a CAM is declared to run on volumes by default (``volumes = True``), so its ``weights`` and
+    ``combine`` reduce over :func:`spatial_dims` (every spatial dimension), never a literal ``(2, 3)``; a CAM
+    that cannot sets ``volumes = False`` and is refused on volumes with a :class:`cnnlens.errors.MethodError`.
 
     Example:
         >>> class Mean(CamMethod):
@@ -83,6 +110,7 @@ class CamMethod:
     summary: ClassVar[str] = ""
     defaults: ClassVar[Mapping[str, Any]] = {}
     needs_gradient: ClassVar[bool] = True
+    volumes: ClassVar[bool] = True
 
     @classmethod
     def bind(cls, *, relu: bool = True) -> BoundMethod:
@@ -98,11 +126,11 @@ class CamMethod:
         if cls.weights is CamMethod.weights and cls.combine is CamMethod.combine:
             raise TypeError(
                 f"{cls.__name__} defines neither weights(activation, gradient) -> (B, C) nor "
-                "combine(activation, gradient) -> (B, h, w); a CamMethod needs one of them."
+                "combine(activation, gradient) -> (B, *spatial); a CamMethod needs one of them."
             )
 
     def weights(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
-        """Channel weights ``(B, C)`` from the layer's activation and gradient ``(B, C, h, w)``.
+        """Channel weights ``(B, C)`` from the layer's activation and gradient ``(B, C, *spatial)``.
 
         The base class has no weighting of its own (a subclass defines this or :meth:`combine`, checked when the
         subclass is defined); calling it on a bare ``CamMethod`` is a :class:`TypeError`.
@@ -110,7 +138,7 @@ class CamMethod:
         raise TypeError(f"{type(self).__name__} has no channel weights: define weights() or combine().")
 
     def combine(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
-        """The raw map ``(B, h, w)``: ``sum_k w_k A_k`` by default."""
+        """The raw map ``(B, *spatial)``: ``sum_k w_k A_k`` by default."""
         return weighted_sum(self.weights(activation, gradient, **options), activation)
 
     def check(self, view: LayerView) -> None:
@@ -138,6 +166,7 @@ def register_cam(cls: _C) -> _C:
         paper=cls.paper,
         formula=cls.formula,
         summary=cls.summary,
+        volumes=cls.volumes,
     )(cls())
     return cls
 
@@ -146,7 +175,8 @@ def register_cam(cls: _C) -> _C:
 class GradCAM(CamMethod):
     """Grad-CAM (Selvaraju et al., ICCV 2017).
 
-    Formula: ``w_k = (1/Z) sum_ij dS/dA_k,ij`` and ``L = ReLU(sum_k w_k A_k)`` with ``Z = h*w``. The method
+    Formula: ``w_k = (1/Z) sum_ij dS/dA_k,ij`` and ``L = ReLU(sum_k w_k A_k)`` with ``Z = h*w`` (for a volume
+    the sum runs over ``d*h*w`` voxels and ``Z = d*h*w``). The method
     returns the signed ``sum_k w_k A_k``; the ReLU is applied when the map is rendered (``relu=False`` keeps
     the sign). With a GAP + linear head, the raw map equals ``CAM / Z`` exactly. Raw maps are float64 for
     float64 models and float32 otherwise.
@@ -169,7 +199,7 @@ class GradCAM(CamMethod):
 
     def weights(self, activation: torch.Tensor, gradient: torch.Tensor, **options: Any) -> torch.Tensor:
         """``w_k = mean_ij g_k,ij`` (pairwise summation: accurate in float32 too)."""
-        return gradient.to(map_dtype(gradient)).mean(dim=(2, 3))
+        return gradient.to(map_dtype(gradient)).mean(dim=spatial_dims(gradient))
 
 
 @register_cam
@@ -235,20 +265,21 @@ class GradCAMPlusPlus(CamMethod):
         self, activation: torch.Tensor, gradient: torch.Tensor, alpha_normalize: bool = False, **options: Any
     ) -> torch.Tensor:
         """``w_k = sum_ij alpha_ij relu(g_ij)``, without powers of g for non-negative activations."""
+        dims = spatial_dims(gradient)
         if bool(activation.amin() >= 0):
             # sum(A) >= 0: where g > 0, alpha = g^2 / (g^2 (2 + sum(A) g)) = 1 / (2 + sum(A) g) exactly, and
             # the denominator is at least 2. No powers of g (nothing underflows), no pole: float32 is safe.
             dtype = map_dtype(gradient)
             positive = torch.relu(gradient.to(dtype))
-            sum_a = activation.to(dtype).sum(dim=(2, 3), keepdim=True)
+            sum_a = activation.to(dtype).sum(dim=dims, keepdim=True)
             alpha = (sum_a * positive).add_(2).reciprocal_()
             if alpha_normalize:
-                norm = (alpha * (positive > 0)).sum(dim=(2, 3), keepdim=True)
+                norm = (alpha * (positive > 0)).sum(dim=dims, keepdim=True)
                 alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
-            return (alpha * positive).sum(dim=(2, 3))
+            return (alpha * positive).sum(dim=dims)
         dtype = precise_dtype(gradient)  # the powers of g below underflow early in float32
         g = gradient.to(dtype)
-        sum_a = activation.to(dtype).sum(dim=(2, 3), keepdim=True)
+        sum_a = activation.to(dtype).sum(dim=dims, keepdim=True)
         positive = torch.relu(g)
         g2 = g * g
         g3 = g2 * g
@@ -256,9 +287,9 @@ class GradCAMPlusPlus(CamMethod):
         ok = (g != 0) & (denom.abs() > torch.finfo(dtype).tiny)
         alpha = torch.where(ok, g2 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(g))
         if alpha_normalize:
-            norm = (alpha * (g > 0)).sum(dim=(2, 3), keepdim=True)
+            norm = (alpha * (g > 0)).sum(dim=dims, keepdim=True)
             alpha = alpha / torch.where(norm != 0, norm, torch.ones_like(norm))
-        return (alpha * positive).sum(dim=(2, 3))
+        return (alpha * positive).sum(dim=dims)
 
 
 @register_cam
@@ -289,8 +320,9 @@ class XGradCAM(CamMethod):
         """``w_k = sum_xy A_k,xy g_k,xy / sum_ab A_k,ab``, 0 for a channel summing to 0."""
         dtype = map_dtype(gradient)
         act = activation.to(dtype)
-        total = act.sum(dim=(2, 3))
-        numer = (act * gradient.to(dtype)).sum(dim=(2, 3))
+        dims = spatial_dims(act)
+        total = act.sum(dim=dims)
+        numer = (act * gradient.to(dtype)).sum(dim=dims)
         return torch.where(
             total != 0, numer / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total)
         )

@@ -6,6 +6,9 @@
   score; only the part of the network after the layer is re-run where ``torch.fx`` can trace the model
   (:meth:`cnnlens.capture.Capture.replay`).
 
+Both run on images and on volumes (inputs ``(B, C, D, H, W)``, layers ``(B, C, d, h, w)``: Score-CAM's
+masks are then upsampled trilinearly).
+
 Both return the raw, signed map ``sum_k w_k A_k`` at layer resolution (ReLU, upsampling and normalisation
 are applied by :func:`cnnlens.explain.explain`), compute weights in float64, run their extra forwards under
 ``torch.inference_mode`` in memory-bounded chunks (:mod:`cnnlens.batching`), and keep them in the probe so
@@ -20,6 +23,7 @@ the first chunk of every call, which is real work (its logits are kept).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +40,12 @@ __all__ = ["ablationcam", "channel_masks", "scorecam", "select_channels"]
 
 
 def _check_feature_map(view: LayerView, method: str) -> None:
-    view.require_feature_map(method)
-    if view.inputs.ndim != 4:
+    act = view.require_feature_map(method)
+    if view.inputs.ndim != act.ndim:
         raise MethodError(
-            f"{method} masks or re-runs image inputs (B, C, H, W); got inputs of shape {tuple(view.inputs.shape)}."
+            f"{method} masks or re-runs inputs with as many spatial dimensions as the layer: image inputs "
+            f"(B, C, H, W) for (B, C, h, w) layers, volumes (B, C, D, H, W) for (B, C, d, h, w) layers; got inputs "
+            f"of shape {tuple(view.inputs.shape)} and layer {view.layer!r} of shape {tuple(act.shape)}."
         )
 
 
@@ -55,31 +61,40 @@ def _scores(probe: Probe, logits: torch.Tensor, t: int, sample_index: torch.Tens
 
 
 # -- Score-CAM -----------------------------------------------------------------------------------------
-def channel_masks(activation: torch.Tensor, size: tuple[int, int], *, align_corners: bool = False) -> torch.Tensor:
+def channel_masks(activation: torch.Tensor, size: tuple[int, ...], *, align_corners: bool = False) -> torch.Tensor:
     """Score-CAM masks: each channel upsampled bilinearly to ``size`` and min-max normalised to [0, 1].
+
+    Volumes ``(N, d, h, w)`` with a 3-element ``size`` are upsampled trilinearly (same ``align_corners``).
 
     Formula: ``H_k = (up(A_k) - min up(A_k)) / (max up(A_k) - min up(A_k))``; a channel that is flat at
     layer resolution (``max A_k == min A_k``, e.g. all zero) gives the all-zero mask (no NaN).
 
     Args:
-        activation: ``(N, h, w)`` channels (any float dtype; computed in that dtype).
-        size: ``(H, W)`` of the input.
+        activation: ``(N, h, w)`` channels, or ``(N, d, h, w)`` (any float dtype; computed in that dtype).
+        size: ``(H, W)`` of the input, or ``(D, H, W)``.
         align_corners: Passed to ``F.interpolate``; False (pixel-centre aligned) by default.
 
     Returns:
-        ``(N, H, W)`` masks.
+        ``(N, H, W)`` (``(N, D, H, W)``) masks.
 
     Example:
         >>> channel_masks(torch.tensor([[[0.0, 2.0]], [[3.0, 3.0]]]), (1, 4)).tolist()
         [[[0.0, 0.25, 0.75, 1.0]], [[0.0, 0.0, 0.0, 0.0]]]
     """
+    if activation.ndim != len(size) + 1 or len(size) not in (2, 3):
+        raise MethodError(
+            f"channel_masks takes channels (N, h, w) with an (H, W) size or (N, d, h, w) with a (D, H, W) size; "
+            f"got shape {tuple(activation.shape)} and size {tuple(size)}."
+        )
     flat = activation.flatten(1)
     constant = flat.amax(dim=1) == flat.amin(dim=1)
-    up = F.interpolate(activation[:, None], size=size, mode="bilinear", align_corners=align_corners)[:, 0]
-    lo = up.flatten(1).amin(dim=1)[:, None, None]
-    hi = up.flatten(1).amax(dim=1)[:, None, None]
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    up = F.interpolate(activation[:, None], size=tuple(size), mode=mode, align_corners=align_corners)[:, 0]
+    per_map = (-1, *([1] * len(size)))
+    lo = up.flatten(1).amin(dim=1).view(per_map)
+    hi = up.flatten(1).amax(dim=1).view(per_map)
     span = hi - lo
-    ok = (span > 0) & ~constant[:, None, None]
+    ok = (span > 0) & ~constant.view(per_map)
     return torch.where(ok, (up - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(up))
 
 
@@ -87,7 +102,7 @@ def select_channels(activation: torch.Tensor, top_k: int | None) -> torch.Tensor
     """The channels fast Score-CAM scores: the ``top_k`` largest by spatial mean activation, per sample.
 
     Args:
-        activation: ``(B, C, h, w)``.
+        activation: ``(B, C, h, w)`` (or ``(B, C, d, h, w)``: the mean runs over every spatial dimension).
         top_k: How many channels (None or ``>= C``: all).
 
     Returns:
@@ -100,7 +115,7 @@ def select_channels(activation: torch.Tensor, top_k: int | None) -> torch.Tensor
     batch, channels = activation.shape[:2]
     if top_k is None or top_k >= channels:
         return torch.ones(batch, channels, dtype=torch.bool, device=activation.device)
-    mean = activation.to(precise_dtype(activation)).mean(dim=(2, 3))
+    mean = activation.to(precise_dtype(activation)).mean(dim=tuple(range(2, activation.ndim)))
     # stable descending order: equal means keep channel order
     order = torch.sort(mean, dim=1, descending=True, stable=True).indices[:, :top_k]
     chosen = torch.zeros(batch, channels, dtype=torch.bool, device=activation.device)
@@ -121,7 +136,7 @@ def _masked_logits(view: LayerView, probe: Probe, *, top_k: int | None, align_co
     act = view.activation.detach()
     inputs = view.inputs.detach()
     batch, channels = act.shape[:2]
-    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    size = tuple(int(s) for s in inputs.shape[2:])
     device = inputs.device
     mask_dtype = inputs.dtype if inputs.dtype in (torch.float32, torch.float64) else torch.float32
     chosen = select_channels(act, top_k)
@@ -169,7 +184,7 @@ def _masked_logits(view: LayerView, probe: Probe, *, top_k: int | None, align_co
     if count == 0:
         return _MaskedLogits(row_of, torch.zeros(0, 0, device=device), distinct)
     execution = view.execution
-    item_bytes = inputs[:1].nelement() * inputs.element_size() * 2 + int(size[0] * size[1]) * 8
+    item_bytes = inputs[:1].nelement() * inputs.element_size() * 2 + math.prod(size) * 8
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return probe.logits(x, execution=execution)
@@ -198,6 +213,7 @@ def _unique_rows(values: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]
     title="Score-CAM",
     needs={"activations", "probe"},
     defaults={"top_k": None, "align_corners": False},
+    volumes=True,
     paper="Wang et al., Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural Networks, "
     "CVPR Workshops 2020 (arXiv:1910.01279)",
     formula="H_k = norm(up(A_k)) ;  w = softmax_k(S(X ⊙ H_k)) ;  L = ReLU(sum_k w_k A_k)",
@@ -320,6 +336,7 @@ def _ablated_logits(view: LayerView, probe: Probe) -> _AblatedLogits:
     title="Ablation-CAM",
     needs={"activations", "probe"},
     defaults={"eps": 1e-6},
+    volumes=True,
     paper="Desai & Ramaswamy, Ablation-CAM: Visual Explanations for Deep Convolutional Network via "
     "Gradient-free Localization, WACV 2020",
     formula="w_k = (y - y_k) / y  (y_k: score with channel k set to 0) ;  L = ReLU(sum_k w_k A_k)",

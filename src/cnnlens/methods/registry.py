@@ -12,12 +12,17 @@ under the layer key ``"input"``; ``"network"`` methods (FullGrad) declare the mo
 
 Options: ``get_method("gradcampp").bind(alpha_normalize=True)`` checks option names and types when it is
 called and returns a frozen :class:`BoundMethod` that ``explain(methods=[...])`` accepts beside ids.
+
+Volumes: a method registered with ``volumes=True`` also runs on volumes, inputs ``(B, C, D, H, W)`` and layer
+views ``(B, C, d, h, w)`` (``Conv3d`` networks), and returns raw maps ``(B, d, h, w)``. Every other method is
+refused on a volume with a :class:`MethodError` naming the method, the shape and the methods that do work
+(:func:`check_volumes`, :func:`volume_method_ids`).
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,6 +50,7 @@ __all__ = [
     "Scope",
     "apply_display",
     "check_count",
+    "check_volumes",
     "display_mode",
     "get_method",
     "iter_methods",
@@ -52,6 +58,7 @@ __all__ = [
     "register",
     "resolve_bound",
     "resolve_methods",
+    "volume_method_ids",
 ]
 
 Need = Literal["activations", "gradients", "input_gradients", "probe"]
@@ -89,9 +96,9 @@ class LayerView:
 
     Attributes:
         layer: The layer key.
-        activation: ``(B, C, h, w)`` the layer's output.
+        activation: ``(B, C, h, w)`` the layer's output (``(B, C, d, h, w)`` for a volume).
         gradient: ``(B, C, h, w)`` d score / d activation, or None when not captured.
-        inputs: ``(B, C, H, W)`` the model input.
+        inputs: ``(B, C, H, W)`` the model input (``(B, C, D, H, W)`` for a volume).
         input_gradient: ``(B, C, H, W)`` d score / d input, or None.
         score: ``(B,)`` the explained score.
         target_class: ``(B,)`` the explained class (``-1`` for custom targets).
@@ -149,13 +156,39 @@ class LayerView:
         )
 
     def require_feature_map(self, method: str) -> torch.Tensor:
-        """Return the ``(B, C, h, w)`` activation or raise a clear error naming ``method`` and the shape."""
-        if self.activation.ndim != 4:
-            raise MethodError(
-                f"{method} needs a (B, C, H, W) feature map, but layer {self.layer!r} outputs shape "
-                f"{tuple(self.activation.shape)}; target a convolutional layer or block."
+        """Return the ``(B, C, h, w)`` or ``(B, C, d, h, w)`` activation, or raise a clear error.
+
+        The error names ``method``, the layer, the shape received and what to do: a 3-D output is read as
+        tokens ``(B, N, C)`` (give the layer's layout), a 2-D one as a vector after pooling (pick an earlier
+        layer).
+
+        Example:
+            >>> v = LayerView("fc", torch.zeros(2, 10), None, torch.zeros(2, 3, 8, 8), None, torch.zeros(2),
+            ...               torch.zeros(2, dtype=torch.long))
+            >>> v.require_feature_map("gradcam")
+            Traceback (most recent call last):
+            ...
+            cnnlens.errors.MethodError: gradcam needs a feature map (B, C, h, w) or a volume (B, C, d, h, w), ...
+        """
+        ndim = self.activation.ndim
+        if ndim in (4, 5):
+            return self.activation
+        shape = tuple(self.activation.shape)
+        head = (
+            f"{method} needs a feature map (B, C, h, w) or a volume (B, C, d, h, w), but layer {self.layer!r} "
+            f"gives shape {shape}"
+        )
+        if ndim == 3:
+            hint = (
+                "; that looks like tokens (B, N, C) or another sequence: give the layer's layout so capture maps "
+                "it to (B, C, h, w) (layout='tokens' for a ViT/DeiT block, 'nhwc' for channels-last outputs; "
+                "--layout on the command line), or target a convolutional layer."
             )
-        return self.activation
+        elif ndim == 2:
+            hint = "; that is a vector per sample (after global pooling or flattening): target an earlier layer."
+        else:
+            hint = "; target a convolutional layer or block."
+        raise MethodError(head + hint)
 
     def require_network(self, method: str) -> NetworkRecord:
         """Return the network record or raise a clear error when the method runs outside explain()."""
@@ -213,6 +246,9 @@ class MethodSpec:
             float, a str for a str); a None default accepts anything the method itself validates.
         scope: ``"layer"``, ``"input"`` or ``"network"`` (see the module docstring).
         records: For network scope: ``records(model) -> module names`` the method needs recorded.
+        volumes: Whether the method also runs on volumes (inputs ``(B, C, D, H, W)``, layer views
+            ``(B, C, d, h, w)``, raw maps ``(B, d, h, w)``); other methods are refused on them
+            (:func:`check_volumes`).
         paper: The reference.
         formula: The formula in one line.
         summary: One sentence for CLI help and docs.
@@ -230,6 +266,7 @@ class MethodSpec:
     summary: str = ""
     scope: Scope = "layer"
     records: Callable[[nn.Module], list[str]] | None = None
+    volumes: bool = False
 
     def variant(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Merge user options into the defaults, refusing unknown option names and wrongly typed values.
@@ -271,7 +308,16 @@ class MethodSpec:
         return BoundMethod(self, MappingProxyType(dict(options)))
 
     def compute(self, view: LayerView, options: Mapping[str, Any]) -> MethodOutput:
-        """Run the method on one layer view with the given (merged) options."""
+        """Run the method on one layer view with the given (merged) options.
+
+        Raises:
+            MethodError: The view is a volume and the method does not run on volumes (:func:`check_volumes`).
+        """
+        if not self.volumes:
+            if view.inputs.ndim == 5:
+                raise MethodError(_volume_refusal(self.id, tuple(view.inputs.shape)))
+            if self.scope == "layer" and view.activation.ndim == 5:
+                raise MethodError(_volume_refusal(self.id, tuple(view.activation.shape)))
         kwargs = {k: v for k, v in options.items() if k not in ("relu", "display")}
         out = self.fn(view, **kwargs)
         return out if isinstance(out, MethodOutput) else MethodOutput(out)
@@ -309,6 +355,51 @@ def apply_display(raw: torch.Tensor, mode: Display) -> torch.Tensor:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
+def volume_method_ids() -> list[str]:
+    """The ids of the methods that run on volumes ``(B, C, D, H, W)``, in registration order.
+
+    Example:
+        >>> import cnnlens.methods
+        >>> {"gradcam", "gradcampp", "layercam", "eigencam"} <= set(volume_method_ids())
+        True
+        >>> "saliency" in volume_method_ids()
+        False
+    """
+    return [spec.id for spec in _REGISTRY.values() if spec.volumes]
+
+
+def _volume_refusal(method: str, shape: tuple[int, ...]) -> str:
+    return (
+        f"{method} does not run on volumes: it got shape {shape} (B, C, D, H, W) from a Conv3d-style network, and "
+        f"it is defined on images only. Methods that work on volumes: {', '.join(volume_method_ids())}."
+    )
+
+
+def check_volumes(methods: Sequence[MethodSpec], inputs: object) -> None:
+    """Refuse, before any forward, methods that do not run on a volume input ``(B, C, D, H, W)``.
+
+    Anything that is not a 5-D tensor passes (images, or inputs a model reads otherwise); a layer-scope method
+    whose *layer* outputs a volume for an image input is refused later, by :meth:`MethodSpec.compute`.
+
+    Raises:
+        MethodError: ``inputs`` is a volume and a method is not registered with ``volumes=True``; the message
+            names the method, the shape and the methods that work on volumes.
+
+    Example:
+        >>> import cnnlens.methods
+        >>> check_volumes([get_method("gradcam")], torch.zeros(1, 1, 4, 8, 8))
+        >>> check_volumes([get_method("saliency")], torch.zeros(1, 1, 4, 8, 8))
+        Traceback (most recent call last):
+        ...
+        cnnlens.errors.MethodError: saliency does not run on volumes: it got shape (1, 1, 4, 8, 8) ...
+    """
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 5:
+        return
+    for spec in methods:
+        if not spec.volumes:
+            raise MethodError(_volume_refusal(spec.id, tuple(inputs.shape)))
+
+
 def register(
     id: str,
     *,
@@ -322,8 +413,12 @@ def register(
     summary: str = "",
     scope: Scope = "layer",
     records: Callable[[nn.Module], list[str]] | None = None,
+    volumes: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a method function under ``id`` (decorator).
+
+    ``volumes=True`` declares that the method also runs on volumes (``(B, C, d, h, w)`` views, raw maps
+    ``(B, d, h, w)``); leave it False unless a test checks the method on a ``Conv3d`` network.
 
     Example:
         >>> @register("toy", title="Toy", needs={"activations"})
@@ -358,6 +453,7 @@ def register(
             summary=summary,
             scope=scope,
             records=records,
+            volumes=volumes,
         )
         return fn
 
