@@ -10,10 +10,13 @@ from tests.nets import Exploding, GapHead, Residual, VggStyle, Wrapped, hook_cou
 from torch import nn
 
 import cnnlens
-from cnnlens.errors import LayerNotFoundError
+from cnnlens.errors import LayerNotFoundError, MethodError
 from cnnlens.methods import get_method, method_ids
 
-METHODS = method_ids()
+# Methods defined on vision transformers' attention only (rollout, attngrad) refuse these CNNs (tested below);
+# their contracts on token models are in tests/test_transformer_methods.py.
+ATTENTION_METHODS = [m for m in method_ids() if "attention" in get_method(m).needs]
+METHODS = [m for m in method_ids() if m not in ATTENTION_METHODS]
 
 
 def _net() -> nn.Module:
@@ -79,6 +82,14 @@ def test_no_hook_left_after_success_or_exception(method: str, batch: torch.Tenso
     # a layer-name error leaves nothing either
     with pytest.raises(LayerNotFoundError):
         cnnlens.explain(net, batch, methods=[method], layers=["body.44"])
+    assert hook_count(net) == 0
+
+
+@pytest.mark.parametrize("method", ATTENTION_METHODS)
+def test_attention_methods_refuse_a_cnn_and_leave_nothing(method: str, batch: torch.Tensor) -> None:
+    net = _net()
+    with pytest.raises(MethodError, match="GapHead has no supported attention module"):
+        cnnlens.explain(net, batch, methods=[method], layers=["body.4"])
     assert hook_count(net) == 0
 
 

@@ -45,6 +45,8 @@ METHOD_IDS: tuple[str, ...] = (
     "ablationcam",
     "smoothgrad",
     "smoothgradcampp",
+    "rollout",
+    "attngrad",
 )
 """The registered method ids, in :func:`cnnlens.methods.method_ids` order."""
 

@@ -118,7 +118,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         return EXIT_OK
     table = Table(title="cnnlens methods")
     for col in ("id", "name", "formula", "options"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", max_width=24 if col == "name" else None)  # long titles wrap
     for spec in iter_methods():
         opts = ", ".join(f"{k}={v}" for k, v in spec.variant().items())
         table.add_row(escape(spec.id), escape(spec.title), escape(spec.formula), escape(opts))

@@ -14,6 +14,8 @@ _COST = {
     "gradients": "gradients at the layer from the shared backward (one per target)",
     "input_gradients": "gradients at the input from the shared backward (the graph is then recorded from the input)",
     "probe": "extra forward/backward passes of its own (see below)",
+    "attention": "every block's attention probabilities (vision transformers; timm fused attention switched off)",
+    "attention_gradients": "the attention's gradients from an extra forward and one gradient pass per target",
 }
 
 
