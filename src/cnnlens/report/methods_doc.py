@@ -5,9 +5,9 @@ from __future__ import annotations
 import inspect
 
 from cnnlens.methods import iter_methods
-from cnnlens.methods.registry import MethodSpec
+from cnnlens.methods.registry import MethodSpec, volume_method_ids
 
-__all__ = ["method_card", "methods_markdown"]
+__all__ = ["method_card", "methods_markdown", "volumes_markdown"]
 
 _COST = {
     "activations": "the layer's activations from the shared forward",
@@ -50,6 +50,30 @@ def method_card(spec: MethodSpec) -> str:
     return "\n".join(parts)
 
 
+def volumes_markdown() -> str:
+    """The "Volumes" paragraph: which methods run on ``(B, C, d, h, w)`` layers and how to call them."""
+    ids = ", ".join(f"`{i}`" for i in volume_method_ids())
+    return "\n".join(
+        [
+            "## Volumes",
+            "",
+            "Methods that also run on volumes, inputs `(B, C, D, H, W)` of `Conv3d` networks (video, medical",
+            "scans) and layers `(B, C, d, h, w)`:",
+            f"{ids}.",
+            "Their sums and means over `(h, w)` run over every voxel `(d, h, w)` (Grad-CAM's `Z = d*h*w`,",
+            "Grad-CAM++'s `sum_ab(A_k)`), Eigen-CAM's matrix is",
+            "`(d*h*w, C)`, and Score-CAM's masks are upsampled trilinearly. Call `explain` as for images, with a",
+            'volume batch and a `Conv3d` layer: `cnnlens.explain(net, x, methods=["gradcam", "layercam"],',
+            'layers=["features.4"])` with `x` of shape `(B, C, D, H, W)` gives raw maps `(B, T, d, h, w)` and maps',
+            "`(B, T, D, H, W)` (trilinear upsampling, `align_corners=False`, normalised per volume). Any other method",
+            "raises `MethodError` before the forward, naming the method, the shape and the methods above. `save()`",
+            "writes each whole raw volume (`.raw.npy`) and map (`.map.npy`), and draws the PNGs of the middle depth",
+            "slice `D // 2` (`Explanation.depth_slice`; `images` holds that slice of the input).",
+            "",
+        ]
+    )
+
+
 def methods_markdown() -> str:
     """The whole method reference, one card per registered method, in registration order."""
     specs = list(iter_methods())
@@ -66,4 +90,4 @@ def methods_markdown() -> str:
         *[f"| `{s.id}` | {s.title} | `{s.formula}` |" for s in specs],
         "",
     ]
-    return "\n".join(header) + "\n" + "\n".join(method_card(s) for s in specs)
+    return "\n".join(header) + "\n" + volumes_markdown() + "\n" + "\n".join(method_card(s) for s in specs)
