@@ -31,9 +31,20 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time th
     from cnnlens.execution import Execution
     from cnnlens.explain import default_layer, explain
     from cnnlens.explanation import Explanation, ExplanationSet
+    from cnnlens.inputs import ModelInputs
     from cnnlens.methods import CnnlensWarning, get_method, method_ids, register
     from cnnlens.models import LoadedModel, available_models, load_model
-    from cnnlens.targets import ClassTarget, FunctionTarget, RankTarget, resolve_targets
+    from cnnlens.targets import (
+        ClassTarget,
+        ContrastiveTarget,
+        FunctionTarget,
+        LabelTarget,
+        MultiLabelTarget,
+        RankTarget,
+        RegionTarget,
+        SegmentationTarget,
+        resolve_targets,
+    )
 
 _LAZY: dict[str, str] = {
     "Capture": "cnnlens.capture",
@@ -54,9 +65,15 @@ _LAZY: dict[str, str] = {
     "LoadedModel": "cnnlens.models",
     "available_models": "cnnlens.models",
     "load_model": "cnnlens.models",
+    "ModelInputs": "cnnlens.inputs",
     "ClassTarget": "cnnlens.targets",
+    "ContrastiveTarget": "cnnlens.targets",
     "FunctionTarget": "cnnlens.targets",
+    "LabelTarget": "cnnlens.targets",
+    "MultiLabelTarget": "cnnlens.targets",
     "RankTarget": "cnnlens.targets",
+    "RegionTarget": "cnnlens.targets",
+    "SegmentationTarget": "cnnlens.targets",
     "resolve_targets": "cnnlens.targets",
 }
 
@@ -65,13 +82,19 @@ __all__ = [
     "ClassTarget",
     "CnnlensError",
     "CnnlensWarning",
+    "ContrastiveTarget",
     "Execution",
     "Explanation",
     "ExplanationSet",
     "FunctionTarget",
+    "LabelTarget",
     "LoadedModel",
+    "ModelInputs",
+    "MultiLabelTarget",
     "RankTarget",
     "Recording",
+    "RegionTarget",
+    "SegmentationTarget",
     "__version__",
     "available_models",
     "capture",
