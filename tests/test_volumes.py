@@ -20,6 +20,7 @@ from tests.nets import hook_count, seeded
 from torch import nn
 
 import cnnlens
+from cnnlens import metrics
 from cnnlens.errors import InputShapeError, MethodError
 from cnnlens.imaging import colorize
 from cnnlens.maps import finite_or_zero, normalize, upsample, upsample_normalize
@@ -330,8 +331,12 @@ def test_2d_consumers_refuse_a_volume_with_a_clear_message() -> None:
     net = seeded(GapVolume(), seed=3)
     x = torch.randn(1, 1, 4, 8, 8, dtype=torch.float64)
     e = cnnlens.explain(net, x, methods=["gradcam"], layers=["features.4"])["gradcam", "features.4"]
-    with pytest.raises(InputShapeError, match=r"deletion works on 2-D maps .*maps\[:, :, 2\] \(the middle slice\)"):
+    with pytest.raises(InputShapeError, match=r"2-D maps \(B, T, H, W\) only for deletion: .*maps\[:, :, 2\]"):
         e.require_images("deletion")
+    with pytest.raises(InputShapeError, match=r"only for localisation metrics .* holds volumes \(1, 1, 4, 8, 8\)"):
+        metrics.pointing_game(e, boxes=[(0, 0, 4, 4)])
+    with pytest.raises(InputShapeError, match=r"\(B, C, H, W\).*got shape \(1, 1, 4, 8, 8\)"):
+        metrics.average_drop(net, x, e)
 
 
 # -- refused methods -----------------------------------------------------------------------------------------

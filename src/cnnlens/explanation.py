@@ -155,11 +155,11 @@ class Explanation:
             >>> e.require_images("the pointing game")
             Traceback (most recent call last):
             ...
-            cnnlens.errors.InputShapeError: the pointing game works on 2-D maps (B, T, H, W), but gradcam ...
+            cnnlens.errors.InputShapeError: 2-D maps (B, T, H, W) only for the pointing game: gradcam at layer ...
         """
         if self.is_volume:
             raise InputShapeError(
-                f"{what} works on 2-D maps (B, T, H, W), but {self.method} at layer {self.layer!r} holds volumes "
+                f"2-D maps (B, T, H, W) only for {what}: {self.method} at layer {self.layer!r} holds volumes "
                 f"{_shape(self.maps)} (B, T, D, H, W) from a Conv3d network; pass one depth slice instead, e.g. "
                 f"explanation.maps[:, :, {self.depth_slice}] (the middle slice), or save() the volumes as arrays."
             )

@@ -232,6 +232,7 @@ def prepare_maps(
     """
     classes: torch.Tensor | None = None
     if isinstance(saliency, Explanation):
+        saliency.require_images("faithfulness metrics (Average Drop, deletion/insertion, ROAD)")
         if not 0 <= target_index < saliency.num_targets:
             raise InputShapeError(
                 f"target_index {target_index} is out of range for an Explanation with {saliency.num_targets} "

@@ -73,6 +73,7 @@ def boxes_to_masks(boxes: BoxSpec, size: tuple[int, int], *, device: torch.devic
 
 def _maps(saliency: Saliency, target_index: int) -> torch.Tensor:
     if isinstance(saliency, Explanation):
+        saliency.require_images("localisation metrics (pointing game, energy in box)")
         if not 0 <= target_index < saliency.num_targets:
             raise InputShapeError(f"target_index {target_index} is out of range ({saliency.num_targets} targets).")
         maps = saliency.maps[:, target_index]
