@@ -55,7 +55,7 @@ from torch import fx, nn
 from cnnlens.capture import LayerInfo, probe_layers
 from cnnlens.capture.layout import Layout, infer_layout
 from cnnlens.errors import CnnlensError
-from cnnlens.models.layers import default_target_layer, transformer_blocks
+from cnnlens.models.layers import token_model_default, transformer_blocks
 
 __all__ = ["ROLES", "CandidateLayer", "LayerCatalog", "candidate_layers", "find_merges"]
 
@@ -431,7 +431,7 @@ def candidate_layers(
                 roles[n].append(role)
 
     modules = dict(model.named_modules())
-    last_spatial = default_target_layer(model) if blocks else _final_spatial(infos, modules)
+    last_spatial = token_model_default(model) or _final_spatial(infos, modules)
     if last_spatial in roles:
         roles[last_spatial].append("final_spatial")
     aliases = _one_name_per_tensor(roles, ran, order, modules)

@@ -6,11 +6,13 @@ torchvision or timm architecture (``load_model``, ``cnnlens explain --model resn
 module tree alone (no dummy forward).
 
 **Token models** (ViT, DeiT, Swin...) come first: when the network has transformer blocks (see
-:func:`transformer_blocks`: a block whose attention child directly follows a ``LayerNorm``), the default is
-**the norm before the last attention block** (``norm1``/``ln_1`` of the last block). The last block's own
-output is a poor target under a class-token head: only the class token of that output reaches the head, so
-its patch tokens get exactly zero gradient and every gradient CAM is zero there. The input of the last
-attention still reaches the class token through the attention, so its patch tokens carry the evidence.
+:func:`transformer_blocks`: a block whose attention child directly follows a ``LayerNorm``) and no convolution
+is defined after the last one, the default is **the norm before the last attention block** (``norm1``/``ln_1``
+of the last block); hybrids whose convolutions come after their transformers (MobileViT) keep the CNN policy.
+The last block's own output is a poor target under a class-token head: only the class token of that output
+reaches the head, so its patch tokens get exactly zero gradient and every gradient CAM is zero there. The
+input of the last attention still reaches the class token through the attention, so its patch tokens carry
+the evidence.
 Its output is ``(B, N, C)`` tokens (ViT, DeiT) or ``(B, h, w, C)`` (Swin), mapped to ``(B, C, h, w)`` by the
 layer's layout (:mod:`cnnlens.capture.layout`).
 
@@ -65,7 +67,7 @@ from torch import nn
 
 from cnnlens.errors import LayerNotFoundError
 
-__all__ = ["TransformerBlock", "default_target_layer", "guess_layers", "transformer_blocks"]
+__all__ = ["TransformerBlock", "default_target_layer", "guess_layers", "token_model_default", "transformer_blocks"]
 
 _log = logging.getLogger(__name__)
 
@@ -180,16 +182,38 @@ def _post_activation_after(root: nn.Module, conv_name: str) -> str | None:
     return f"{parent_name}.{children[chosen][0]}" if parent_name else children[chosen][0]
 
 
+def _conv_after(module: nn.Module, block: str) -> bool:
+    """Whether a ``Conv2d`` is defined after ``block`` and outside it (a hybrid whose convolutions come last)."""
+    order = [n for n, _ in module.named_modules()]
+    start = order.index(block)
+    return any(
+        isinstance(m, nn.Conv2d) and not n.startswith(block + ".") for n, m in list(module.named_modules())[start + 1 :]
+    )
+
+
+def token_model_default(module: nn.Module) -> str | None:
+    """The token-model default (the norm before the last attention block), or None where the CNN policy applies.
+
+    Example:
+        >>> import torchvision
+        >>> token_model_default(torchvision.models.swin_t()), token_model_default(torchvision.models.resnet18())
+        ('features.7.1.norm1', None)
+    """
+    blocks = transformer_blocks(module)
+    if blocks and not _conv_after(module, blocks[-1].name):
+        return blocks[-1].attention_norm
+    return None
+
+
 def _guess(module: nn.Module) -> tuple[str | None, dict[str, str]]:
     """The policy's choice, or None when the module has no spatial layer (no Conv2d, no feature_info)."""
     names = dict(module.named_modules())
     convs = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     known: dict[str, str] = {}
     default: str | None = None
-    blocks = transformer_blocks(module)
-    if blocks:
-        known["last_block"] = blocks[-1].name
-        default = blocks[-1].attention_norm
+    default = token_model_default(module)
+    if default is not None:
+        known["last_block"] = default.rpartition(".")[0]
     if convs:
         known["last_conv"] = convs[-1]
     if convs and default is None:
