@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlens.capture import LayerSpec, Probe, Recording, capture, probe_layers
+from cnnlens.capture import LayerSpec, LayoutSpec, Probe, Recording, capture, probe_layers
 from cnnlens.errors import (
     InputShapeError,
     LayerError,
+    MethodError,
     ModelTypeError,
     NonFiniteInputError,
     NonFiniteOutputError,
@@ -27,7 +28,9 @@ from cnnlens.errors import (
 )
 from cnnlens.execution import Execution
 from cnnlens.explanation import Explanation, ExplanationSet
+from cnnlens.inputs import InputsSpec, as_model_inputs, is_multi
 from cnnlens.maps import finite_or_zero, upsample_normalize
+from cnnlens.methods.attribution import explained_inputs, input_view
 from cnnlens.methods.registry import (
     BoundMethod,
     LayerView,
@@ -38,6 +41,7 @@ from cnnlens.methods.registry import (
     display_mode,
     resolve_bound,
 )
+from cnnlens.methods.transformer import attention_recorder, attention_views
 from cnnlens.models import LoadedModel
 from cnnlens.models.layers import default_target_layer
 from cnnlens.outputs import OutputSelector
@@ -100,12 +104,15 @@ def _check_finite_logits(logits: torch.Tensor | None, module: nn.Module) -> None
 
 
 def _check_default_is_spatial(activations: Mapping[str, torch.Tensor], module: nn.Module) -> None:
-    """Refuse a default layer whose output is not a feature map (a ViT's tokens), naming how to choose one."""
+    """Refuse a default layer whose output is not a feature map (a vector after pooling), naming how to choose one.
+
+    Token and channels-last outputs arrive here already mapped to ``(B, C, h, w)`` by their layout.
+    """
     for name, value in activations.items():
         if value.ndim not in (4, 5):  # (B, C, h, w) feature maps, (B, C, d, h, w) volumes
             raise LayerError(
                 f"the default layer {name!r} of {type(module).__name__} outputs shape {tuple(value.shape)}, not a "
-                "(B, C, H, W) feature map (token layouts are not supported); name a convolutional layer or block: "
+                "(B, C, H, W) feature map; name a convolutional layer, block or transformer block: "
                 "layers=[...] in Python, --layer NAME on the command line (`cnnlens layers --all` lists them)."
             )
 
@@ -222,7 +229,16 @@ def _results(
     # raw maps are finite (finite_or_zero above), so are their bilinear upsamplings: no second check. All
     # (method, layer) maps go through upsampling and normalisation together, grouped by resolution.
     shown = [apply_display(raw, display_mode(variant)) for _, _, variant, raw, _, _ in computed]
-    rendered = upsample_normalize(shown, size, dtype=torch.float32, assume_finite=True)
+    # Several inputs: an input-scope map ("input:<name>") has its own input's size and images.
+    own = {key: (tuple(int(s) for s in x.shape[2:]), x) for key, _, x in _input_entries(rec)}
+    sizes = [own[layer][0] if layer in own else size for _, layer, _, _, _, _ in computed]
+    rendered: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.empty(0), torch.empty(0))] * len(shown)
+    for group in dict.fromkeys(sizes):
+        picked = [i for i, s in enumerate(sizes) if s == group]
+        done = upsample_normalize([shown[i] for i in picked], group, dtype=torch.float32, assume_finite=True)
+        for i, out in zip(picked, done, strict=True):
+            rendered[i] = out
+    pictures = {key: display_images(x) for key, (_, x) in own.items() if x is not rec.inputs}
     scores = rec.scores.float()
     return [
         Explanation(
@@ -236,7 +252,7 @@ def _results(
             target_classes=rec.target_classes,
             target_names=list(rec.target_names),
             scores=scores,
-            images=images,
+            images=pictures.get(layer, images),
             image_names=list(image_names) if image_names is not None else [],
             class_names=names,
             manifest=manifest,
@@ -244,6 +260,30 @@ def _results(
         )
         for (spec, layer, variant, raw, bad, extras_stacked), (maps, degenerate) in zip(computed, rendered, strict=True)
     ]
+
+
+def _input_entries(rec: Recording) -> list[tuple[str, str | None, torch.Tensor]]:
+    """The ``input:<name>`` keys of several inputs (none for a lone tensor)."""
+    if rec.model_inputs is None or len(rec.model_inputs.names) == 1 or not rec.model_inputs.spatial_names():
+        return []
+    return explained_inputs(rec)
+
+
+def _reference_input(rec: Recording) -> torch.Tensor:
+    """The input CAMs are upsampled to and drawn over: the lone input, else the first image (or volume) input.
+
+    Raises:
+        InputShapeError: No input is an image batch ``(B, C, H, W)`` or a volume batch ``(B, C, D, H, W)``.
+    """
+    candidates = [rec.inputs] if rec.model_inputs is None else list(rec.model_inputs.tensors)
+    for x in candidates:
+        if x.ndim in (4, 5) and x.is_floating_point():
+            return x
+    shapes = ", ".join(str(tuple(x.shape)) for x in candidates)
+    raise InputShapeError(
+        f"explain() needs image batches (B, C, H, W) or volume batches (B, C, D, H, W), got {shapes}"
+        + (" (no model input is one)." if len(candidates) > 1 else ".")
+    )
 
 
 def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None = None) -> torch.Tensor:
@@ -277,7 +317,7 @@ def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None =
 
 def explain(
     model: nn.Module | LoadedModel,
-    inputs: torch.Tensor,
+    inputs: InputsSpec,
     *,
     methods: str | MethodSpec | BoundMethod | Sequence[str | MethodSpec | BoundMethod] = ("gradcam",),
     layers: LayerSpec | Sequence[LayerSpec] | None = None,
@@ -288,6 +328,8 @@ def explain(
     image_names: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
     execution: Execution | None = None,
+    additional_forward_args: Any = None,
+    layout: LayoutSpec | Mapping[str, LayoutSpec] = None,
 ) -> ExplanationSet:
     """Explain a batch with several methods at several layers from a single forward and backward.
 
@@ -296,7 +338,10 @@ def explain(
             preprocessing and provenance then go into the results).
         inputs: ``(B, C, H, W)`` or ``(C, H, W)`` preprocessed input, or a batch of volumes ``(B, C, D, H, W)``
             (a ``Conv3d`` network; only the methods registered with ``volumes=True`` run on them, see
-            :func:`cnnlens.methods.registry.volume_method_ids`; maps are then ``(B, T, D, H, W)``).
+            :func:`cnnlens.methods.registry.volume_method_ids`; maps are then ``(B, T, D, H, W)``). Several
+            inputs: a tuple/list ``(x_rgb, x_depth)`` or a mapping of keyword inputs ``{"image": x, "mask": m}``
+            (see :mod:`cnnlens.inputs`): CAMs are computed as for one input and drawn over the first image
+            input; input-scope methods give one map per image input, under ``"input:<name>"``.
         methods: Method ids (``"gradcam"``, ``"gradcampp"``...), ``"all"``, specs, or bound methods with
             typed options, e.g. ``get_method("gradcampp").bind(alpha_normalize=True)``.
         layers: Layer names or modules; default: :func:`default_layer`.
@@ -316,6 +361,12 @@ def explain(
             convolutions, but PyTorch/oneDNN's channels-last convolution backward on the CPU makes gradients
             less accurate (against float64: ResNet-50 guided backprop 1.1e-4 relative error instead of 2.6e-7,
             saliency 3.7e-2 instead of 2.1e-3; InceptionV3 ``Mixed_6e`` Grad-CAM 2.2e-4 instead of 1.9e-6).
+        additional_forward_args: Arguments passed to the model after the inputs, neither explained nor
+            perturbed (captum's argument): a tuple (positional), a mapping (keywords) or one value.
+        layout: How each layer's output maps to ``(B, C, h, w)`` (:mod:`cnnlens.capture.layout`): None infers it
+            (ViT tokens with the model's prefix tokens and patch grid, Swin/ConvNeXt channels-last); a spec
+            (``"nhwc"``, ``"tokens:1"``, ``"tokens:1:14x14"``...) for every layer or a mapping layer -> spec
+            overrides it. Layers that are not ``nchw`` are described in the manifest under ``"layouts"``.
 
     Returns:
         An :class:`ExplanationSet` with one :class:`Explanation` per (layer-scope method, layer), and one per
@@ -338,7 +389,12 @@ def explain(
     module = loaded.module if loaded is not None else model
     if not isinstance(module, nn.Module):
         raise ModelTypeError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
-    _check_finite_inputs(inputs)
+    if is_multi(inputs, additional_forward_args):
+        inputs = as_model_inputs(inputs, additional_forward_args)  # checked (names, batch sizes) before any forward
+        for tensor in inputs.tensors:
+            _check_finite_inputs(tensor)
+    else:
+        _check_finite_inputs(inputs)
     variants = _variants(methods, options)
     check_volumes([spec for spec, _ in variants], inputs)  # methods that do not run on volumes: before any forward
     if layers is None:
@@ -350,37 +406,54 @@ def explain(
     needs = set().union(*(spec.needs for spec, _ in variants))
     names = list(class_names) if class_names is not None else (loaded.class_names if loaded else None)
     targets = name_targets(targets, names)
-    with capture(module, layer_list, output_selector=output_selector, execution=execution) as cap:
+    attention = attention_recorder(module, [spec for spec, _ in variants])  # refuses a model without attention
+    opened = capture(module, layer_list, output_selector=output_selector, execution=execution, layout=layout)
+    with opened as cap, attention as att:
         rec = cap.run(
-            inputs,
+            inputs,  # a tensor, or the ModelInputs built above
             targets,
             top_k=top_k,
             gradients="gradients" in needs,
             input_gradients="input_gradients" in needs,
         )
         _check_finite_logits(rec.logits, module)
-        if rec.inputs.ndim not in (4, 5):
-            raise InputShapeError(
-                f"explain() needs image batches (B, C, H, W) or volume batches (B, C, D, H, W), got "
-                f"{tuple(rec.inputs.shape)}."
-            )
+        reference = _reference_input(rec)
         if layers is None and "activations" in needs:
             _check_default_is_spatial(rec.activations, module)
-        size = tuple(int(s) for s in rec.inputs.shape[2:])  # (H, W), or (D, H, W) for volumes
+        size = tuple(int(s) for s in reference.shape[2:])  # (H, W), or (D, H, W) for volumes
         assert rec.scores is not None  # set by run()
         assert rec.target_classes is not None
-        images = display_images(rec.inputs, loaded)
-        batch = int(rec.inputs.shape[0])
-        raw_dtype = torch.float64 if rec.inputs.dtype == torch.float64 else torch.float32
+        images = display_images(reference, loaded if reference is rec.inputs else None)
+        batch = int(reference.shape[0])
+        raw_dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
         if image_names is not None and len(image_names) != batch:
             raise InputShapeError(f"got {len(image_names)} image names for a batch of {batch} images.")
         manifest: dict[str, Any] = {"model": loaded.manifest() if loaded else {"class": type(module).__name__}}
+        layouts = {key: lay.describe() for key, lay in rec.layouts.items() if lay.kind != "nchw"}
+        if layouts:
+            manifest["layouts"] = layouts
         probe = Probe(cap, rec, rec.targets)
         computed: list[_Computed] = []
         for spec, variant in variants:
             views: dict[str, list[LayerView]]
-            if spec.scope == "network":
+            if spec.scope == "network" and "attention" in spec.needs:
+                views = {spec.scope: attention_views(spec, module, rec, probe, output_selector, att)}
+            elif spec.scope == "network":
+                if rec.model_inputs is not None:
+                    raise MethodError(
+                        f"{spec.id} (network scope) supports models called with one input tensor; this model got "
+                        f"{len(rec.model_inputs.names)} input(s) with extra arguments. Use a CAM or an input-scope "
+                        "method."
+                    )
                 views = {spec.scope: _network_views(spec, module, rec, probe, output_selector)}
+            elif spec.scope == "input":
+                views = {
+                    key: [
+                        input_view(rec, key, name, t, probe=probe, execution=cap.execution)
+                        for t in range(rec.num_targets)
+                    ]
+                    for key, name, _ in explained_inputs(rec)
+                }
             else:
                 keys = rec.layers if spec.scope == "layer" else [spec.scope]
                 views = {

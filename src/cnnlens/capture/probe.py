@@ -17,6 +17,7 @@ from cnnlens.capture.layers import LayerSpec
 from cnnlens.capture.recording import Recording
 from cnnlens.capture.rectifier import ReluBackward
 from cnnlens.capture.replay import RowSource, replay_rows
+from cnnlens.errors import TargetError
 from cnnlens.execution import Execution
 from cnnlens.targets import ClassTarget, FunctionTarget, Score, Target
 
@@ -38,10 +39,15 @@ class Probe:
         self.cap = cap
         self.recording = recording
         self.targets = [_fix_target(t, recording, i) for i, t in enumerate(targets)]
-        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._cache: dict[tuple[str, int, str | None], torch.Tensor] = {}
         self._memo: dict[Hashable, Any] = {}
 
-    def logits(self, inputs: torch.Tensor, *, execution: Execution | None = None) -> torch.Tensor:
+    @property
+    def inputs(self) -> Any:
+        """The recorded model inputs: ``recording.model_inputs`` for several inputs, else the input tensor."""
+        return self.recording.model_inputs if self.recording.model_inputs is not None else self.recording.inputs
+
+    def logits(self, inputs: Any, *, execution: Execution | None = None) -> torch.Tensor:
         """Logits of ``inputs`` (no graph, eval mode, hooks silent); see :meth:`Capture.forward`."""
         return self.cap.forward(inputs, execution=execution)
 
@@ -65,29 +71,59 @@ class Probe:
                 device=logits.device,
             )
             return ClassTarget(tuple(int(c) for c in classes[sample_index].tolist()), target.score)(logits)
+        select = getattr(target, "select", None)
+        if callable(select):
+            return select(sample_index)(logits)  # type: ignore[no-any-return]
         return target(logits)
 
-    def input_gradient(self, inputs: torch.Tensor, t: int, *, relu_backward: ReluBackward = "normal") -> torch.Tensor:
-        """D score_t / d input on new ``inputs`` (same batch layout as the recording), with the given ReLU rule."""
+    def input_gradient(
+        self, inputs: Any, t: int, *, relu_backward: ReluBackward = "normal", name: str | None = None
+    ) -> torch.Tensor:
+        """D score_t / d input on new ``inputs`` (same batch layout as the recording), with the given ReLU rule.
+
+        With several inputs, ``name`` picks the input whose gradient is returned (None: the first).
+        """
         rec = self.cap.run(
             inputs, [self.targets[t]], gradients=False, input_gradients=True, relu_backward=relu_backward
         )
-        assert rec.input_gradients is not None  # requested above
-        return rec.input_gradients[0]
+        grad = rec.input_gradients if name is None else rec.input_gradients_by_input.get(name)
+        if grad is None:
+            raise TargetError(f"model input {name!r} has no gradient (it is not a floating-point explained input).")
+        return grad[0]
 
-    def cached_input_gradient(self, t: int, relu_backward: ReluBackward) -> torch.Tensor:
-        """:meth:`input_gradient` on the recorded input, computed once per (rule, target)."""
-        key = (relu_backward, t)
+    def cached_input_gradient(self, t: int, relu_backward: ReluBackward, name: str | None = None) -> torch.Tensor:
+        """:meth:`input_gradient` on the recorded inputs, computed once per (rule, target, input).
+
+        One gradient pass serves every input: the gradients of all inputs are cached together.
+        """
+        key = (relu_backward, t, name)
+        rec = self.recording
         if key not in self._cache:
-            if relu_backward == "normal" and self.recording.input_gradients is not None:
-                self._cache[key] = self.recording.input_gradients[t]
+            if relu_backward == "normal" and name is None and rec.input_gradients is not None:
+                self._cache[key] = rec.input_gradients[t]
+            elif relu_backward == "normal" and name is not None and name in rec.input_gradients_by_input:
+                self._cache[key] = rec.input_gradients_by_input[name][t]
+            elif rec.model_inputs is None:
+                self._cache[key] = self.input_gradient(rec.inputs, t, relu_backward=relu_backward)
             else:
-                self._cache[key] = self.input_gradient(self.recording.inputs, t, relu_backward=relu_backward)
+                run = self.cap.run(
+                    rec.model_inputs,
+                    [self.targets[t]],
+                    gradients=False,
+                    input_gradients=True,
+                    relu_backward=relu_backward,
+                )
+                for other, grad in run.input_gradients_by_input.items():
+                    self._cache[(relu_backward, t, other)] = grad[0]
+                if run.input_gradients is not None:
+                    self._cache[(relu_backward, t, None)] = run.input_gradients[0]
+                if key not in self._cache:
+                    raise TargetError(f"model input {name!r} has no gradient (not a floating-point explained input).")
         return self._cache[key]
 
     def rerun(
         self,
-        inputs: torch.Tensor,
+        inputs: Any,
         *,
         gradients: bool = True,
         input_gradients: bool = False,
@@ -123,7 +159,7 @@ class Probe:
             layer,
             n_rows,
             make_rows,
-            inputs=self.recording.inputs,
+            inputs=self.inputs,
             logits=self.recording.logits,
             reference=self.recording.activations,
             batch_budget_mb=batch_budget_mb,
@@ -144,7 +180,15 @@ class Probe:
 
 
 def _fix_target(target: Target, recording: Recording, t: int) -> Target:
-    """Freeze a ranked target to the classes it picked on the recorded input."""
+    """Freeze a ranked target to the classes it picked on the recorded input.
+
+    A target with ``freeze(logits)`` (a segmentation target's predicted region, a contrastive target's reference
+    classes; see :mod:`cnnlens.targets`) freezes itself on the recorded (clean) output.
+    """
+    freeze = getattr(target, "freeze", None)
+    if callable(freeze):
+        frozen: Target = freeze(recording.logits)
+        return frozen
     if isinstance(target, ClassTarget | FunctionTarget):
         return target
     assert recording.target_classes is not None  # set by Capture.run
