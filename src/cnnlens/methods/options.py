@@ -40,6 +40,8 @@ def check_type(method: str, name: str, value: Any, default: Any) -> None:
     """Refuse a value whose type does not match the option's default (bool, int, float or str)."""
     if default is None or name == "display" or isinstance(value, torch.Tensor):
         return  # None defaults, display rules and tensors (an IG baseline) are validated by the method itself
+    if name == "baseline" and isinstance(value, Mapping):
+        return  # IG baselines per model input ({name: baseline}), validated by the method itself
     if isinstance(default, bool):
         ok = isinstance(value, bool)
         want = "True or False"

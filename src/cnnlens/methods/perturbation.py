@@ -176,7 +176,9 @@ def _masked_logits(view: LayerView, probe: Probe, *, top_k: int | None, align_co
             masks[real] = channel_masks(
                 act[s[real], k[real]].to(device=device, dtype=mask_dtype), size, align_corners=align_corners
             )
-        return (inputs.index_select(0, s.to(device)).to(mask_dtype) * masks[:, None]).to(inputs.dtype)
+        masked = (inputs.index_select(0, s.to(device)).to(mask_dtype) * masks[:, None]).to(inputs.dtype)
+        multi = probe.recording.model_inputs  # several model inputs: the first is masked, the others hold their values
+        return masked if multi is None else multi.with_rows(multi.names[0], masked, s.to(device))  # type: ignore[return-value]
 
     distinct = torch.tensor(
         [float(torch.unique(row_of[b][row_of[b] >= 0]).numel()) for b in range(batch)], device=act.device
