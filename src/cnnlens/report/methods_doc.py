@@ -19,6 +19,20 @@ _COST = {
 }
 
 
+_TRANSFORMER_SECTION = """# Transformer methods
+
+Methods that read the attention probabilities of a vision transformer's blocks instead of a layer's feature
+map (network scope: one map per call under the layer key `network`, on the patch grid, upsampled to the input
+like every other map). Supported: timm ViT-style models (ViT, DeiT and distilled DeiT, ViTs with register
+tokens, EVA: attention modules with a `fused_attn` switch, turned off for the call only and restored after)
+and torchvision's `VisionTransformer` (its `nn.MultiheadAttention` is asked for per-head weights for the call
+only). The class/distillation/register tokens and the grid come from the model and the input size, never from
+`sqrt(N)`. CNNs, Swin's windowed attention and attention implementations that cannot expose their
+probabilities are refused with an error naming the model. `rollout` is class-agnostic (every target gets the
+same map); `attngrad` is class-specific.
+"""
+
+
 def _body(spec: MethodSpec) -> str:
     doc = inspect.getdoc(spec.fn) or ""
     lines = doc.splitlines()
@@ -90,4 +104,6 @@ def methods_markdown() -> str:
         *[f"| `{s.id}` | {s.title} | `{s.formula}` |" for s in specs],
         "",
     ]
-    return "\n".join(header) + "\n" + volumes_markdown() + "\n" + "\n".join(method_card(s) for s in specs)
+    first_attention = next((s.id for s in specs if "attention" in s.needs), None)
+    cards = [(_TRANSFORMER_SECTION + "\n" if s.id == first_attention else "") + method_card(s) for s in specs]
+    return "\n".join(header) + "\n" + volumes_markdown() + "\n" + "\n".join(cards)
