@@ -316,3 +316,31 @@ def test_unknown_attention_is_named() -> None:
     net = nn.Sequential(nn.Flatten(2), SelfAttention())
     with pytest.raises(MethodError, match=r"cannot record: SelfAttention at '1'"):
         attention_sites(net, "rollout")
+
+
+def test_other_methods_extra_forwards_do_not_overwrite_the_recorded_attention() -> None:
+    # smoothgrad runs noisy forwards inside the same explain() call, while rollout's recorder is open
+    model = _vit("plain")
+    x = _input()
+    alone = cnnlens.explain(model, x, methods=["rollout"], layers=["blocks.0"])["rollout", None].raw
+    opts = {"smoothgrad": {"n": 3}}
+    both = cnnlens.explain(model, x, methods=["smoothgrad", "rollout"], layers=["blocks.0"], options=opts)
+    torch.testing.assert_close(both["rollout", None].raw, alone, rtol=0, atol=0)
+
+
+def test_no_prefix_token_uses_the_mean_of_all_rows() -> None:
+    model = _vit("plain", class_token=False, global_pool="avg")
+    assert model.num_prefix_tokens == 0
+    x = _input()
+    _, attentions = _literal_timm(model, x)
+    e = cnnlens.explain(model, x, methods=["rollout"], layers=["blocks.0"])["rollout", None]
+    n = attentions[0].shape[-1]
+    expected = []
+    for b in range(x.shape[0]):
+        eye = torch.eye(n, dtype=torch.float64)
+        result = eye.clone()
+        for a in attentions:
+            step = (a[b].detach().mean(0) + eye) / 2
+            result = (step / step.sum(-1, keepdim=True)) @ result
+        expected.append(result.mean(0).reshape(4, 4))
+    torch.testing.assert_close(e.raw[:, 0], torch.stack(expected), rtol=1e-10, atol=1e-12)

@@ -128,6 +128,9 @@ class AttentionRecorder:
     attention on the side). On entry: eval mode and hooks through a :class:`ModelScope`, timm's ``fused_attn``
     switched off; on exit (also on error) all of it is undone and every ``fused_attn`` gets its own value back.
 
+    Only the first forward inside the block is recorded: later forwards (the extra passes of other methods in
+    the same explain() call, a shape probe) run with the attention unfused but leave the record alone.
+
     Args:
         model: The network.
         sites: The attention modules (default: :func:`attention_sites`).
@@ -136,7 +139,7 @@ class AttentionRecorder:
             are frozen for the block so no graph is built before the first attention block.
 
     Attributes:
-        probabilities: Site name -> ``(B, heads, N, N)`` of the last forward (graph nodes with
+        probabilities: Site name -> ``(B, heads, N, N)`` of the first forward (graph nodes with
             ``gradients=True``, detached otherwise).
     """
 
@@ -188,8 +191,13 @@ class AttentionRecorder:
             self._fused = {}
             self._scope = None
 
-    def _node(self, name: str, probs: torch.Tensor) -> torch.Tensor:
-        """Record ``probs`` under ``name``; with gradients, return the graph node the model must continue on."""
+    def _node(self, name: str, probs: torch.Tensor) -> torch.Tensor | None:
+        """Record ``probs`` under ``name``; with gradients, return the graph node the model must continue on.
+
+        None when ``name`` was recorded by an earlier forward (nothing to record, the output stays as it is).
+        """
+        if name in self.probabilities:
+            return None
         if not self.gradients:
             self.probabilities[name] = probs.detach()
             return probs
@@ -206,7 +214,7 @@ class AttentionRecorder:
                     f"supported: {SUPPORTED}."
                 )
             node = self._node(name, output)
-            return node.clone() if self.gradients else None
+            return node.clone() if self.gradients and node is not None else None
 
         return hook
 
@@ -219,7 +227,7 @@ class AttentionRecorder:
                     f"(got {None if weights is None else tuple(weights.shape)}); supported: {SUPPORTED}."
                 )
             node = self._node(site.name, weights)
-            if not self.gradients:
+            if not self.gradients or node is None:
                 return None
             value = args[2] if len(args) > 2 else kwargs["value"]
             return _mha_output(module, node, value, site.name), node

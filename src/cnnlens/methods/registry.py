@@ -61,7 +61,9 @@ __all__ = [
     "volume_method_ids",
 ]
 
-Need = Literal["activations", "gradients", "input_gradients", "probe"]
+Need = Literal["activations", "gradients", "input_gradients", "probe", "attention", "attention_gradients"]
+"""``attention``: the attention probabilities of every block (cnnlens.capture.attention), recorded during the main
+forward; ``attention_gradients``: recorded with their gradients in an extra forward (methods/transformer.py)."""
 
 Display = Literal["relu", "abs", "signed"]
 """How a raw map is shown before upsampling and normalisation: ``ReLU(raw)``, ``|raw|`` or ``raw`` itself."""
