@@ -262,3 +262,66 @@ def test_as_model_inputs_rows_and_extras() -> None:
     seen: list[Any] = []
     inp.call(lambda *a, **k: seen.append((len(a), sorted(k))))
     assert seen == [(5, [])]
+
+
+def test_guided_backprop_per_input_equals_captum_with_a_tuple() -> None:
+    from captum.attr import GuidedBackprop
+
+    net, (x, d) = _net(), _data()
+    ref_x, ref_d = GuidedBackprop(net).attribute((x, d), target=TARGETS)
+    res = cnnlens.explain(net, (x, d), methods=["guided_backprop"], layers=["fuse"], targets=TARGETS)
+    torch.testing.assert_close(res["guided_backprop", "input:0"].raw[:, 0], ref_x.sum(1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(res["guided_backprop", "input:1"].raw[:, 0], ref_d.sum(1), rtol=1e-9, atol=1e-12)
+
+
+def test_layer_smoothing_noises_every_input_with_its_own_noise() -> None:
+    from cnnlens.methods.smooth import noise, smooth
+
+    net, (x, d) = _net(), _data(2)
+    n, sigma, targets = 2, 0.3, [2, 1]
+    got = cnnlens.explain(net, (x, d), methods=[smooth("gradcam", n=n, sigma=sigma)], layers=["fuse"], targets=targets)
+
+    def noisy(t: torch.Tensor, j: int, stream: str | None) -> torch.Tensor:
+        span = (t.flatten(1).amax(1) - t.flatten(1).amin(1)).view(-1, 1, 1, 1)
+        return t + sigma * span * noise(0, j, tuple(t.shape[1:]), stream).double()
+
+    maps = [
+        cnnlens.explain(net, (noisy(x, j, None), noisy(d, j, "1")), layers=["fuse"], targets=targets)["gradcam", "fuse"]
+        for j in range(n)
+    ]
+    expected = sum(m.raw for m in maps) / n
+    torch.testing.assert_close(got["smooth_gradcam", "fuse"].raw, expected)
+
+
+class ImageAndClassId(nn.Module):
+    """An image and an integer condition (an embedding index): only the image is a spatial input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.embed = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)) * self.embed(cond).view(-1, 4, 1, 1)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_integer_inputs_get_no_map_and_are_held_through_passes() -> None:
+    torch.manual_seed(5)
+    net = ImageAndClassId().double().eval()
+    x, cond = _data(2)[0], torch.tensor([3, 1])
+    res = cnnlens.explain(
+        net,
+        (x, cond),
+        methods=["saliency", "integrated_gradients", "gradcam"],
+        layers=["conv"],
+        targets=[0, 2],
+        options={"integrated_gradients": {"steps": 5}},
+        execution=Execution(chunk_size=3),
+    )
+    assert {e.layer for e in res} == {"conv", "input:0"}
+    ref = IntegratedGradients(net).attribute(x, target=[0, 2], additional_forward_args=(cond,), n_steps=5)
+    torch.testing.assert_close(res["integrated_gradients", "input:0"].raw[:, 0], ref.sum(1), rtol=1e-7, atol=1e-10)
+    with capture(net, "conv") as cap:
+        torch.testing.assert_close(cap.forward((x, cond)), net(x, cond).detach())
