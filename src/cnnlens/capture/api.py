@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-import torch
+import torch  # noqa: F401  (the examples below use it)
 from torch import nn
 
 from cnnlens.capture.core import Capture
@@ -14,6 +15,7 @@ from cnnlens.capture.recording import Recording
 from cnnlens.capture.rectifier import ReluBackward
 from cnnlens.errors import LayerNotFoundError
 from cnnlens.execution import Execution
+from cnnlens.inputs import InputsSpec
 from cnnlens.outputs import OutputSelector
 from cnnlens.targets import TargetSpec
 
@@ -74,7 +76,7 @@ def capture(
 
 def record(
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: InputsSpec,
     layers: Sequence[LayerSpec] | LayerSpec,
     targets: TargetSpec = None,
     *,
@@ -85,8 +87,11 @@ def record(
     output_selector: OutputSelector | None = None,
     execution: Execution | None = None,
     layout: LayoutSpec | Mapping[str, LayoutSpec] = None,
+    additional_forward_args: Any = None,
 ) -> Recording:
     """One-shot :func:`capture`: open, run once, close (``layout`` as for :func:`capture`).
+
+    ``inputs`` and ``additional_forward_args`` as for :meth:`Capture.run` (several inputs: a tuple or a mapping).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
@@ -101,6 +106,7 @@ def record(
             gradients=gradients,
             input_gradients=input_gradients,
             relu_backward=relu_backward,
+            additional_forward_args=additional_forward_args,
         )
 
 
