@@ -1,0 +1,127 @@
+"""The command line on token models (issue 11): defaults with no --layer/--layout, --layout checks, printed layouts.
+
+Models come from timm/torchvision names with --random-weights (offline, timm's/torchvision's preprocessing).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlens.cli import common, main
+from cnnlens.cli.args import parse_layout_args
+from cnnlens.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "img.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((180, 240, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _explain(image: Path, out: Path, model: str, *extra: str) -> int:
+    argv = ["explain", str(image), "--model", model, "--random-weights", "--method", "gradcam"]
+    return main([*argv, "--show-top", "1", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize(
+    ("model", "layer", "printed"),
+    [
+        ("vit_tiny_patch16_224", "blocks.11.norm1", "tokens: 1 prefix token + 14x14 grid (timm num_prefix_tokens=1"),
+        ("deit_tiny_distilled_patch16_224", "blocks.11.norm1", "tokens: 2 prefix tokens + 14x14 grid"),
+        ("swin_tiny_patch4_window7_224", "layers.3.blocks.1.norm1", "nhwc"),
+        ("convnext_tiny", "features", "nchw"),
+    ],
+)
+def test_explain_needs_no_layer_or_layout_and_prints_what_it_inferred(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str, layer: str, printed: str
+) -> None:
+    out = tmp_path / "out"
+    assert _explain(image, out, model) == 0
+    captured = capsys.readouterr()
+    assert f"layer {layer} (default layer): {printed}" in captured.out
+    assert "RANDOM WEIGHTS" in captured.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    (entry,) = manifest["results"]
+    assert entry["layer"] == layer
+    raw = np.load(out / entry["files"]["raw"])
+    assert raw.shape == ((7, 7) if model.startswith(("swin", "convnext")) else (14, 14)) and np.isfinite(raw).all()
+    assert Image.open(out / entry["files"]["overlay"]).size == (224, 224)
+
+
+def test_a_layout_given_per_layer_is_used_and_printed(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layers = ["--layer", "blocks.10.norm2", "blocks.11.norm1"]
+    assert _explain(image, tmp_path / "o", "vit_tiny_patch16_224", *layers, "--layout", "blocks.11.norm1=tokens:1") == 0
+    out = capsys.readouterr().out
+    assert "layer blocks.11.norm1: tokens: 1 prefix token + 14x14 grid (explicit" in out
+    assert "layer blocks.10.norm2: tokens: 1 prefix token + 14x14 grid (timm" in out  # the other one inferred
+
+
+def test_a_layout_that_does_not_fit_exits_2_with_the_layout_error(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _explain(image, tmp_path / "o", "vit_tiny_patch16_224", "--layout", "tokens:1:7x7") == 2
+    err = capsys.readouterr().err
+    assert "197 tokens" in err and "7x7 grid" in err and "tokens:P:HxW" in err
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        (["bogus"], "unknown layout 'bogus'"),
+        (["tokens:1:0x14"], "grid"),
+        (["blocks.11.norm1="], "is not LAYER=SPEC"),
+        (["nhwc", "blocks.1=nchw"], "either one SPEC for every layer or LAYER=SPEC"),
+        (["a=nchw", "a=nhwc"], "two layouts"),
+    ],
+)
+def test_bad_layouts_exit_2_before_the_model_loads(
+    image: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    layout: list[str],
+    message: str,
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before --layout was checked")
+
+    monkeypatch.setattr(common, "load_model", never)
+    flags = [item for spec in layout for item in ("--layout", spec)]
+    for command in ("explain", "compare-layers"):
+        argv = [command, str(image), "--model", "vit_tiny_patch16_224", "--random-weights", *flags]
+        assert main([*argv, "--out", str(tmp_path / command)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_parse_layout_args_forms() -> None:
+    assert parse_layout_args([]) is None
+    assert parse_layout_args(["tokens:2"]) == "tokens:2"
+    assert parse_layout_args(["x=nhwc", "y = tokens:1:14x14"]) == {"x": "nhwc", "y": "tokens:1:14x14"}
+    with pytest.raises(UsageError, match="--layout 'tokens:a'"):
+        parse_layout_args(["tokens:a"])
+
+
+def test_layers_lists_token_roles_with_their_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["layers", "--model", "vit_tiny_patch16_224", "--random-weights"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "blocks.11.norm1 *" in line)
+    assert "tokens:1:14x14 (192x14x14)" in row and "attention_norm" in row and "final_spatial" in row
+    assert any("blocks.11.norm2" in line and "mlp_norm" in line for line in out.splitlines())
+
+
+def test_compare_layers_on_vit_blocks(image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["compare-layers", str(image), "--model", "vit_tiny_patch16_224", "--random-weights"]
+    argv += ["--layer", "blocks.11.norm1", "blocks.11.norm2", "--method", "gradcam", "--steps", "2"]
+    assert main([*argv, "--out", str(tmp_path / "study")]) == 0
+    out = capsys.readouterr().out
+    assert "layer blocks.11.norm1: tokens: 1 prefix token + 14x14 grid" in out
+    assert "attention_norm" in out and "mlp_norm" in out
