@@ -294,6 +294,17 @@ def test_explain_a_16x32x32_volume_returns_volumes_at_input_size() -> None:
     torch.testing.assert_close(e.maps.double(), expected, rtol=0, atol=1e-6)
 
 
+def test_a_volume_network_gets_a_default_layer_like_a_cnn() -> None:
+    """The default-layer policy counts Conv3d: the activation after the last convolution (through a norm)."""
+    net = seeded(GapVolume(), seed=4)
+    x = torch.randn(1, 1, 4, 8, 8, dtype=torch.float64)
+    assert cnnlens.default_layer(net) == "features"  # the block whose last child is the ReLU after features.3
+    result = cnnlens.explain(net, x, methods=["gradcam"])
+    assert result.layers == ["features"] and result["gradcam", "features"].maps.shape == (1, 1, 4, 8, 8)
+    normed = nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten())
+    assert cnnlens.default_layer(normed) == "2"
+
+
 def test_volume_maps_are_per_sample_and_independent_of_the_batch() -> None:
     net = seeded(GapVolume(), seed=1)
     x = torch.randn(3, 1, 8, 12, 12, dtype=torch.float64)

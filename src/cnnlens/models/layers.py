@@ -37,7 +37,8 @@ spatial map before global pooling, it needs no layout, and it is the same tensor
 **CNNs**: the last spatial, post-activation output before global pooling (a block output):
 
 1. a ResNet-style ``layer4`` stage if there is one (its output is the post-ReLU residual sum);
-2. otherwise the activation that directly follows the highest-numbered ``Conv2d`` in its parent container
+2. otherwise the activation that directly follows the highest-numbered ``Conv2d`` (or ``Conv3d``, for volume
+   networks) in its parent container
    (possibly through a norm layer), e.g. ``features.29`` in VGG16 or ``features.18`` in MobileNetV2. When
    that activation closes its container (conv-norm-act blocks) the container itself is named;
 3. otherwise the last module timm's ``feature_info`` reports;
@@ -67,9 +68,27 @@ from torch import nn
 
 from cnnlens.errors import LayerNotFoundError
 
-__all__ = ["TransformerBlock", "default_target_layer", "guess_layers", "token_model_default", "transformer_blocks"]
+__all__ = [
+    "FAMILY_DEFAULTS",
+    "TransformerBlock",
+    "default_target_layer",
+    "guess_layers",
+    "token_model_default",
+    "transformer_blocks",
+]
 
 _log = logging.getLogger(__name__)
+
+FAMILY_DEFAULTS: tuple[tuple[str, str, str], ...] = (
+    ("ViT, DeiT, distilled DeiT, ViTs with register tokens (timm)", "blocks.<last>.norm1", "tokens"),
+    ("ViT: `vit_b_16`... (torchvision)", "encoder.layers.encoder_layer_<last>.ln_1", "tokens"),
+    ("Swin (timm)", "layers.3.blocks.<last>.norm1", "nhwc"),
+    ("Swin: `swin_t`... (torchvision)", "features.7.<last>.norm1", "nhwc"),
+    ("ConvNeXt (timm)", "stages.3 (the last stage's output)", "nchw"),
+    ("ConvNeXt: `convnext_tiny`... (torchvision)", "features (its output is the last stage's, features.7)", "nchw"),
+    ("CNNs (ResNet, VGG, MobileNet...)", "the CNN policy: the last post-activation block output", "nchw"),
+)
+"""``(family, default layer, layout)`` per model family: the table of the module docstring, for the docs."""
 
 _ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -82,7 +101,14 @@ _ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Mish,
     nn.PReLU,
 )
-_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
+_NORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.GroupNorm,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+)
 
 
 _TOKEN_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
@@ -208,7 +234,8 @@ def token_model_default(module: nn.Module) -> str | None:
 def _guess(module: nn.Module) -> tuple[str | None, dict[str, str]]:
     """The policy's choice, or None when the module has no spatial layer (no Conv2d, no feature_info)."""
     names = dict(module.named_modules())
-    convs = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    # Conv3d counts too: a volume network (video, medical) defaults the same way, its layers are (B, C, d, h, w)
+    convs = [n for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
     known: dict[str, str] = {}
     default: str | None = None
     default = token_model_default(module)
