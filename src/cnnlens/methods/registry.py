@@ -372,8 +372,8 @@ def volume_method_ids() -> list[str]:
 
 def _volume_refusal(method: str, shape: tuple[int, ...]) -> str:
     return (
-        f"{method} does not run on volumes: it got shape {shape} (B, C, D, H, W) from a Conv3d-style network, and "
-        f"it is defined on images only. Methods that work on volumes: {', '.join(volume_method_ids())}."
+        f"{method} does not run on volumes: it is defined on images (B, C, H, W) and got a volume of shape {shape} "
+        f"(a Conv3d network). Methods that run on volumes: {', '.join(volume_method_ids())}; pick one of them."
     )
 
 
