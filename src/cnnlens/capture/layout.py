@@ -352,15 +352,16 @@ class LayoutResolver:
     def of(self, ref: LayerRef, output: torch.Tensor, input_shape: tuple[int, ...]) -> Layout | None:
         """The layout of ``ref``'s ``output`` for an input of ``input_shape``: given or inferred, then checked.
 
-        Inferred once per (layer, input size, output size). None for outputs that are not spatial (rank 2, 6+)
-        when no layout was given: they are recorded as they are.
+        Inferred once per (layer, input size, output size). None when no layout was given for an output that is
+        not spatial (rank 2, 6+) or is 3-D while the input is not an image batch: such outputs are recorded as
+        they are.
 
         Raises:
             LayoutError: The output does not fit the given layout, or a token grid cannot be inferred.
         """
         spec = self.specs.get(ref.key)
-        if spec is None and output.ndim not in (3, 4, 5):
-            return None
+        if spec is None and (output.ndim not in (3, 4, 5) or (output.ndim == 3 and len(input_shape) != 4)):
+            return None  # not spatial, or a sequence of a model whose input is no image: recorded as it is
         memo_key = (ref.key, input_shape[1:], tuple(output.shape[1:]))
         layout = self._memo.get(memo_key)
         if layout is None:

@@ -129,7 +129,7 @@ class Replayer:
 
     def _infer(self, ref: LayerRef, output: torch.Tensor, input_shape: tuple[int, ...]) -> Layout | None:
         """Inferred layout (no explicit spec) for a replayer made without a capture's ``layout_of``."""
-        if output.ndim not in (3, 4, 5):
+        if output.ndim not in (3, 4, 5) or (output.ndim == 3 and len(input_shape) != 4):
             return None
         return infer_layout(self.model, ref.module, output, input_shape, None, layer=ref.key)
 
