@@ -218,3 +218,16 @@ def test_compare_layers_on_token_layers_measures_each() -> None:
     assert [r.layer for r in study.rows] == ["blocks.0.norm1", "blocks.1.norm1"]
     assert all(r.shape == (32, 4, 4) and "attention_norm" in r.roles for r in study.rows)
     assert set(study.explanations.manifest["layouts"]) == {"blocks.0.norm1", "blocks.1.norm1"}
+
+
+def test_the_documented_table_names_the_layers_the_policy_picks(models: dict[str, nn.Module]) -> None:
+    from cnnlens.models.layers import FAMILY_DEFAULTS
+
+    documented = " ".join(layer for _, layer, _ in FAMILY_DEFAULTS)
+    for family in ("vit_tiny", "swin_tiny", "tv_vit", "swin_t"):
+        block = transformer_blocks(models[family])[-1]
+        last = block.name.rpartition(".")[2].rpartition("_")[2]  # "11", "1", "encoder_layer_11" -> "11"
+        generic = default_target_layer(models[family]).replace(f".{last}.", ".<last>.").replace(f"_{last}.", "_<last>.")
+        assert f"`{generic}`" in documented
+    for family in ("convnext_timm", "convnext_tv"):
+        assert f"`{default_target_layer(models[family])}`" in documented

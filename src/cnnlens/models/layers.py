@@ -80,15 +80,15 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 FAMILY_DEFAULTS: tuple[tuple[str, str, str], ...] = (
-    ("ViT, DeiT, distilled DeiT, ViTs with register tokens (timm)", "blocks.<last>.norm1", "tokens"),
-    ("ViT: `vit_b_16`... (torchvision)", "encoder.layers.encoder_layer_<last>.ln_1", "tokens"),
-    ("Swin (timm)", "layers.3.blocks.<last>.norm1", "nhwc"),
-    ("Swin: `swin_t`... (torchvision)", "features.7.<last>.norm1", "nhwc"),
-    ("ConvNeXt (timm)", "stages.3 (the last stage's output)", "nchw"),
-    ("ConvNeXt: `convnext_tiny`... (torchvision)", "features (its output is the last stage's, features.7)", "nchw"),
-    ("CNNs (ResNet, VGG, MobileNet...)", "the CNN policy: the last post-activation block output", "nchw"),
+    ("ViT, DeiT, distilled DeiT, ViTs with register tokens (timm)", "`blocks.<last>.norm1`", "tokens"),
+    ("ViT: `vit_b_16`... (torchvision)", "`encoder.layers.encoder_layer_<last>.ln_1`", "tokens"),
+    ("Swin (timm)", "`layers.3.blocks.<last>.norm1`", "nhwc"),
+    ("Swin: `swin_t`... (torchvision)", "`features.7.<last>.norm1`", "nhwc"),
+    ("ConvNeXt (timm)", "`stages.3` (the last stage's output)", "nchw"),
+    ("ConvNeXt: `convnext_tiny`... (torchvision)", "`features` (its output is the last stage's, `features.7`)", "nchw"),
+    ("CNNs (ResNet, VGG, MobileNet...)", "unchanged: the last post-activation block output", "nchw"),
 )
-"""``(family, default layer, layout)`` per model family: the table of the module docstring, for the docs."""
+"""``(family, default layer, layout)`` per model family (Markdown): the module docstring's table, for the docs."""
 
 _ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,

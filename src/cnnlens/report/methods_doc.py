@@ -7,7 +7,7 @@ import inspect
 from cnnlens.methods import iter_methods
 from cnnlens.methods.registry import MethodSpec, volume_method_ids
 
-__all__ = ["method_card", "methods_markdown", "volumes_markdown"]
+__all__ = ["default_layers_markdown", "method_card", "methods_markdown", "volumes_markdown"]
 
 _COST = {
     "activations": "the layer's activations from the shared forward",
@@ -88,6 +88,31 @@ def volumes_markdown() -> str:
     )
 
 
+def default_layers_markdown() -> str:
+    """The "Default layers of token models" section: the layer each family gets when none is named."""
+    from cnnlens.models.layers import FAMILY_DEFAULTS
+
+    rows = [f"| {family} | {layer} | `{layout}` |" for family, layer, layout in FAMILY_DEFAULTS]
+    return "\n".join(
+        [
+            "## Default layers of token models",
+            "",
+            "With no layer named (`layers=` in Python, `--layer` on the command line), a network with transformer",
+            "blocks and no convolution after them gets **the norm before its last attention block**: the last",
+            "block's own output is useless under a class-token head (only its class token reaches the head, so its",
+            "patch tokens get exactly zero gradient and every gradient CAM is zero), while the input of the last",
+            "attention still reaches the class token. Its output is read through the layer's layout (tokens with",
+            "their prefix tokens left out, or channels last), inferred from the model and the input size and",
+            "printed by `cnnlens explain`; `layout=`/`--layout` overrides it. Every CNN keeps its default.",
+            "",
+            "| family | default layer | layout |",
+            "|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+
+
 def methods_markdown() -> str:
     """The whole method reference, one card per registered method, in registration order."""
     specs = list(iter_methods())
@@ -106,4 +131,5 @@ def methods_markdown() -> str:
     ]
     first_attention = next((s.id for s in specs if "attention" in s.needs), None)
     cards = [(_TRANSFORMER_SECTION + "\n" if s.id == first_attention else "") + method_card(s) for s in specs]
-    return "\n".join(header) + "\n" + volumes_markdown() + "\n" + "\n".join(cards)
+    sections = volumes_markdown() + "\n" + default_layers_markdown()
+    return "\n".join(header) + "\n" + sections + "\n" + "\n".join(cards)
