@@ -325,3 +325,25 @@ def test_integer_inputs_get_no_map_and_are_held_through_passes() -> None:
     torch.testing.assert_close(res["integrated_gradients", "input:0"].raw[:, 0], ref.sum(1), rtol=1e-7, atol=1e-10)
     with capture(net, "conv") as cap:
         torch.testing.assert_close(cap.forward((x, cond)), net(x, cond).detach())
+
+
+def test_non_finite_input_is_named_and_network_scope_is_refused() -> None:
+    from cnnlens.errors import MethodError, NonFiniteInputError
+
+    net, (x, d) = _net(), _data()
+    broken = d.clone()
+    broken[1, 0, 2, 2] = float("nan")
+    with pytest.raises(NonFiniteInputError, match=r"the input 'depth' holds NaN .* image\(s\) \[1\]"):
+        cnnlens.explain(net, {"rgb": x, "depth": broken}, layers=["fuse"])
+    with pytest.raises(MethodError, match=r"fullgrad \(network scope\) supports models called with one input"):
+        cnnlens.explain(net, (x, d), methods=["fullgrad"], layers=["fuse"])
+
+
+def test_channels_last_runs_every_image_input() -> None:
+    net, (x, d) = _net(), _data()
+    net, x, d = net.float(), x.float(), d.float()
+    opts = {"methods": ["gradcam", "saliency"], "layers": ["fuse"], "targets": TARGETS}
+    fast = cnnlens.explain(net, (x, d), execution=Execution(memory_format="channels_last"), **opts)
+    plain = cnnlens.explain(net, (x, d), **opts)
+    for method, layer in (("gradcam", "fuse"), ("saliency", "input:0"), ("saliency", "input:1")):
+        torch.testing.assert_close(fast[method, layer].raw, plain[method, layer].raw, rtol=1e-4, atol=1e-5)

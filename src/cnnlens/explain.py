@@ -72,7 +72,7 @@ def default_layer(model: nn.Module | LoadedModel) -> str:
     return default_target_layer(model)
 
 
-def _check_finite_inputs(inputs: object) -> None:
+def _check_finite_inputs(inputs: object, name: str | None = None) -> None:
     """Refuse NaN or infinite input values: every map of such an input would be meaningless."""
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
         return
@@ -81,8 +81,9 @@ def _check_finite_inputs(inputs: object) -> None:
         return
     per_image = (~finite).flatten(1).sum(1) if inputs.ndim >= 4 else (~finite).sum().view(1)
     bad = [i for i, n in enumerate(per_image.tolist()) if n]
+    which = "the input" if name is None else f"the input {name!r}"
     raise NonFiniteInputError(
-        f"the input holds NaN or infinite values ({int((~finite).sum())} of {inputs.numel()}, in image(s) "
+        f"{which} holds NaN or infinite values ({int((~finite).sum())} of {inputs.numel()}, in image(s) "
         f"{bad[:10]}{'...' if len(bad) > 10 else ''}); explain finite images (check the preprocessing: a zero std "
         "or a corrupt array)."
     )
@@ -391,8 +392,8 @@ def explain(
         raise ModelTypeError(f"model must be a torch.nn.Module or a LoadedModel, got {type(model).__name__}.")
     if is_multi(inputs, additional_forward_args):
         inputs = as_model_inputs(inputs, additional_forward_args)  # checked (names, batch sizes) before any forward
-        for tensor in inputs.tensors:
-            _check_finite_inputs(tensor)
+        for input_name, tensor in zip(inputs.names, inputs.tensors, strict=True):
+            _check_finite_inputs(tensor, input_name if len(inputs.names) > 1 else None)
     else:
         _check_finite_inputs(inputs)
     variants = _variants(methods, options)
@@ -441,9 +442,9 @@ def explain(
             elif spec.scope == "network":
                 if rec.model_inputs is not None:
                     raise MethodError(
-                        f"{spec.id} (network scope) supports models called with one input tensor; this model got "
-                        f"{len(rec.model_inputs.names)} input(s) with extra arguments. Use a CAM or an input-scope "
-                        "method."
+                        f"{spec.id} (network scope) supports models called with one input tensor; this call has "
+                        f"the inputs {list(rec.model_inputs.names)} and {len(rec.model_inputs.extra_args)} + "
+                        f"{len(rec.model_inputs.extra_kwargs)} extra argument(s). Use a CAM or an input-scope method."
                     )
                 views = {spec.scope: _network_views(spec, module, rec, probe, output_selector)}
             elif spec.scope == "input":
