@@ -306,6 +306,9 @@ def test_swin_is_refused_as_windowed_attention() -> None:
     with pytest.raises(MethodError, match=r"SwinTransformer uses windowed attention \(WindowAttention"):
         cnnlens.explain(swin, torch.randn(1, 3, 32, 32), methods=["rollout"], layers=["layers.0"])
     assert _fused_flags(swin) == _fused_flags(copy.deepcopy(swin)) and _all_hooks(swin) == 0
+    tv_swin = torchvision.models.swin_t(weights=None)
+    with pytest.raises(MethodError, match=r"SwinTransformer uses windowed attention \(ShiftedWindowAttention"):
+        attention_sites(tv_swin, "attngrad")
 
 
 def test_unknown_attention_is_named() -> None:

@@ -77,7 +77,11 @@ class AttentionSite:
 
 
 def _is_windowed(module: nn.Module) -> bool:
-    return "window" in type(module).__name__.lower() or hasattr(module, "relative_position_bias_table")
+    """Swin-style window attention (timm/torchvision ``WindowAttention``, ``ShiftedWindowAttention``).
+
+    A relative position bias alone is not windowing: BEiT's attention has one over the whole image.
+    """
+    return "window" in type(module).__name__.lower()
 
 
 def attention_sites(model: nn.Module, method: str = "attention recording") -> list[AttentionSite]:
