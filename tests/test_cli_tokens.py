@@ -70,7 +70,7 @@ def test_a_layout_that_does_not_fit_exits_2_with_the_layout_error(
 ) -> None:
     assert _explain(image, tmp_path / "o", "vit_tiny_patch16_224", "--layout", "tokens:1:7x7") == 2
     err = capsys.readouterr().err
-    assert "197 tokens" in err and "7x7 grid" in err and "tokens:P:HxW" in err
+    assert "197 tokens" in err and "7x7 grid" in err and "--layout tokens:P:HxW" in err
 
 
 @pytest.mark.parametrize(

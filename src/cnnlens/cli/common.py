@@ -269,6 +269,7 @@ def _cli_hint(reason: str) -> str:
         .replace("pass a larger max_pixels", "pass a larger --max-pixels")
         .replace("pass layers=[...] explicitly", "pass --layer NAME explicitly")
         .replace("add them to methods=.", "add them to --method.")
+        .replace("layout='tokens:P:HxW'", "--layout tokens:P:HxW (or LAYER=tokens:P:HxW)")
     )
 
 
