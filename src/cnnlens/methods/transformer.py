@@ -231,13 +231,26 @@ def rollout(view: LayerView, head_fusion: str = "mean", discard_ratio: float = 0
     if not 0.0 <= float(discard_ratio) < 1.0:
         raise MethodError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}.")
     fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)  # validate before work
+    token_row(1, 1, 0, row, torch.float64, torch.device("cpu"))
     _, probs, prefix, (h, w) = attention_grid(view, "rollout")
+    if view.probe is None:
+        return _rollout(probs, prefix, (h, w), head_fusion, float(discard_ratio), row)
+    # class-agnostic: computed once per call and shared by every target
+    key = ("rollout", head_fusion, float(discard_ratio), row)
+    return view.probe.memo(key, lambda: _rollout(probs, prefix, (h, w), head_fusion, float(discard_ratio), row))
+
+
+def _rollout(
+    probs: list[torch.Tensor], prefix: int, grid: tuple[int, int], head_fusion: str, discard_ratio: float, row: str
+) -> torch.Tensor:
+    """The class token's row of ``R = Â_L ... Â_1`` over the grid tokens, ``(B, h, w)`` (see :func:`rollout`)."""
+    h, w = grid
     dtype = precise_dtype(probs[0])
     batch, n = int(probs[0].shape[0]), int(probs[0].shape[-1])
     r = token_row(batch, n, prefix, row, dtype, probs[0].device).unsqueeze(1)  # (B, 1, N)
     eye = torch.eye(n, dtype=dtype, device=probs[0].device)
     for attention in reversed(probs):
-        fused = _discard(fuse_heads(attention.to(dtype), head_fusion), float(discard_ratio))
+        fused = _discard(fuse_heads(attention.to(dtype), head_fusion), discard_ratio)
         a = 0.5 * fused + 0.5 * eye
         a = a / a.sum(dim=-1, keepdim=True)
         r = r @ a
