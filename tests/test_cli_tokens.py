@@ -53,6 +53,22 @@ def test_explain_needs_no_layer_or_layout_and_prints_what_it_inferred(
     raw = np.load(out / entry["files"]["raw"])
     assert raw.shape == ((7, 7) if model.startswith(("swin", "convnext")) else (14, 14)) and np.isfinite(raw).all()
     assert Image.open(out / entry["files"]["overlay"]).size == (224, 224)
+    if model.startswith("vit"):  # timm's pretrained_cfg preprocessing, offline with random weights
+        prep = manifest["model"]["preprocessing"]
+        assert (prep["mean"], prep["interpolation"], prep["resize"]) == ([0.5] * 3, "bicubic", 248)
+
+
+def test_input_size_resizes_a_timm_vit_and_the_grid_follows(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # before: timm's patch embedding asserted 224x224 (a traceback); now set_input_size, and a 10x15 grid
+    out = tmp_path / "o"
+    assert _explain(image, out, "deit_tiny_distilled_patch16_224", "--input-size", "160", "240") == 0
+    captured = capsys.readouterr()
+    assert "now takes 160x240" in captured.err
+    assert "layer blocks.11.norm1 (default layer): tokens: 2 prefix tokens + 10x15 grid" in captured.out
+    (entry,) = json.loads((out / "manifest.json").read_text())["results"]
+    assert np.load(out / entry["files"]["raw"]).shape == (10, 15)
 
 
 def test_a_layout_given_per_layer_is_used_and_printed(

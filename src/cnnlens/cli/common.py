@@ -94,7 +94,30 @@ def _load_quietly(args: argparse.Namespace, *, random_weights: bool) -> LoadedMo
     if any(value is not None for value in prep.values()):
         new = override_preprocessing(model.spec.preprocessing, **prep)
         model = replace(model, spec=replace(model.spec, preprocessing=new))
+        _fit_input_size(model)
     return model
+
+
+def _fit_input_size(model: LoadedModel) -> None:
+    """Give a timm token model with a fixed input size (ViT, DeiT, Swin) the ``--input-size`` asked for.
+
+    timm's patch embedding refuses any other size (an assertion deep in its forward); ``set_input_size``
+    resamples the position embeddings (and Swin's windows) to the new grid, as timm does for fine-tuning at
+    another resolution. Said on stderr; nothing happens for models that take any size.
+    """
+    module = model.module
+    embed = getattr(module, "patch_embed", None)
+    fixed = getattr(embed, "img_size", None)
+    setter = getattr(module, "set_input_size", None)
+    size = tuple(model.spec.preprocessing.input_size)
+    if fixed is None or not callable(setter) or getattr(embed, "dynamic_img_size", False) or tuple(fixed) == size:
+        return
+    setter(img_size=size)
+    err_console.print(
+        f"note: {escape(model.spec.name)} built for {fixed[0]}x{fixed[1]} inputs now takes {size[0]}x{size[1]} "
+        "(timm set_input_size: position embeddings resampled to the new patch grid).",
+        highlight=False,
+    )
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
