@@ -348,7 +348,9 @@ def explain(
         layers: Layer names or modules; default: :func:`default_layer`.
         targets: What to explain: an int or a class name (``"tiger cat"``, case-insensitive; needs class
             names: a zoo model's or ``class_names=``), a list of ints/names (one per sample), None = the top
-            class, a callable... (see :func:`cnnlens.targets.resolve_targets`).
+            class, a callable... (see :func:`cnnlens.targets.resolve_targets`), or a target on raw outputs:
+            ``SegmentationTarget``, ``RegionTarget``, ``MultiLabelTarget`` (one map per label above a threshold),
+            ``ContrastiveTarget`` (see :mod:`cnnlens.targets`; what they pick is frozen on the clean output).
         top_k: Explain the top-k classes of each image (T = k maps per image), without re-running forward.
         options: Per-method options (the string-keyed form the CLI uses), e.g. ``{"gradcampp":
             {"alpha_normalize": True}, "gradcam": {"relu": False}, "saliency": {"display": "signed"}}``. The
