@@ -5,7 +5,7 @@ requested layer; an input-scope method (saliency, guided backprop, Integrated Gr
 the layer key ``"input"``; a network-scope method (FullGrad) gives one under ``"network"``, from a second
 capture of the modules it names (one extra forward and backward).
 
-Length: :func:`explain` is over 80 lines by its docstring only (43 lines; its body is 55).
+Length: :func:`explain` is over 80 lines by its docstring only (56 lines; its body is 55).
 """
 
 from __future__ import annotations
@@ -191,6 +191,39 @@ def _network_views(
         )
         for t in range(nrec.num_targets)
     ]
+
+
+def _method_views(
+    spec: MethodSpec,
+    module: nn.Module,
+    rec: Recording,
+    probe: Probe,
+    output_selector: OutputSelector | None,
+    att: Any,
+) -> dict[str, list[LayerView]]:
+    """Result key -> one view per target, for one method.
+
+    Keys: every recorded layer (layer scope), every image input (input scope: ``"input"``, or ``"input:<name>"``
+    for several inputs), or ``"network"`` (FullGrad, the attention methods).
+    """
+    execution = probe.cap.execution
+    if spec.scope == "network" and "attention" in spec.needs:
+        return {spec.scope: attention_views(spec, module, rec, probe, output_selector, att)}
+    if spec.scope == "network":
+        if rec.model_inputs is not None:
+            raise MethodError(
+                f"{spec.id} (network scope) supports models called with one input tensor; this call has "
+                f"the inputs {list(rec.model_inputs.names)} and {len(rec.model_inputs.extra_args)} + "
+                f"{len(rec.model_inputs.extra_kwargs)} extra argument(s). Use a CAM or an input-scope method."
+            )
+        return {spec.scope: _network_views(spec, module, rec, probe, output_selector)}
+    targets = range(rec.num_targets)
+    if spec.scope == "input":
+        return {
+            key: [input_view(rec, key, name, t, probe=probe, execution=execution) for t in targets]
+            for key, name, _ in explained_inputs(rec)
+        }
+    return {key: [LayerView.of(rec, key, t, probe=probe, execution=execution) for t in targets] for key in rec.layers}
 
 
 def _compute(
@@ -438,33 +471,7 @@ def explain(
         probe = Probe(cap, rec, rec.targets)
         computed: list[_Computed] = []
         for spec, variant in variants:
-            views: dict[str, list[LayerView]]
-            if spec.scope == "network" and "attention" in spec.needs:
-                views = {spec.scope: attention_views(spec, module, rec, probe, output_selector, att)}
-            elif spec.scope == "network":
-                if rec.model_inputs is not None:
-                    raise MethodError(
-                        f"{spec.id} (network scope) supports models called with one input tensor; this call has "
-                        f"the inputs {list(rec.model_inputs.names)} and {len(rec.model_inputs.extra_args)} + "
-                        f"{len(rec.model_inputs.extra_kwargs)} extra argument(s). Use a CAM or an input-scope method."
-                    )
-                views = {spec.scope: _network_views(spec, module, rec, probe, output_selector)}
-            elif spec.scope == "input":
-                views = {
-                    key: [
-                        input_view(rec, key, name, t, probe=probe, execution=cap.execution)
-                        for t in range(rec.num_targets)
-                    ]
-                    for key, name, _ in explained_inputs(rec)
-                }
-            else:
-                keys = rec.layers if spec.scope == "layer" else [spec.scope]
-                views = {
-                    key: [
-                        LayerView.of(rec, key, t, probe=probe, execution=cap.execution) for t in range(rec.num_targets)
-                    ]
-                    for key in keys
-                }
+            views = _method_views(spec, module, rec, probe, output_selector, att)
             for layer, layer_views in views.items():
                 computed.append((spec, layer, variant, *_compute(spec, variant, layer_views, raw_dtype)))
         results = _results(computed, rec, size, images, image_names, names, manifest)
