@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx
 from torch import nn
 
 from cnnlens import explain
@@ -121,6 +122,20 @@ class Untraceable(TokenTwin):
         return super().forward(x)
 
 
+def _flagged(out: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    return out if attn_mask is None and not is_causal else out * 0
+
+
+torch.fx.wrap("_flagged")  # one call in the traced graph, its flag arguments saved from the head
+
+
+class WithFlags(TokenTwin):
+    """A forward with optional arguments (as timm's ViT: ``attn_mask=None``): the fx tail receives them."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        return _flagged(super().forward(x), attn_mask, is_causal)
+
+
 def _x(batch: int = 2, seed: int = 5) -> torch.Tensor:
     torch.manual_seed(seed)
     return torch.randn(batch, 3, H, W, dtype=torch.float64)
@@ -176,7 +191,7 @@ def test_recording_maps_activations_and_gradients_and_keeps_the_prefix_rows() ->
     assert torch.equal(nhwc.activations["act"], cnn.activations["act"])
 
 
-@pytest.mark.parametrize("model_cls", [TokenTwin, Untraceable])
+@pytest.mark.parametrize("model_cls", [TokenTwin, WithFlags, Untraceable])
 def test_replay_puts_back_each_samples_own_prefix_tokens(model_cls: type[TokenTwin]) -> None:
     model = model_cls(2, use_prefix=True)
     x = _x(3)
@@ -187,7 +202,7 @@ def test_replay_puts_back_each_samples_own_prefix_tokens(model_cls: type[TokenTw
         out = cap.replay("act", rows, index, inputs=x)
         zeroed = cap.replay("act", torch.zeros_like(rows[:1]), [1], inputs=x)
         path = replay_path(cap, "act")[0]
-    assert path == ("fx" if model_cls is TokenTwin else "hooks")
+    assert path == ("hooks" if model_cls is Untraceable else "fx")
     assert torch.allclose(out, rec.logits[index], atol=1e-10)
     # zero grid tokens: the grid head gives its bias, the prefix head still sees sample 1's own prefix tokens
     expected = model.fc.bias + model.prefix_fc(rec.prefix_tokens["act"][1].mean(0))

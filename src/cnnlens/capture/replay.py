@@ -73,7 +73,7 @@ class _TailPlan:
     head: Any = None  # torch.fx.GraphModule: inputs -> (*saved, target value)
     tail: Any = None  # torch.fx.GraphModule: (activation, *saved) -> model output
     inputs: tuple[Any, ...] | None = None  # key of the inputs the saved values belong to
-    saved: list[torch.Tensor] = field(default_factory=list)
+    saved: list[Any] = field(default_factory=list)  # per-sample tensors, or None/bool flags (passed unchanged)
     per_row_bytes: int = 0
     measured_for: tuple[Any, ...] | None = None  # key of the inputs per_row_bytes was measured with
     held: torch.Tensor | None = None  # keeps those inputs' storage alive, so their key stays unique
@@ -106,6 +106,22 @@ def _take(x: torch.Tensor | ModelInputs, index: torch.Tensor) -> torch.Tensor | 
 
 def _row_bytes(x: torch.Tensor | ModelInputs) -> int:
     return x.row_bytes() if isinstance(x, ModelInputs) else x[:1].nelement() * x.element_size()
+
+
+def _per_sample(value: Any, batch: int) -> bool:
+    """Whether a saved head value can follow the rows: a per-sample tensor, or a None/bool flag.
+
+    Flags (a forward's ``attn_mask=None``, ``is_causal=False``) are the same for every row; numbers are not
+    allowed, as one may be the batch size.
+    """
+    if isinstance(value, torch.Tensor):
+        return bool(value.ndim) and value.shape[0] == batch
+    return value is None or isinstance(value, bool)
+
+
+def _rows_of(saved: list[Any], index: torch.Tensor) -> list[Any]:
+    """The saved head values for rows ``index``: tensors indexed by sample, flags unchanged."""
+    return [v.index_select(0, index) if isinstance(v, torch.Tensor) else v for v in saved]
 
 
 def _tolerance(reference: torch.Tensor) -> float:
@@ -197,7 +213,7 @@ class Replayer:
                         raise
                     self._fallback(plan, f"the traced tail failed on a replacement row: {type(exc).__name__}: {exc}")
                     peak = measure_peak_bytes(run, device)
-            extra = sum(v[:1].nelement() * v.element_size() for v in plan.saved)
+            extra = sum(v[:1].nelement() * v.element_size() for v in plan.saved if isinstance(v, torch.Tensor))
             if plan.kind == "hooks":
                 extra += _row_bytes(inputs)
             plan.per_row_bytes = max(1, peak + 2 * row[:1].nelement() * row.element_size() + extra)
@@ -227,7 +243,7 @@ class Replayer:
                 values = list(out) if isinstance(out, tuple) else [out]
             saved, head_act = values[:-1], values[-1]
             batch = _batch_of(inputs)
-            if not all(isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch for v in saved):
+            if not all(_per_sample(v, batch) for v in saved):
                 return "the tail needs values from before the layer that are not per-sample tensors"
             if not isinstance(head_act, torch.Tensor):
                 return "the traced layer output is not a tensor"
@@ -241,7 +257,7 @@ class Replayer:
             idx = torch.arange(batch, device=inputs.device)
             with torch.inference_mode():
                 got = to_logits(
-                    plan.tail(head_act.clone(), *[v.index_select(0, idx) for v in saved]), self.output_selector
+                    plan.tail(head_act.clone(), *_rows_of(saved, idx)), self.output_selector
                 )
             if got.shape != real.shape or float((got - real).abs().max()) > _tolerance(real):
                 return "the traced tail does not reproduce the model's logits"
@@ -297,7 +313,7 @@ class Replayer:
                 prefix = plan.prefix.index_select(0, index) if plan.prefix is not None else None
                 rows = layout.from_maps(rows, prefix)
             with torch.inference_mode():
-                out = plan.tail(rows, *[v.index_select(0, index) for v in plan.saved])
+                out = plan.tail(rows, *_rows_of(plan.saved, index))
             return to_logits(out, self.output_selector)
         return self.hooked(ref, _take(inputs, index), rows)
 
