@@ -278,6 +278,11 @@ def test_parse_layout_round_trips_and_describes() -> None:
     lay = Layout("tokens", prefix=1, grid=(2, 3))
     assert torch.equal(lay.from_maps(lay.to_maps(raw), raw), raw)
     assert torch.equal(lay.to_maps(raw)[:, :, 1, 2], raw[:, 1 + 5])  # row-major: token 5 is (1, 2)
+    assert Layout("tokens", prefix=1, grid=[2, 3]).grid == (2, 3)  # type: ignore[arg-type]
+    with pytest.raises(OptionError):
+        Layout("nhwc", prefix=1)
+    with pytest.raises(OptionError):
+        Layout("tokens", grid=(0, 3))
     with pytest.raises(LayoutError, match="prefix rows"):
         lay.from_maps(lay.to_maps(raw), None)
 
@@ -326,6 +331,16 @@ def test_timm_vit_at_several_sizes(
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
     layouts = _check_explain(model, size, "blocks.11.norm1")
     assert layouts["blocks.11.norm1"].startswith(f"tokens: {prefix} prefix token + {grid[0]}x{grid[1]} grid")
+
+
+def test_timm_vit_patch_embedding_has_no_prefix_tokens_yet() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    rec = record(model, torch.randn(1, 3, 64, 64), ["patch_embed", "blocks.0"], targets=0)
+    assert (rec.layouts["patch_embed"].prefix, rec.layouts["patch_embed"].grid) == (0, (4, 4))
+    assert (rec.layouts["blocks.0"].prefix, rec.layouts["blocks.0"].grid) == (1, (4, 4))
+    assert rec.gradients["patch_embed"].shape == (1, 1, 192, 4, 4)
 
 
 def test_timm_deit_distilled_has_two_prefix_tokens() -> None:

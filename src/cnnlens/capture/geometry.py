@@ -113,6 +113,9 @@ def token_geometry(
             grid = (big_h // patch, big_w // patch)
             source = f"torchvision class token; grid {grid[0]}x{grid[1]} from patch_size {patch} at {big_h}x{big_w}"
         gh, gw = grid[0], grid[1]
+        if n_tokens is not None and prefix and n_tokens == gh * gw:
+            # a layer before the prefix tokens are added (the patch embedding itself): the grid only
+            return 0, (gh, gw), f"{source}; N={n_tokens} is the grid alone: no prefix tokens at this layer"
         if n_tokens is not None and n_tokens - prefix != gh * gw:
             raise LayoutError(
                 f"the layer outputs N={n_tokens} tokens, but the model says {prefix} prefix token(s) and a {gh}x{gw} "

@@ -82,8 +82,11 @@ class Layout:
             raise OptionError(f"layout prefix must be an integer >= 0, got {self.prefix!r}.")
         if self.kind != "tokens" and (self.prefix or self.grid is not None):
             raise OptionError(f"prefix and grid belong to the 'tokens' layout only, not to {self.kind!r}.")
-        if self.grid is not None and (len(self.grid) != 2 or not all(isinstance(g, int) and g > 0 for g in self.grid)):
-            raise OptionError(f"layout grid must be two positive integers (h, w), got {self.grid!r}.")
+        if self.grid is not None:
+            grid = tuple(self.grid)
+            if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
+                raise OptionError(f"layout grid must be two positive integers (h, w), got {self.grid!r}.")
+            object.__setattr__(self, "grid", grid)  # a list given by a caller becomes a (hashable) tuple
 
     @property
     def rank(self) -> int:
