@@ -320,3 +320,9 @@ def test_hf_style_model_output_goes_through_the_adapter() -> None:
     torch.testing.assert_close(wrapped["gradcam", "inner.1"].raw, plain["gradcam", "1"].raw)
     torch.testing.assert_close(wrapped["saliency", None].raw, plain["saliency", None].raw)
     torch.testing.assert_close(wrapped.logits, plain.logits)
+
+
+def test_a_class_target_on_a_dense_output_points_to_the_dense_targets() -> None:
+    net, x = _seg()
+    with pytest.raises(TargetError, match=r"shape \(2, 3, 16, 16\); for a dense output .* cnnlens.SegmentationTarget"):
+        cnnlens.explain(net, x, layers=["act"])  # the default target is the top class: undefined per pixel

@@ -67,7 +67,9 @@ def _check_logits(logits: torch.Tensor, who: str) -> None:
     if logits.ndim != 2:
         raise TargetError(
             f"{who} needs logits of shape (batch, num_classes) but the model returned shape "
-            f"{tuple(logits.shape)}; pass a callable target that reduces the output to one score per sample."
+            f"{tuple(logits.shape)}; for a dense output (B, K, H, W) use cnnlens.SegmentationTarget(class) or "
+            "cnnlens.RegionTarget(channel, box), else pass a callable target that reduces the output to one score "
+            "per sample."
         )
 
 
