@@ -347,3 +347,41 @@ def test_channels_last_runs_every_image_input() -> None:
     plain = cnnlens.explain(net, (x, d), **opts)
     for method, layer in (("gradcam", "fuse"), ("saliency", "input:0"), ("saliency", "input:1")):
         torch.testing.assert_close(fast[method, layer].raw, plain[method, layer].raw, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inputs_and_per_sample_extras_move_to_the_model_device() -> None:
+    torch.manual_seed(3)
+    net = Scaled().double().eval()
+    x, gain = _data(2)[0][:, :3, :6, :6], torch.tensor([0.5, 2.0], dtype=torch.float64)
+    opts = {"methods": ["gradcam", "integrated_gradients"], "layers": ["conv"], "targets": [0, 1]}
+    cpu = cnnlens.explain(net, x, additional_forward_args=(gain,), **opts)
+    gpu = cnnlens.explain(net.cuda(), x, additional_forward_args=(gain,), execution=Execution(chunk_size=3), **opts)
+    for method, layer in (("gradcam", "conv"), ("integrated_gradients", "input")):
+        torch.testing.assert_close(gpu[method, layer].raw.cpu(), cpu[method, layer].raw, rtol=1e-6, atol=1e-9)
+
+
+class Biased(nn.Module):
+    """An extra argument that is not per sample: a channel bias (C,), moved like the model's parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, channel_bias: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x) + channel_bias.view(1, -1, 1, 1))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_constant_extra_tensors_take_the_model_dtype_and_are_not_indexed() -> None:
+    torch.manual_seed(6)
+    net = Biased().eval()  # float32
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(7))
+    bias = torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=torch.float64)  # float64, 4 != batch 2: not per sample
+    res = cnnlens.explain(
+        net, x, methods=["gradcam", "ablationcam"], layers=["conv"], targets=[0, 2], additional_forward_args=(bias,)
+    )
+    ref = LayerGradCam(net, net.conv).attribute(x, target=[0, 2], additional_forward_args=(bias.float(),))
+    torch.testing.assert_close(res["gradcam", "conv"].raw[:, 0], ref[:, 0], rtol=1e-5, atol=1e-6)
+    assert bool(torch.isfinite(res["ablationcam", "conv"].raw).all())

@@ -118,15 +118,25 @@ class ModelInputs:
         return sum(t[:1].nelement() * t.element_size() for t in (*self.tensors, *self._batched_extras()))
 
     # -- building new inputs -----------------------------------------------------------------------
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], *, extras: bool = False) -> ModelInputs:
-        """Apply ``fn`` to every explained tensor (and, with ``extras``, to every per-sample extra tensor)."""
+    def map(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], *, extras: bool = False, all_extras: bool = False
+    ) -> ModelInputs:
+        """Apply ``fn`` to every explained tensor, and to extra tensors.
+
+        ``extras``: to every per-sample extra tensor (rows follow the batch); ``all_extras``: to every extra tensor
+        (device moves).
+        """
         out = replace(self, tensors=tuple(fn(t) for t in self.tensors))
-        if not extras:
+        if not (extras or all_extras):
             return out
+
+        def wanted(value: object) -> bool:
+            return isinstance(value, torch.Tensor) and (all_extras or self._batched(value))
+
         return replace(
             out,
-            extra_args=tuple(fn(a) if self._batched(a) else a for a in self.extra_args),
-            extra_kwargs={k: fn(v) if self._batched(v) else v for k, v in self.extra_kwargs.items()},
+            extra_args=tuple(fn(a) if wanted(a) else a for a in self.extra_args),
+            extra_kwargs={k: fn(v) if wanted(v) else v for k, v in self.extra_kwargs.items()},
         )
 
     def rows(self, index: torch.Tensor) -> ModelInputs:

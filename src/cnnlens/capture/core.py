@@ -232,7 +232,7 @@ class Capture:
                 t = t.to(device=param.device, dtype=param.dtype if t.is_floating_point() else t.dtype)
             return t.detach().clone() if t.is_inference() else t.detach()
 
-        return inputs.map(move, extras=True)
+        return inputs.map(move, all_extras=True)
 
     def run(
         self,
