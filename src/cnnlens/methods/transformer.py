@@ -213,7 +213,7 @@ def rollout(view: LayerView, head_fusion: str = "mean", discard_ratio: float = 0
     token's row of ``R`` over the grid tokens, ``R[0, P:]`` reshaped to ``(h, w)`` (``row="prefix"``: the mean
     of the ``P`` prefix rows, e.g. class and distillation tokens; without prefix tokens: the mean of all rows).
     Only that row is computed (``r <- r Â_l`` from ``l = L`` down to 1: the same product, ``O(L N^2)``), in
-    float64 (float32 on MPS).
+    float64 (float32 on MPS); the heads are fused in the model's precision (float32 for half models).
 
     The map is class-agnostic: attention does not depend on the target, so every target of a call gets the
     same map. Difference from the reference code: it divides ``Â`` by its row sums with broadcasting over the
@@ -250,7 +250,9 @@ def _rollout(
     r = token_row(batch, n, prefix, row, dtype, probs[0].device).unsqueeze(1)  # (B, 1, N)
     eye = torch.eye(n, dtype=dtype, device=probs[0].device)
     for attention in reversed(probs):
-        fused = _discard(fuse_heads(attention.to(dtype), head_fusion), discard_ratio)
+        # heads fused in the model's precision (at least float32), the product in float64: a 12x smaller upcast
+        wide = attention if attention.dtype in (torch.float32, torch.float64) else attention.float()
+        fused = _discard(fuse_heads(wide, head_fusion).to(dtype), discard_ratio)
         a = 0.5 * fused + 0.5 * eye
         a = a / a.sum(dim=-1, keepdim=True)
         r = r @ a
