@@ -249,6 +249,11 @@ def test_an_explicit_layout_wins_and_is_checked() -> None:
     # "tokens:P": the grid is inferred with the given prefix
     rec = record(TokenTwin(2), x, "act", gradients=False, layout="tokens:2")
     assert rec.layouts["act"].grid == (3, 5)
+    # an unknown model: the grid for the given prefix is guessed, or refused naming the counts
+    rec = record(TokenTwin(2, say_geometry=False), x, "act", gradients=False, layout="tokens:2")
+    assert rec.layouts["act"].grid == (3, 5) and "guessed" in rec.layouts["act"].source
+    with pytest.raises(LayoutError, match="N=17 tokens; with 3 prefix"):
+        record(TokenTwin(2, say_geometry=False), x, "act", gradients=False, layout="tokens:3")
     # an override that reads a channels-last output as nchw is obeyed (no mapping)
     rec = record(NhwcTwin(), x, "act", gradients=False, layout="nchw")
     assert rec.layouts["act"].kind == "nchw" and rec.activations["act"].shape == (2, 3, 5, C)

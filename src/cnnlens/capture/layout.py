@@ -241,6 +241,26 @@ def parse_layout(spec: LayoutSpec) -> Layout | None:
     return Layout("tokens", prefix=int(prefix_text), grid=grid, source="explicit")
 
 
+def _complete_tokens(model: nn.Module, spec: Layout, n: int, hw: tuple[int, int], where: str) -> Layout:
+    """A ``"tokens"`` or ``"tokens:P"`` spec with its missing prefix and grid inferred for ``n`` tokens."""
+    if spec.source == _INFER_ALL:  # plain "tokens": prefix and grid inferred
+        prefix, grid, how = token_geometry(model, hw, n)
+    elif vit_like(model) is not None:
+        prefix = spec.prefix
+        _, grid, how = token_geometry(model, hw)
+        how = f"{how} (prefix {prefix} given)"
+    else:
+        prefix = spec.prefix
+        guess = guess_grid(n - prefix, *hw)
+        if guess is None:
+            raise LayoutError(
+                f"{where} outputs N={n} tokens; with {prefix} prefix token(s) the other {n - prefix} do not form a "
+                f"grid with the input's aspect ratio ({hw[0]}x{hw[1]}); pass layout='tokens:P:HxW'."
+            )
+        grid, how = guess, f"grid {guess[0]}x{guess[1]} guessed from N={n} at input {hw[0]}x{hw[1]}"
+    return Layout("tokens", prefix=prefix, grid=grid, source=f"explicit tokens; {how}")
+
+
 def infer_layout(
     model: nn.Module,
     module: nn.Module,
@@ -277,25 +297,7 @@ def infer_layout(
     if spec is not None:
         layout = spec
         if spec.kind == "tokens" and output.ndim == 3 and spec.grid is None:
-            n = shape[1]
-            if spec.source == _INFER_ALL:  # plain "tokens": prefix and grid inferred
-                prefix, grid, how = token_geometry(model, hw, n)
-            else:
-                prefix = spec.prefix
-                found = vit_like(model)
-                if found is not None:
-                    _, grid, how = token_geometry(model, hw)
-                    how = f"{how} (prefix {prefix} given)"
-                else:
-                    guess = guess_grid(n - prefix, *hw)
-                    if guess is None:
-                        raise LayoutError(
-                            f"{where} outputs N={n} tokens; with {prefix} prefix token(s) the other {n - prefix} do "
-                            "not "
-                            f" form a grid with the input's aspect ratio ({hw[0]}x{hw[1]}); pass layout='tokens:P:HxW'."
-                        )
-                    grid, how = guess, f"grid {guess[0]}x{guess[1]} guessed from N={n} at input {hw[0]}x{hw[1]}"
-            layout = Layout("tokens", prefix=prefix, grid=grid, source=f"explicit tokens; {how}")
+            layout = _complete_tokens(model, spec, shape[1], hw, where)
         layout.check(output, layer)
         return layout
     if output.ndim == 5:
