@@ -16,6 +16,9 @@ Guarantees (tested by the contract tests):
   ``out += identity``): the model continues on a copy of the recorded tensor, so the recorded activation and
   the gradient are both those of the layer's own output, before any in-place change.
 * Gradients are aligned with layers by name, never by the order in which they arrive.
+* Activations and gradients are recorded in the ``(B, C, h, w)`` map view of each layer's layout
+  (:mod:`~cnnlens.capture.layout`: token and channels-last outputs mapped, prefix tokens left out); the
+  gradient is taken with respect to the raw output and mapped by the same map.
 * No autograd graph is recorded before the first target layer runs (the forward starts in no-grad mode and
   the first hooked layer switches recording on), so a capture costs little more than inference.
 * No state outlives the objects a caller holds: the replayer of a capture is :attr:`Capture.replayer`, the

@@ -47,7 +47,8 @@ class Capture:
         execution: How to run (the capture reads its ``memory_format``).
         output_selector: Picks the logits from the model output, or None.
         layouts: Layer key -> the :class:`~cnnlens.capture.Layout` of its output in the last forward that
-            recorded it (given or inferred; see :mod:`cnnlens.capture.layout`).
+            recorded it (given or inferred; see :mod:`cnnlens.capture.layout`), None for an output with no layout
+            (not spatial).
     """
 
     freeze_parameters = False
