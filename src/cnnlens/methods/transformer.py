@@ -248,14 +248,14 @@ def _rollout(
     dtype = precise_dtype(probs[0])
     batch, n = int(probs[0].shape[0]), int(probs[0].shape[-1])
     r = token_row(batch, n, prefix, row, dtype, probs[0].device).unsqueeze(1)  # (B, 1, N)
-    eye = torch.eye(n, dtype=dtype, device=probs[0].device)
     for attention in reversed(probs):
         # heads fused in the model's precision (at least float32), the product in float64: a 12x smaller upcast
         wide = attention if attention.dtype in (torch.float32, torch.float64) else attention.float()
         fused = _discard(fuse_heads(wide, head_fusion).to(dtype), discard_ratio)
-        a = 0.5 * fused + 0.5 * eye
-        a = a / a.sum(dim=-1, keepdim=True)
-        r = r @ a
+        # r Â with Â = (0.5 F + 0.5 I) / s (row sums s = 0.5 F 1 + 0.5), without forming Â: u = r / s^T,
+        # r Â = 0.5 u F + 0.5 u (one pass over F for s, one product)
+        u = r / (0.5 * fused.sum(dim=-1) + 0.5).unsqueeze(1)
+        r = torch.baddbmm(u, u, fused, beta=0.5, alpha=0.5)
     return r[:, 0, prefix:].reshape(batch, h, w)
 
 
