@@ -365,12 +365,18 @@ def test_timm_vit_with_register_tokens() -> None:
     assert layouts["blocks.0.norm1"].startswith("tokens: 5 prefix tokens + 4x4 grid")
 
 
-@pytest.mark.slow  # about 5-10 s on 2 shared cores (the Swin forward itself)
 def test_timm_swin_is_channels_last_and_its_default_layer_works() -> None:
     timm = pytest.importorskip("timm")
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
     layouts = _check_explain(model, (224, 224), None)
     assert next(iter(layouts.values())).startswith("nhwc")
+
+
+def test_swin_window_attention_is_refused_not_mapped_per_window() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    with pytest.raises(LayoutError, match=r"outputs 64 rows .* for a batch of 1 input"):
+        record(model, torch.randn(1, 3, 224, 224), "layers.0.blocks.0.attn", gradients=False)
 
 
 def test_timm_convnext_inner_norm_is_channels_last_and_blocks_are_not() -> None:
@@ -382,7 +388,6 @@ def test_timm_convnext_inner_norm_is_channels_last_and_blocks_are_not() -> None:
     assert rec.activations["stages.3.blocks.2.norm"].shape == (1, 768, 2, 2)
 
 
-@pytest.mark.slow  # about 12 s on 2 shared cores (ViT-B/16 and Swin-T forwards)
 def test_torchvision_vit_and_swin() -> None:
     torchvision = pytest.importorskip("torchvision")
     vit = torchvision.models.vit_b_16(weights=None).eval()

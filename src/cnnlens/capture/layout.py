@@ -367,6 +367,15 @@ class LayoutResolver:
         spec = self.specs.get(ref.key)
         if spec is None and (output.ndim not in (3, 4, 5) or (output.ndim == 3 and len(input_shape) != 4)):
             return None  # not spatial, or a sequence of a model whose input is no image: recorded as it is
+        if input_shape and output.ndim and output.shape[0] != input_shape[0]:
+            if spec is None and output.ndim != 3:
+                return None  # a 4-D/5-D output that is not one row per image: recorded as it is, as always
+            raise LayoutError(
+                f"layer {ref.key!r} outputs {int(output.shape[0])} rows ({tuple(output.shape)}) for a batch of "
+                f"{input_shape[0]} input(s): windows, frames or a sequence-first layout folded into dim 0 (e.g. Swin "
+                "window attention) cannot be mapped to one map per image; choose a layer with one row per image "
+                "(a block, or its norm1/norm2)."
+            )
         memo_key = (ref.key, input_shape[1:], tuple(output.shape[1:]))
         layout = self._memo.get(memo_key)
         if layout is None:
