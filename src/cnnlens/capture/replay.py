@@ -256,9 +256,7 @@ class Replayer:
             real = logits if logits is not None else forward(inputs)
             idx = torch.arange(batch, device=inputs.device)
             with torch.inference_mode():
-                got = to_logits(
-                    plan.tail(head_act.clone(), *_rows_of(saved, idx)), self.output_selector
-                )
+                got = to_logits(plan.tail(head_act.clone(), *_rows_of(saved, idx)), self.output_selector)
             if got.shape != real.shape or float((got - real).abs().max()) > _tolerance(real):
                 return "the traced tail does not reproduce the model's logits"
         except Exception as exc:  # a traced graph that cannot run here: use the hook path (reason kept)
