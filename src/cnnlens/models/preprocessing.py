@@ -4,6 +4,17 @@ A :class:`Preprocessing` describes the classic ImageNet evaluation pipeline: the
 resized (antialiased) to ``resize`` pixels, the center ``input_size`` window is cropped, and the pixels are
 scaled to ``[0, 1]`` and normalised per channel, ``x' = (x - mean) / std``.
 
+Three arithmetic ``mode`` s reproduce the preprocessing of the frameworks bit for bit (the same affine map,
+each framework rounding its own way); ``mean``/``std`` are always per *model input channel* on ``[0, 1]``
+pixels, so metrics and overlays invert every mode with the same formula:
+
+* ``"torch"`` (default, torchvision/timm): ``x' = (p / 255 - mean) / std`` with ``p`` the 0..255 pixel.
+* ``"caffe"`` (Keras VGG16/ResNet50, ``keras.applications.imagenet_utils.preprocess_input(mode="caffe")``):
+  the channels are reversed (RGB -> BGR) and ``x' = (p - 255 mean) / (255 std)``; with
+  :data:`CAFFE_MEAN`/:data:`CAFFE_STD` that is ``p - [103.939, 116.779, 123.68]``, no scaling.
+* ``"tf"`` (Keras InceptionV3/InceptionResNetV2/Xception): ``x' = p / (255 std) - mean / std``; with
+  ``mean = std = 0.5`` that is ``p / 127.5 - 1``.
+
 :meth:`Preprocessing.display_image` applies the same geometry without normalising, so a heat map
 computed on the model input lines up pixel for pixel with the image it is drawn over;
 :meth:`Preprocessing.to_tensor` is exactly ``normalise(display_image(image) / 255)``, so
@@ -28,10 +39,15 @@ import torch
 from cnnlens.errors import InputShapeError, ModelConfigError
 
 __all__ = [
+    "CAFFE_MEAN",
+    "CAFFE_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INCEPTION_MEAN",
     "INCEPTION_STD",
+    "KERAS_CAFFE_224",
+    "KERAS_TF_299",
+    "PREPROCESSING_MODES",
     "Preprocessing",
     "override_preprocessing",
 ]
@@ -44,6 +60,14 @@ INCEPTION_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 """The TensorFlow "inception" normalisation, ``x / 127.5 - 1``, written as a mean."""
 INCEPTION_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 """The TensorFlow "inception" normalisation, ``x / 127.5 - 1``, written as a standard deviation."""
+
+CAFFE_MEAN: tuple[float, float, float] = (103.939 / 255, 116.779 / 255, 123.68 / 255)
+"""Keras's "caffe" mean, ``[103.939, 116.779, 123.68]`` per BGR channel, on ``[0, 1]`` pixels (model channel order)."""
+CAFFE_STD: tuple[float, float, float] = (1 / 255, 1 / 255, 1 / 255)
+"""Keras's "caffe" mode does not scale: a std of one 0..255 pixel step."""
+
+PREPROCESSING_MODES = ("torch", "caffe", "tf")
+"""The arithmetic modes of :class:`Preprocessing` (named as in ``keras.applications`` ``preprocess_input``)."""
 
 _INTERPOLATIONS = ("bilinear", "bicubic")
 """The interpolation names accepted (torchvision's ``InterpolationMode`` values, imported when resizing)."""
@@ -60,11 +84,19 @@ class Preprocessing:
         mean: per-channel RGB mean subtracted after scaling pixels to ``[0, 1]``.
         std: per-channel RGB standard deviation divided by after subtracting the mean.
         interpolation: ``"bilinear"`` or ``"bicubic"``.
+        mode: how the normalisation is computed (see the module docstring): ``"torch"``
+            ``(p / 255 - mean) / std``; ``"caffe"`` RGB -> BGR then ``(p - 255 mean) / (255 std)``; ``"tf"``
+            ``p / (255 std) - mean / std``. ``mean`` and ``std`` are in the model's channel order (BGR for
+            ``"caffe"``).
 
     Example:
         >>> p = Preprocessing((224, 224), 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         >>> p.as_dict()["input_size"]
         [224, 224]
+        >>> import numpy as np
+        >>> caffe = Preprocessing((1, 1), 1, CAFFE_MEAN, CAFFE_STD, mode="caffe")
+        >>> caffe.to_tensor(np.array([[[255, 0, 0]]], dtype=np.uint8)).flatten().tolist()  # B, G, R
+        [-103.93900299072266, -116.77899932861328, 131.32000732421875]
     """
 
     input_size: tuple[int, int]
@@ -72,6 +104,7 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+    mode: str = "torch"
 
     def __post_init__(self) -> None:
         if (
@@ -101,6 +134,17 @@ class Preprocessing:
                 f"Preprocessing.interpolation must be one of {sorted(_INTERPOLATIONS)}; received "
                 f"{self.interpolation!r}."
             )
+        if self.mode not in PREPROCESSING_MODES:
+            raise ModelConfigError(
+                f"Preprocessing.mode must be one of {list(PREPROCESSING_MODES)}; received {self.mode!r}. Use "
+                "'torch' for torchvision/timm models, 'caffe' for Keras VGG16/ResNet50, 'tf' for Keras "
+                "InceptionV3/InceptionResNetV2."
+            )
+
+    @property
+    def channel_order(self) -> str:
+        """``"BGR"`` when the model takes its channels reversed (``mode="caffe"``), else ``"RGB"``."""
+        return "BGR" if self.mode == "caffe" else "RGB"
 
     def _as_chw_uint8(self, image: np.ndarray) -> torch.Tensor:
         """Validate a uint8 ``HxWx3`` RGB array (``HxW``, ``HxWx1``, ``HxWx4`` accepted); return CHW."""
@@ -148,15 +192,25 @@ class Preprocessing:
                 (alpha dropped) are accepted too.
 
         Returns:
-            float32 tensor of shape ``(3, *input_size)`` on the CPU, ``(display_image / 255 - mean) / std``.
+            float32 tensor of shape ``(3, *input_size)`` on the CPU, ``(display_image / 255 - mean) / std``
+            (channels reversed for ``mode="caffe"``), computed the way the mode's framework computes it.
 
         Raises:
             InputShapeError: the array is not a uint8 image of a supported shape.
         """
-        x = self._geometry(image).to(torch.float32).div_(255.0)
+        pixels = self._geometry(image).to(torch.float32)
+        if self.mode == "caffe":
+            pixels = pixels.flip(0)  # RGB -> BGR
+            shift = torch.tensor([255.0 * m for m in self.mean], dtype=torch.float32).view(3, 1, 1)
+            scale = torch.tensor([255.0 * s for s in self.std], dtype=torch.float32).view(3, 1, 1)
+            return (pixels - shift) / scale
+        if self.mode == "tf":
+            scale = torch.tensor([255.0 * s for s in self.std], dtype=torch.float32).view(3, 1, 1)
+            shift = torch.tensor([m / s for m, s in zip(self.mean, self.std, strict=True)], dtype=torch.float32)
+            return pixels / scale - shift.view(3, 1, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return (x - mean) / std
+        return (pixels.div_(255.0) - mean) / std
 
     def display_image(self, image: np.ndarray) -> np.ndarray:
         """Apply the geometry of :meth:`to_tensor` without normalising: what a heat map aligns with.
@@ -171,13 +225,13 @@ class Preprocessing:
         return out
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Undo the normalisation: ``clamp(x * std + mean, 0, 1)``.
+        """Undo the normalisation: ``clamp(x * std + mean, 0, 1)``, channels back to RGB for ``mode="caffe"``.
 
         Args:
             x: normalised tensor of shape ``(B, 3, H, W)`` or ``(3, H, W)``.
 
         Returns:
-            a tensor of the same shape, device and (floating) dtype with values in ``[0, 1]``.
+            an RGB tensor of the same shape, device and (floating) dtype with values in ``[0, 1]``.
 
         Raises:
             InputShapeError: ``x`` does not have 3 channels in the right position.
@@ -189,11 +243,12 @@ class Preprocessing:
         dtype = x.dtype if x.is_floating_point() else torch.float32
         mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=dtype, device=x.device).view(3, 1, 1)
-        return (x.to(dtype) * std + mean).clamp(0.0, 1.0)
+        rgb = (x.to(dtype) * std + mean).clamp(0.0, 1.0)
+        return rgb.flip(-3) if self.channel_order == "BGR" else rgb
 
     def as_dict(self) -> dict[str, object]:
-        """Return a JSON-serialisable description for manifests."""
-        return {
+        """Return a JSON-serialisable description for manifests (``mode`` only when it is not ``"torch"``)."""
+        out: dict[str, object] = {
             "input_size": [int(self.input_size[0]), int(self.input_size[1])],
             "resize": int(self.resize),
             "mean": [float(m) for m in self.mean],
@@ -201,6 +256,9 @@ class Preprocessing:
             "interpolation": self.interpolation,
             "crop": "center",
         }
+        if self.mode != "torch":
+            out["mode"] = self.mode
+        return out
 
 
 IMAGENET_224 = Preprocessing((224, 224), 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
@@ -211,6 +269,10 @@ INCEPTION_V3_299 = Preprocessing((299, 299), 342, IMAGENET_MEAN, IMAGENET_STD, "
 """torchvision's InceptionV3: resize 342, center crop 299, ImageNet statistics."""
 INCEPTION_RESNET_V2_299 = Preprocessing((299, 299), math.floor(299 / 0.8975), INCEPTION_MEAN, INCEPTION_STD, "bicubic")
 """timm's ``inception_resnet_v2.tf_in1k``: bicubic, crop_pct 0.8975, the TensorFlow "inception" statistics."""
+KERAS_CAFFE_224 = Preprocessing((224, 224), 256, CAFFE_MEAN, CAFFE_STD, "bilinear", mode="caffe")
+"""Keras VGG16/ResNet50 (``keras.applications`` ``preprocess_input``, mode "caffe") after resize 256, crop 224."""
+KERAS_TF_299 = Preprocessing((299, 299), 342, INCEPTION_MEAN, INCEPTION_STD, "bilinear", mode="tf")
+"""Keras InceptionV3/InceptionResNetV2 (mode "tf", ``x / 127.5 - 1``) after resize 342, crop 299."""
 
 
 def override_preprocessing(
@@ -271,4 +333,5 @@ def override_preprocessing(
         mean=triples[0],
         std=triples[1],
         interpolation=base.interpolation if base is not None else "bilinear",
+        mode=base.mode if base is not None else "torch",
     )
