@@ -323,9 +323,10 @@ def _reference_input(rec: Recording) -> torch.Tensor:
 def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None = None) -> torch.Tensor:
     """The uint8 ``(B, H, W, 3)`` images that maps align with, for overlays.
 
-    A zoo model's preprocessing is inverted exactly; for any other model each image is min-max stretched
-    to [0, 255] (per image, so images do not influence each other). For volumes ``(B, C, D, H, W)`` the
-    image is the middle depth slice ``D // 2`` (the slice :meth:`cnnlens.ExplanationSet.save` draws).
+    A zoo model's preprocessing is inverted exactly (BGR inputs shown as RGB); for any other model each image
+    is min-max stretched to [0, 255] (per image, so images do not influence each other). For volumes
+    ``(B, C, D, H, W)`` the image is the middle depth slice ``D // 2`` (the slice
+    :meth:`cnnlens.ExplanationSet.save` draws).
     """
     x = inputs.detach().float()
     if x.ndim == 5:
@@ -338,6 +339,8 @@ def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None =
         scale = torch.tensor(prep.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255
         shift = torch.tensor(prep.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255 + 0.5
         pixels = torch.addcmul(shift, x, scale)
+        if prep.channel_order == "BGR":  # Keras "caffe" inputs: back to RGB for display
+            pixels = pixels.flip(1)
     else:
         lo, hi = torch.aminmax(x.flatten(1), dim=1)
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi)).view(-1, 1, 1, 1)

@@ -4,16 +4,14 @@ A :class:`Preprocessing` describes the classic ImageNet evaluation pipeline: the
 resized (antialiased) to ``resize`` pixels, the center ``input_size`` window is cropped, and the pixels are
 scaled to ``[0, 1]`` and normalised per channel, ``x' = (x - mean) / std``.
 
-Three arithmetic ``mode`` s reproduce the frameworks' preprocessing bit for bit (the same affine map per
-RGB channel, each framework rounding its own way), so metrics, overlays and activation maximisation invert
-every mode with the same ``mean``/``std`` (per RGB channel, on ``[0, 1]`` pixels ``p / 255``):
+Three arithmetic ``mode`` s reproduce the preprocessing of the frameworks bit for bit (the same affine map,
+each framework rounding its own way); ``mean``/``std`` are always per *model input channel* on ``[0, 1]``
+pixels, so metrics and overlays invert every mode with the same formula:
 
 * ``"torch"`` (default, torchvision/timm): ``x' = (p / 255 - mean) / std`` with ``p`` the 0..255 pixel.
-* ``"caffe"`` (Keras VGG16/ResNet50, ``keras.applications`` ``preprocess_input``, mode "caffe"):
-  ``x' = (p - 255 mean) / (255 std)``; with :data:`CAFFE_MEAN`/:data:`CAFFE_STD` that is
-  ``p - [123.68, 116.779, 103.939]`` per RGB channel, no scaling. Keras also reverses the channels (RGB ->
-  BGR); cnnlens inputs stay RGB and a Keras model wrapped with ``channel_order="bgr"``
-  (:class:`cnnlens.models.keras.KerasModule`) reverses them inside its forward, an exact permutation.
+* ``"caffe"`` (Keras VGG16/ResNet50, ``keras.applications.imagenet_utils.preprocess_input(mode="caffe")``):
+  the channels are reversed (RGB -> BGR) and ``x' = (p - 255 mean) / (255 std)``; with
+  :data:`CAFFE_MEAN`/:data:`CAFFE_STD` that is ``p - [103.939, 116.779, 123.68]``, no scaling.
 * ``"tf"`` (Keras InceptionV3/InceptionResNetV2/Xception): ``x' = p / (255 std) - mean / std``; with
   ``mean = std = 0.5`` that is ``p / 127.5 - 1``.
 
@@ -63,8 +61,8 @@ INCEPTION_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 INCEPTION_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 """The TensorFlow "inception" normalisation, ``x / 127.5 - 1``, written as a standard deviation."""
 
-CAFFE_MEAN: tuple[float, float, float] = (123.68 / 255, 116.779 / 255, 103.939 / 255)
-"""Keras's "caffe" mean (``[103.939, 116.779, 123.68]`` per BGR channel) per RGB channel, on ``[0, 1]`` pixels."""
+CAFFE_MEAN: tuple[float, float, float] = (103.939 / 255, 116.779 / 255, 123.68 / 255)
+"""Keras's "caffe" mean, ``[103.939, 116.779, 123.68]`` per BGR channel, on ``[0, 1]`` pixels (model channel order)."""
 CAFFE_STD: tuple[float, float, float] = (1 / 255, 1 / 255, 1 / 255)
 """Keras's "caffe" mode does not scale: a std of one 0..255 pixel step."""
 
@@ -88,7 +86,8 @@ class Preprocessing:
         interpolation: ``"bilinear"`` or ``"bicubic"``.
         mode: how the normalisation is computed (see the module docstring): ``"torch"``
             ``(p / 255 - mean) / std``; ``"caffe"`` RGB -> BGR then ``(p - 255 mean) / (255 std)``; ``"tf"``
-            ``p / (255 std) - mean / std``. Channels stay RGB in every mode.
+            ``p / (255 std) - mean / std``. ``mean`` and ``std`` are in the model's channel order (BGR for
+            ``"caffe"``).
 
     Example:
         >>> p = Preprocessing((224, 224), 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -96,8 +95,8 @@ class Preprocessing:
         [224, 224]
         >>> import numpy as np
         >>> caffe = Preprocessing((1, 1), 1, CAFFE_MEAN, CAFFE_STD, mode="caffe")
-        >>> caffe.to_tensor(np.array([[[255, 0, 0]]], dtype=np.uint8)).flatten().tolist()  # R, G, B
-        [131.32000732421875, -116.77899932861328, -103.93900299072266]
+        >>> caffe.to_tensor(np.array([[[255, 0, 0]]], dtype=np.uint8)).flatten().tolist()  # B, G, R
+        [-103.93900299072266, -116.77899932861328, 131.32000732421875]
     """
 
     input_size: tuple[int, int]
@@ -141,6 +140,11 @@ class Preprocessing:
                 "'torch' for torchvision/timm models, 'caffe' for Keras VGG16/ResNet50, 'tf' for Keras "
                 "InceptionV3/InceptionResNetV2."
             )
+
+    @property
+    def channel_order(self) -> str:
+        """``"BGR"`` when the model takes its channels reversed (``mode="caffe"``), else ``"RGB"``."""
+        return "BGR" if self.mode == "caffe" else "RGB"
 
     def _as_chw_uint8(self, image: np.ndarray) -> torch.Tensor:
         """Validate a uint8 ``HxWx3`` RGB array (``HxW``, ``HxWx1``, ``HxWx4`` accepted); return CHW."""
@@ -189,13 +193,14 @@ class Preprocessing:
 
         Returns:
             float32 tensor of shape ``(3, *input_size)`` on the CPU, ``(display_image / 255 - mean) / std``
-            (RGB), computed the way the mode's framework computes it.
+            (channels reversed for ``mode="caffe"``), computed the way the mode's framework computes it.
 
         Raises:
             InputShapeError: the array is not a uint8 image of a supported shape.
         """
         pixels = self._geometry(image).to(torch.float32)
         if self.mode == "caffe":
+            pixels = pixels.flip(0)  # RGB -> BGR
             shift = torch.tensor([255.0 * m for m in self.mean], dtype=torch.float32).view(3, 1, 1)
             scale = torch.tensor([255.0 * s for s in self.std], dtype=torch.float32).view(3, 1, 1)
             return (pixels - shift) / scale
@@ -220,13 +225,13 @@ class Preprocessing:
         return out
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Undo the normalisation: ``clamp(x * std + mean, 0, 1)``.
+        """Undo the normalisation: ``clamp(x * std + mean, 0, 1)``, channels back to RGB for ``mode="caffe"``.
 
         Args:
             x: normalised tensor of shape ``(B, 3, H, W)`` or ``(3, H, W)``.
 
         Returns:
-            a tensor of the same shape, device and (floating) dtype with values in ``[0, 1]``.
+            an RGB tensor of the same shape, device and (floating) dtype with values in ``[0, 1]``.
 
         Raises:
             InputShapeError: ``x`` does not have 3 channels in the right position.
@@ -238,7 +243,8 @@ class Preprocessing:
         dtype = x.dtype if x.is_floating_point() else torch.float32
         mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=dtype, device=x.device).view(3, 1, 1)
-        return (x.to(dtype) * std + mean).clamp(0.0, 1.0)
+        rgb = (x.to(dtype) * std + mean).clamp(0.0, 1.0)
+        return rgb.flip(-3) if self.channel_order == "BGR" else rgb
 
     def as_dict(self) -> dict[str, object]:
         """Return a JSON-serialisable description for manifests (``mode`` only when it is not ``"torch"``)."""
