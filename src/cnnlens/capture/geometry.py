@@ -170,7 +170,14 @@ def _ratio_fits(h: int, w: int, big_h: int, big_w: int) -> bool:
 def detect_4d(
     model: nn.Module, module: nn.Module, shape: tuple[int, ...], hw: tuple[int, int]
 ) -> tuple[Literal["nchw", "nhwc"], str]:
-    """Whether a 4-D output ``shape`` is ``nchw`` or ``nhwc`` (channels last), and why."""
+    """Whether a 4-D output ``shape`` is ``nchw`` or ``nhwc`` (channels last), and why.
+
+    A root model that declares ``cnnlens_layout = "nhwc"`` or ``"nchw"`` (a Keras model wrapped by
+    :class:`cnnlens.models.keras.KerasModule`: every 4-D layer output is channels-last) is authoritative.
+    """
+    declared = getattr(model, "cnnlens_layout", None)
+    if declared in ("nchw", "nhwc"):
+        return declared, f"{type(model).__name__} declares its 4-D layer outputs {declared}"
     _, d1, d2, d3 = shape
     channels = _module_channels(module)
     if channels is not None and isinstance(module, (nn.LayerNorm, nn.Linear)):

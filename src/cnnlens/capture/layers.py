@@ -81,8 +81,13 @@ def resolve_layer(model: nn.Module, layer: LayerSpec, *, modules: dict[str, nn.M
     match = _CALL_RE.match(layer)
     if match:
         name, call = match["name"], int(match["call"])
+    aliases = getattr(model, "cnnlens_layer_aliases", None)  # bare name -> path (Keras models)
+    if name not in modules and isinstance(aliases, dict) and isinstance(aliases.get(name), str):
+        name = aliases[name]
     if name == "" or name not in modules:
         candidates = [n for n in modules if n]
+        if isinstance(aliases, dict):
+            candidates += [a for a in aliases if isinstance(a, str)]
         close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise LayerNotFoundError(

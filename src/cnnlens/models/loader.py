@@ -253,6 +253,48 @@ def _load_factory(
     return LoadedModel(built.to(device).eval(), spec, names, source, random_weights=False)
 
 
+def _is_keras_request(name: object) -> bool:
+    """``keras:<arch>`` or a ``.keras``/``.h5`` path (checked without importing Keras)."""
+    return isinstance(name, str) and (name.lower().startswith("keras:") or name.lower().endswith((".keras", ".h5")))
+
+
+def _load_keras(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] | None,
+    random_weights: bool,
+    download: bool,
+    num_classes: int | None,
+    class_names: Sequence[str] | str | os.PathLike[str] | None,
+    seed: int,
+    overrides: tuple[Sequence[int] | None, int | None, Sequence[float] | None, Sequence[float] | None],
+) -> LoadedModel:
+    """A Keras model (:func:`cnnlens.models.keras.load_keras`, imported only now), with preprocessing overrides."""
+    from cnnlens.models.keras import KerasModule, load_keras
+
+    loaded = load_keras(
+        name,
+        random_weights=random_weights,
+        weights=weights,
+        download=download,
+        num_classes=num_classes,
+        class_names=class_names,
+        seed=seed,
+    )
+    input_size, resize, mean, std = overrides
+    if any(v is not None for v in overrides):
+        base = loaded.spec.preprocessing
+        pre = override_preprocessing(base, input_size=input_size, resize=resize, mean=mean, std=std)
+        loaded = replace(loaded, spec=replace(loaded.spec, preprocessing=pre))
+        if isinstance(loaded.module, KerasModule):
+            loaded.module.preprocessing = pre
+    if loaded.random_weights:
+        _log.info("%s uses %s", loaded.spec.name, loaded.weights_source)
+    else:
+        _log.info("loaded %s from %s", loaded.spec.name, loaded.weights_source)
+    return loaded
+
+
 def load_model(
     name: str,
     *,
@@ -279,9 +321,13 @@ def load_model(
         name: a zoo name (see :func:`available_models`), a torchvision builder name or a timm model name
             (prefix ``timm:``/``torchvision:`` to choose; the zoo, then torchvision, then timm otherwise),
             or a factory ``package.module:factory`` / ``file.py:factory`` (called with ``num_classes=N``
-            when given; it returns an ``nn.Module`` or a :class:`LoadedModel`).
-        weights: a checkpoint file: a state dict, or a dict holding it under ``"state_dict"``, ``"model"``,
-            ``"model_state_dict"`` or ``"ema"``; a ``"module."`` prefix is stripped.
+            when given; it returns an ``nn.Module`` or a :class:`LoadedModel`), or a Keras model:
+            ``keras:vgg16``, ``keras:resnet50``, ``keras:inception_v3``, ``keras:inception_resnet_v2``, or a
+            saved ``.keras``/``.h5`` file (see :func:`cnnlens.models.keras.load_keras`; Keras runs on the
+            torch backend, imported only then).
+        weights: a checkpoint file (for a ``keras:`` architecture, a Keras ``.weights.h5`` file): a state
+            dict, or a dict holding it under ``"state_dict"``, ``"model"``, ``"model_state_dict"`` or
+            ``"ema"``; a ``"module."`` prefix is stripped.
         random_weights: build with ``torch.manual_seed(seed)`` and no trained weights (not for factories).
         download: allow fetching the published weights of a zoo model over the network (not for factories).
         num_classes: number of outputs; default: the zoo's 1000, or the builder's default for custom names.
@@ -316,6 +362,17 @@ def load_model(
         'layer4'
     """
     _check_options(weights, random_weights, download, num_classes)
+    if _is_keras_request(name):
+        return _load_keras(
+            name,
+            weights=weights,
+            random_weights=random_weights,
+            download=download,
+            num_classes=num_classes,
+            class_names=class_names,
+            seed=seed,
+            overrides=(input_size, resize, mean, std),
+        )
     preprocess: Callable[[Preprocessing | None], Preprocessing] | None = None
     if any(v is not None for v in (input_size, resize, mean, std)):
 
