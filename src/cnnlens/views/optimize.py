@@ -196,6 +196,8 @@ def optimize(
     mean, std = normalization_of(model, normalization)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    # a Keras 'caffe' model takes BGR: the RGB image is reversed before its (BGR-ordered) normalisation
+    bgr = normalization is None and isinstance(model, LoadedModel) and model.spec.preprocessing.mode == "caffe"
     generators = [torch.Generator().manual_seed(image_seed(seed, k)) for k in key_list]
     image = factory(generators, hw, device)
     rng = BatchRandom(generators)
@@ -206,7 +208,7 @@ def optimize(
     started = time.perf_counter()
 
     def scores_of(images: torch.Tensor, view: torch.Tensor, cap: DifferentiableCapture) -> torch.Tensor:
-        rec = cap.run_graph((view - mean_t) / std_t)
+        rec = cap.run_graph(((view.flip(1) if bgr else view) - mean_t) / std_t)
         values = objective(ObjectiveInputs(rec.activations, rec.logits, images))
         if values.shape != (batch,):
             raise TargetError(
