@@ -37,6 +37,13 @@ Shapes come from one shape probe run inside :func:`cnnlens.capture.probe_layers`
 are found with ``torch.fx`` (a tracer that treats parameter-free leaves and data-dependent modules as leaves),
 reading which module each ``add``/``cat`` belongs to; when a model cannot be traced, the module's
 ``forward`` source is read for ``torch.cat``/``+``/``torch.add`` instead (marked ``method="source"``).
+
+A Keras model (wrapped by :class:`cnnlens.models.keras.KerasModule`) is not traced: its convolutions are its
+``Conv2D``/``DepthwiseConv2D``/``SeparableConv2D`` layers, and merges, branch convolutions and block outputs
+are read from the layer graph Keras records (:mod:`cnnlens.candidates.keras_graph`, ``method="keras"``), so
+VGG16 lists ``block5_conv3`` as its highest-numbered conv, ResNet50 ``conv5_block3_out`` as a block output,
+InceptionV3 ``mixed10`` and its branch convolutions, InceptionResNetV2 ``conv_7b_ac``. Its channels-last
+outputs are listed in the ``(C, h, w)`` view with layout ``"nhwc"``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import inspect
 import logging
 import operator
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +60,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from cnnlens.candidates import keras_graph
 from cnnlens.capture import LayerInfo, probe_layers
 from cnnlens.capture.layout import Layout, infer_layout
 from cnnlens.errors import CnnlensError
@@ -113,7 +122,8 @@ class LayerCatalog:
 
     Attributes:
         layers: Candidates in execution order.
-        merge_method: ``"fx"`` or ``"source"`` (fallback when tracing failed).
+        merge_method: ``"fx"``, ``"source"`` (fallback when tracing failed) or ``"keras"`` (a Keras model's own
+            layer graph).
         notes: Anything the user should know (e.g. functional merges at the top level that no module owns).
     """
 
@@ -377,7 +387,9 @@ def candidate_layers(
     """List the layers worth targeting, with their roles, output shapes and strides.
 
     Args:
-        model: Any CNN or token model (ViT, DeiT, Swin: see the module docstring).
+        model: Any CNN or token model (ViT, DeiT, Swin: see the module docstring), or a Keras model wrapped by
+            :class:`cnnlens.models.keras.KerasModule` (roles read from its layer graph: see
+            :mod:`cnnlens.candidates.keras_graph`).
         input_size: ``(C, H, W)`` of one input; default ``(3, 224, 224)``.
         device: Where to run the shape probe; default the model's device.
         infos: A probe already run by :func:`cnnlens.capture.probe_layers` for this input size (skips the probe).
@@ -393,6 +405,9 @@ def candidate_layers(
     """
     size = tuple(int(v) for v in (input_size or (3, 224, 224)))
     infos = list(infos) if infos is not None else probe_layers(model, size, device=device)
+    keras_entries = _keras_entries(model)
+    if keras_entries is not None:
+        return _keras_candidates(model, size, infos, keras_entries)
     ran = {i.name: i for i in infos if i.calls > 0}
     order = {i.name: k for k, i in enumerate(infos) if i.calls > 0}
     blocks = transformer_blocks(model)
@@ -451,3 +466,78 @@ def candidate_layers(
         if roles[n]
     ]
     return LayerCatalog(layers=layers, merge_method=method, notes=notes)
+
+
+def _keras_entries(model: nn.Module) -> list[tuple[str, Any]] | None:
+    """``(path, keras layer)`` of a wrapped Keras model, or None (the adapter is only looked at if imported)."""
+    adapter = sys.modules.get("cnnlens.models.keras")
+    if adapter is None or not isinstance(model, adapter.KerasModule):
+        return None
+    return list(adapter.keras_layers(model))
+
+
+def _keras_candidates(
+    model: nn.Module, size: tuple[int, ...], infos: Sequence[LayerInfo], entries: list[tuple[str, Any]]
+) -> LayerCatalog:
+    """:func:`candidate_layers` of a Keras model: convolutions by class, the rest from its layer graph.
+
+    Every 4-D output is mapped by the model's declared layout (``nhwc`` for Keras ``channels_last``).
+    """
+    ran = {i.name: i for i in infos if i.calls > 0}
+    order = {i.name: k for k, i in enumerate(infos) if i.calls > 0}
+    modules = dict(model.named_modules())
+    layers = [(n, layer) for n, layer in entries if n in ran and not keras_graph.is_model(layer)]
+    views: dict[str, tuple[Layout, tuple[int, ...], int | None]] = {}
+    for name, _ in layers:
+        shape = ran[name].shape
+        if shape is None or len(shape) != 3:
+            continue
+        meta = torch.empty((1, *shape), device="meta")
+        layout = infer_layout(model, modules[name], meta, (1, *size), None)
+        mapped = tuple(int(v) for v in layout.to_maps(meta).shape[1:])
+        stride = size[-2] // mapped[-2] if mapped[-2] else None
+        views[name] = (layout, mapped, stride)
+    roles: dict[str, list[str]] = {n: [] for n in views}
+    convs_def = [n for n, layer in layers if n in views and keras_graph.is_conv_layer(layer)]
+    for n in convs_def:
+        roles[n].append("conv")
+    if convs_def:
+        roles[convs_def[-1]].append("highest_numbered_conv")
+        roles[max(convs_def, key=lambda n: order[n])].append("deepest_conv")
+    final = _keras_final_spatial(sorted((n for n, _ in layers), key=lambda n: order[n]), ran, views)
+    root = getattr(model, "keras_model")  # noqa: B009  (an attribute of KerasModule, not of nn.Module)
+    graph_roles, notes = keras_graph.keras_graph_roles(layers, root, order, set(views), final)
+    for n, extra in graph_roles.items():
+        roles[n].extend(extra)
+    if final is not None:
+        roles[final].append("final_spatial")
+    aliases = _one_name_per_tensor(roles, ran, order, modules)
+    catalog = [
+        CandidateLayer(
+            name=n,
+            roles=tuple(r for r in ROLES if r in roles[n]),
+            type=ran[n].type,
+            shape=views[n][1],
+            stride=views[n][2],
+            order=order[n],
+            aliases=aliases.get(n, ()),
+            layout=views[n][0].spec(),
+        )
+        for n in sorted(roles, key=lambda n: order[n])
+        if roles[n]
+    ]
+    return LayerCatalog(layers=catalog, merge_method="keras", notes=notes)
+
+
+def _keras_final_spatial(
+    names: Sequence[str], ran: dict[str, LayerInfo], views: dict[str, tuple[Layout, tuple[int, ...], int | None]]
+) -> str | None:
+    """The last layer with a spatial map (h*w > 1) before the first output without one (pooled, flattened)."""
+    last: str | None = None
+    for name in names:
+        view = views.get(name)
+        if view is not None and view[1][1] * view[1][2] > 1:
+            last = name
+        elif last is not None and ran[name].shape is not None:
+            break
+    return last
