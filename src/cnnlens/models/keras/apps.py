@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from cnnlens.models.spec import RANDOM_WEIGHTS_TEMPLATE, LoadedModel, ModelSpec
 __all__ = [
     "KERAS_APPS",
     "KerasApp",
+    "cached_weights",
     "is_keras_name",
     "is_keras_path",
     "keras_app",
@@ -190,9 +192,20 @@ def keras_app(name: str) -> KerasApp:
 
 
 def keras_cache_dir() -> Path:
-    """Where Keras caches downloaded weights: ``$KERAS_HOME/models``, else ``~/.keras/models``."""
+    """Where Keras caches downloaded weights: ``$KERAS_HOME/models``, else ``~/.keras/models``.
+
+    Keras falls back to ``/tmp/.keras`` when that folder is not writable; :func:`cached_weights` looks there too.
+    """
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     return Path(home) / "models"
+
+
+def cached_weights(file_name: str) -> Path | None:
+    """The cached Keras weights file ``file_name`` (in :func:`keras_cache_dir` or ``/tmp/.keras/models``), or None."""
+    for folder in (keras_cache_dir(), Path(tempfile.gettempdir()) / ".keras" / "models"):
+        if (folder / file_name).is_file():
+            return folder / file_name
+    return None
 
 
 def _seeded_build(keras: Any, seed: int, build: Any) -> Any:
@@ -255,9 +268,8 @@ def _build_app(
             f"the published weights of keras:{app.name} have 1000 classes but num_classes={num_classes} was asked. "
             f"Pass --weights PATH (a .weights.h5 trained for {num_classes} classes) or --random-weights."
         )
-    cached = keras_cache_dir() / app.weights_file
-    if not cached.is_file() and not download:
-        raise _published_refusal(app, cached)
+    if cached_weights(app.weights_file) is None and not download:
+        raise _published_refusal(app, keras_cache_dir() / app.weights_file)
     model = builder(weights="imagenet", classifier_activation=None)
     return model, f"Keras published ImageNet weights ({app.weights_file})"
 
@@ -391,18 +403,16 @@ def _num_outputs(module: KerasModule, name: str) -> int:
 
 
 def _last_spatial_layer(module: KerasModule) -> str:
-    """The last layer with a 4-D output (the Grad-CAM default of a user's Keras model), by its bare name if unique."""
+    """The last non-pooling layer with a 4-D output (a user model's Grad-CAM default), bare name if unique."""
     best = ""
     for path, layer in module.keras_layer_paths:
-        shape = getattr(layer, "output_shape", None) if _single_node(layer) else None
-        if isinstance(shape, tuple) and len(shape) == 4 and not hasattr(layer, "layers"):
+        if hasattr(layer, "layers") or "Pooling" in type(layer).__name__:
+            continue
+        try:
+            shape = tuple(layer.output.shape)
+        except (AttributeError, ValueError, RuntimeError):  # a layer called several times has no single output
+            continue
+        if len(shape) == 4:
             best = path
     bare = best.rsplit("/", 1)[-1]
     return bare if module.cnnlens_layer_aliases.get(bare) == best else best
-
-
-def _single_node(layer: Any) -> bool:
-    try:
-        return len(getattr(layer, "_inbound_nodes", [])) == 1
-    except TypeError:
-        return False
