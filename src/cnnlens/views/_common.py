@@ -15,6 +15,7 @@ from cnnlens.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "Normalization",
+    "fixed_input_hw",
     "intra_op_threads",
     "model_device",
     "normalization_of",
@@ -43,6 +44,27 @@ def model_device(module: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def fixed_input_hw(module: nn.Module) -> tuple[int, int] | None:
+    """The only input ``(H, W)`` a model accepts, or None when it takes any size.
+
+    A Keras model (:class:`cnnlens.models.keras.KerasModule`) built for one input shape refuses any other
+    (Keras checks its input spec), whatever its layers could compute; a torch model takes any size.
+
+    Example:
+        >>> fixed_input_hw(nn.Conv2d(3, 4, 3)) is None
+        True
+    """
+    keras_model = getattr(module, "keras_model", None)
+    try:
+        shape = getattr(keras_model, "input_shape", None)
+    except Exception:  # a subclassed Keras model may have no defined input shape; it then takes any size
+        return None
+    if not isinstance(shape, tuple) or len(shape) != 4:
+        return None
+    h, w = (shape[1], shape[2]) if getattr(module, "cnnlens_layout", "nhwc") == "nhwc" else (shape[2], shape[3])
+    return (h, w) if isinstance(h, int) and isinstance(w, int) else None
 
 
 def normalization_of(model: nn.Module | LoadedModel, normalization: Normalization | None = None) -> Normalization:

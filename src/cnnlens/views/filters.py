@@ -6,7 +6,9 @@ torch; drawing it is :func:`cnnlens.viz.views.filter_figure`'s job, so tests can
 Views (``view=``):
 
 * ``"rgb"``: a conv whose filters see 3 input channels (the first conv): each filter is one colour tile,
-  its three input slices as R, G and B (Zeiler & Fergus 2014, Krizhevsky et al. 2012, figure 3).
+  its three input slices as R, G and B (Zeiler & Fergus 2014, Krizhevsky et al. 2012, figure 3). A model
+  that takes BGR input (Keras 'caffe' preprocessing: VGG16, ResNet50) has its slices reversed, so the tile
+  is still R, G, B; :attr:`FilterSet.input_channels` says which input channel each slice came from.
 * ``"mean"``: one grey-scale tile per output channel, the mean of the kernel over its input channels,
   ``T_k = (1 / C_in_g) sum_c W[k, c]``. For a depthwise conv (one input channel per filter) the mean is the
   kernel itself.
@@ -21,6 +23,10 @@ zero is mid-grey (or white in a diverging colour map), with ``m = max |W|`` over
 (``"shared"``: tiles are comparable) or over each tile alone (``"per_tile"``: shapes are readable even
 when norms differ). The limits are returned in :attr:`FilterSet.limits` and drawn as a colour bar.
 
+Keras models (:class:`cnnlens.models.keras.KerasModule`): a ``Conv2D`` kernel is stored HWIO
+``(kh, kw, C_in, C_out)`` and shown as torch's OIHW ``W[k, c] = K[:, :, c, k]``
+(:func:`cnnlens.models.keras.kernel_oihw`); a ``DepthwiseConv2D`` is a depthwise conv (``groups = C_in``).
+
 Selection: ``channels=`` picks filters by index, ``order="index"`` keeps index order, ``order="norm"``
 sorts by the L2 norm of the whole filter ``||W[k]||_2`` (largest first, ties by index), and ``top_k`` keeps
 the first k after sorting.
@@ -28,6 +34,7 @@ the first k after sorting.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -37,7 +44,7 @@ from torch import nn
 
 from cnnlens.capture import resolve_layer
 from cnnlens.errors import LayerError, LayerNotFoundError
-from cnnlens.models import LoadedModel
+from cnnlens.models import LoadedModel, Preprocessing
 from cnnlens.views._common import parse_channels, unwrap
 
 __all__ = ["FilterOrder", "FilterScale", "FilterSet", "FilterView", "filters", "first_conv"]
@@ -108,26 +115,63 @@ class FilterSet:
         return [f"#{k} |w|={float(n):.3g}" for k, n in zip(self.indices, self.norms, strict=True)]
 
 
+def _keras_kernel(module: nn.Module) -> torch.Tensor | None:
+    """A Keras convolution's kernel as OIHW (:func:`cnnlens.models.keras.kernel_oihw`), or None.
+
+    The Keras adapter is only consulted when it was imported (a Keras model was loaded or wrapped).
+    """
+    adapter = sys.modules.get("cnnlens.models.keras")
+    if adapter is None or isinstance(module, nn.Conv2d):
+        return None
+    kernel: torch.Tensor | None = adapter.kernel_oihw(module)
+    return kernel
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) or _keras_kernel(module) is not None
+
+
 def first_conv(model: nn.Module) -> str:
-    """The dotted name of the first ``nn.Conv2d`` in definition order.
+    """The dotted name of the first convolution in definition order (``nn.Conv2d``, or a Keras ``Conv2D``).
 
     Raises:
-        LayerNotFoundError: The model has no ``nn.Conv2d``.
+        LayerNotFoundError: The model has no convolution.
     """
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
+        if _is_conv(module):
             return str(name)
     raise LayerNotFoundError(f"{type(model).__name__} has no nn.Conv2d; filters() shows convolution kernels.")
 
 
-def _conv(module: nn.Module, name: str) -> nn.Conv2d:
+def _conv_weight(module: nn.Module, name: str) -> tuple[torch.Tensor, int, int]:
+    """``(weight (C_out, C_in / groups, kh, kw), groups, C_in)`` of a torch or Keras convolution.
+
+    A Keras ``Conv2D`` kernel is HWIO ``(kh, kw, C_in / groups, C_out)``; a ``DepthwiseConv2D`` (and the
+    depthwise part of a ``SeparableConv2D``) kernel is ``(kh, kw, C_in, multiplier)``, i.e. ``C_in * multiplier``
+    filters of one input channel each (``groups = C_in``).
+    """
     if isinstance(module, nn.Conv2d):
-        return module
+        return module.weight, int(module.groups), int(module.in_channels)
+    kernel = _keras_kernel(module)
+    if kernel is not None:
+        multiplier = getattr(module, "depth_multiplier", None)
+        if isinstance(multiplier, int) and kernel.shape[1] == 1:  # depthwise: one input channel per filter
+            channels = int(kernel.shape[0]) // multiplier
+            return kernel, channels, channels
+        groups = int(getattr(module, "groups", 1) or 1)
+        return kernel, groups, int(kernel.shape[1]) * groups
     convs = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     hint = f" Convolutions inside it: {', '.join(repr(f'{name}.{c}') for c in convs[:5])}." if convs else ""
     raise LayerError(
-        f"layer {name!r} is a {type(module).__name__}, not an nn.Conv2d: filters() shows convolution kernels.{hint}"
+        f"layer {name!r} is a {type(module).__name__}, not an nn.Conv2d (or a Keras Conv2D): filters() shows "
+        f"convolution kernels.{hint}"
     )
+
+
+def _channel_order(model: nn.Module | LoadedModel, module: nn.Module) -> str:
+    """``"BGR"`` when the model takes its colour channels reversed (Keras 'caffe' preprocessing), else ``"RGB"``."""
+    prep = model.spec.preprocessing if isinstance(model, LoadedModel) else getattr(module, "preprocessing", None)
+    return "BGR" if isinstance(prep, Preprocessing) and prep.channel_order == "BGR" else "RGB"
 
 
 def filters(
@@ -188,12 +232,11 @@ def filters(
     if max_inputs < 1:
         raise LayerError(f"max_inputs must be at least 1; got {max_inputs}.")
     ref = resolve_layer(module, first_conv(module) if layer is None else layer)
-    conv = _conv(ref.module, ref.name)
-    weight = conv.weight.detach().to(device="cpu", dtype=torch.float32)
+    raw, groups, in_channels = _conv_weight(ref.module, ref.name)
+    weight = raw.detach().to(device="cpu", dtype=torch.float32)
     if not bool(torch.isfinite(weight).all()):
         raise LayerError(f"the weights of {ref.name!r} hold NaN or inf values; the model is broken, nothing to show.")
     c_out, c_in_g, kh, kw = (int(s) for s in weight.shape)
-    groups = int(conv.groups)
     per_group_out = c_out // groups
 
     resolved = view
@@ -220,7 +263,10 @@ def filters(
         start = (k // per_group_out) * c_in_g
         return list(range(start, start + c_in_g))
 
-    if resolved == "rgb":
+    if resolved == "rgb" and _channel_order(model, module) == "BGR":  # tiles in R, G, B order for display
+        tiles = selected.flip(1)
+        inputs = [group_inputs(k)[::-1] for k in chosen]
+    elif resolved == "rgb":
         tiles = selected
         inputs = [group_inputs(k) for k in chosen]
     elif resolved == "mean":
@@ -242,7 +288,7 @@ def filters(
         layer=ref.name,
         weight_shape=(c_out, c_in_g, kh, kw),
         groups=groups,
-        in_channels=int(conv.in_channels),
+        in_channels=in_channels,
         view=resolved,
         indices=chosen,
         norms=norms_all[index].clone(),

@@ -23,6 +23,11 @@ model): eval mode for the call, every ``requires_grad`` and ``training`` flag re
 removed in ``finally``, and gradients taken with ``torch.autograd.grad`` with respect to ``theta`` only, so
 parameter ``.grad`` is never touched. When the objective reads no logits, each forward stops after the last
 layer it needs.
+
+Keras models (:class:`cnnlens.models.keras.KerasModule`) run the same way: their channels-last layer outputs
+reach the objectives in the ``(B, C, h, w)`` map view (the capture's layout), the image is reversed to BGR
+for a 'caffe' model, and a model built for one input size gets each transformed image resized (bilinear,
+differentiable) to that size, since Keras refuses any other.
 """
 
 from __future__ import annotations
@@ -259,8 +264,11 @@ def maximize_classes(
 
 
 def _channel_count(module: nn.Module) -> int | None:
-    """Channels of a layer's output when known from the module alone (None: checked at run time)."""
-    for attr in ("out_channels", "num_features", "out_features"):
+    """Channels of a layer's output when known from the module alone (None: checked at run time).
+
+    Torch modules say ``out_channels``/``num_features``/``out_features``; Keras layers ``filters``/``units``.
+    """
+    for attr in ("out_channels", "num_features", "out_features", "filters", "units"):
         value = getattr(module, attr, None)
         if isinstance(value, int):
             return value

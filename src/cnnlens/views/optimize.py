@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cnnlens.capture import DifferentiableCapture, differentiable_capture, resolve_layer
@@ -23,6 +24,7 @@ from cnnlens.models import LoadedModel
 from cnnlens.outputs import OutputSelector
 from cnnlens.views._common import (
     Normalization,
+    fixed_input_hw,
     intra_op_threads,
     model_device,
     normalization_of,
@@ -207,7 +209,11 @@ def optimize(
     layers = sorted(objective.layers)
     started = time.perf_counter()
 
+    fixed = fixed_input_hw(module)
+
     def scores_of(images: torch.Tensor, view: torch.Tensor, cap: DifferentiableCapture) -> torch.Tensor:
+        if fixed is not None and tuple(view.shape[-2:]) != fixed:  # a Keras model built for one input size
+            view = F.interpolate(view, size=fixed, mode="bilinear", align_corners=False)
         rec = cap.run_graph(((view.flip(1) if bgr else view) - mean_t) / std_t)
         values = objective(ObjectiveInputs(rec.activations, rec.logits, images))
         if values.shape != (batch,):
