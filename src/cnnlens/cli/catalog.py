@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
@@ -53,6 +53,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     for role, name in model.spec.known_layers.items():
         if role not in roles.setdefault(name, []):
             roles[name].append(role)
+    params = _keras_params(model.module)
     default = model.spec.default_layer
     table = Table(title=escape(f"{model.spec.name}: layers for input {c}x{h}x{w} (* = default target: {default})"))
     layout_column = ("layout (map shape)",) if mapped else ()
@@ -74,7 +75,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
             shape,
             *layout,
             str((cand.stride if cand is not None else info.stride) or ""),
-            f"{info.params:,}" if info.params else "",
+            f"{params.get(info.name, info.params):,}" if params.get(info.name, info.params) else "",
             escape(", ".join(r for r in roles.get(info.name, []) if r != "conv")),
         )
     common.console.print(table)
@@ -82,6 +83,21 @@ def cmd_layers(args: argparse.Namespace) -> int:
         for note in catalog.notes:
             common.err_console.print(f"note: {escape(note)}", highlight=False)
     return EXIT_OK
+
+
+def _keras_params(module: Any) -> dict[str, int]:
+    """Parameters of each layer of a Keras model (``count_params``), which Keras keeps outside the layer modules.
+
+    Empty for a torch model (its ``LayerInfo.params`` are right) and for nested models (listed as containers).
+    """
+    adapter = sys.modules.get("cnnlens.models.keras")
+    if adapter is None or not isinstance(module, adapter.KerasModule):
+        return {}
+    counts: dict[str, int] = {}
+    for path, layer in adapter.keras_layers(module):
+        if not hasattr(layer, "layers"):
+            counts[path] = int(layer.count_params()) if layer.built else 0
+    return counts
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -106,6 +106,7 @@ def _fit_input_size(model: LoadedModel) -> None:
     another resolution. Said on stderr; nothing happens for models that take any size.
     """
     module = model.module
+    _check_keras_input_size(model)
     embed = getattr(module, "patch_embed", None)
     fixed = getattr(embed, "img_size", None)
     setter = getattr(module, "set_input_size", None)
@@ -118,6 +119,24 @@ def _fit_input_size(model: LoadedModel) -> None:
         "(timm set_input_size: position embeddings resampled to the new patch grid).",
         highlight=False,
     )
+
+
+def _check_keras_input_size(model: LoadedModel) -> None:
+    """Refuse ``--input-size`` on a Keras model built for another size (Keras checks its input shape).
+
+    Raises:
+        UsageError: The Keras model takes one input size and ``--input-size`` asked for another.
+    """
+    from cnnlens.views._common import fixed_input_hw
+
+    fixed = fixed_input_hw(model.module)
+    size = tuple(model.spec.preprocessing.input_size)
+    if fixed is not None and fixed != size:
+        raise UsageError(
+            f"--input-size {size[0]} {size[1]}: the Keras model {model.spec.name} was built for {fixed[0]}x{fixed[1]} "
+            "inputs and Keras refuses any other size. Drop --input-size, or build and save the model with "
+            f"input_shape=({size[0]}, {size[1]}, 3) and pass the .keras file."
+        )
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:

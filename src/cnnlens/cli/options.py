@@ -7,6 +7,13 @@ from typing import Any
 
 from cnnlens._names import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, ZOO_MODELS
 
+KERAS_MODELS_HELP = (
+    "or a Keras model (run on Keras's torch backend): keras:vgg16, keras:resnet50, keras:inception_v3, "
+    "keras:inception_resnet_v2 (published weights from the Keras cache, or --random-weights, or --weights "
+    "x.weights.h5), or a saved path/to/model.keras or .h5 file"
+)
+"""The ``--model`` help for Keras models, shared by every command that takes ``--model``."""
+
 
 def _add_model_options(parser: argparse.ArgumentParser, *, preprocessing: bool = True) -> None:
     group = parser.add_argument_group("model")
@@ -14,11 +21,15 @@ def _add_model_options(parser: argparse.ArgumentParser, *, preprocessing: bool =
         "--model",
         default=DEFAULT_MODEL,
         help=f"zoo name ({', '.join(ZOO_MODELS)}), a torchvision/timm architecture name for your own checkpoint "
-        "(with --num-classes and --weights), or your own factory: package.module:factory or "
-        "path/to/file.py:factory (called with no arguments, or num_classes=N). "
+        "(with --num-classes and --weights), your own factory: package.module:factory or "
+        f"path/to/file.py:factory (called with no arguments, or num_classes=N), {KERAS_MODELS_HELP}. "
         f"Default: {DEFAULT_MODEL} (embedded weights, offline).",
     )
-    group.add_argument("--weights", metavar="PATH", help="checkpoint (state dict) to load, read with weights_only=True")
+    group.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="checkpoint (state dict) to load, read with weights_only=True; for keras:ARCH a .weights.h5 file",
+    )
     group.add_argument(
         "--random-weights", action="store_true", help="use an untrained, seeded model (every output says so)"
     )

@@ -129,7 +129,14 @@ def _add_studies(sub: Any, methods_help: str) -> None:
         help="compare architectures on the same images, each at its recommended layer",
     )
     cm.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    cm.add_argument("--models", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    cm.add_argument(
+        "--models",
+        nargs="+",
+        default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+        metavar="MODEL",
+        help="models to compare, torch and Keras mixed (each as --model takes it: a zoo name, an architecture, a "
+        "factory, keras:vgg16, keras:resnet50, keras:inception_v3, keras:inception_resnet_v2, a .keras/.h5 file)",
+    )
     cm.add_argument("--weights", nargs="+", metavar="MODEL=PATH", default=[], help="checkpoint per model")
     cm.add_argument("--layers", nargs="+", metavar="MODEL=LAYER", default=[], help="layer per model")
     cm.add_argument("--random-weights", action="store_true", help="allow untrained models (marked everywhere)")

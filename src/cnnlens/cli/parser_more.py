@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cnnlens._names import DEFAULT_METHODS, DEFAULT_MODEL, METHOD_IDS, ZOO_MODELS
-from cnnlens.cli.options import _add_max_pixels, _add_model_options
+from cnnlens.cli.options import KERAS_MODELS_HELP, _add_max_pixels, _add_model_options
 
 __all__ = ["add_run_commands", "add_views_commands"]
 
@@ -132,8 +132,8 @@ def add_run_commands(subparsers: Any) -> None:
         "--model",
         default=DEFAULT_MODEL,
         help=f"zoo name ({', '.join(ZOO_MODELS)}), a torchvision/timm architecture with --num-classes and "
-        "--weights, or your own factory: package.module:factory or path/to/file.py:factory (called with no "
-        f"arguments, or num_classes=N). Default: {DEFAULT_MODEL}.",
+        "--weights, your own factory: package.module:factory or path/to/file.py:factory (called with no "
+        f"arguments, or num_classes=N), {KERAS_MODELS_HELP}. Default: {DEFAULT_MODEL}.",
     )
     group.add_argument("--weights", metavar="PATH", help="checkpoint (state dict) to load, read with weights_only=True")
     group.add_argument("--random-weights", action="store_true", help="an untrained, seeded model (outputs say so)")
