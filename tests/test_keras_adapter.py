@@ -307,3 +307,14 @@ def test_declared_layout_is_authoritative(sequential: Any) -> None:
     assert detect_4d(torch.nn.Identity(), conv, (1, 16, 16, 16), (16, 16))[0] == "nchw"
     kind, why = detect_4d(net, conv, (1, 16, 16, 16), (16, 16))
     assert kind == "nhwc" and "KerasModule" in why
+
+
+def test_legacy_h5_full_model_round_trip(sequential: Any, tmp_path: Any) -> None:
+    path = tmp_path / "seq.h5"
+    sequential.save(path)
+    loaded = load_model(str(path), class_names=["a", "b", "c"])
+    assert loaded.class_names == ["a", "b", "c"] and loaded.spec.num_classes == 3
+    assert loaded.spec.default_layer == "relu"  # the last non-pooling layer with a 4-D output
+    x = _images(2, 16, 12, seed=11)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), wrap_keras(sequential)(x), rtol=0, atol=0)
