@@ -87,6 +87,20 @@ def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
 cmd_compare_layers = _into_out(_cmd_compare_layers, "compare-layers")
 
 
+def _brings_own_weights(name: str) -> bool:
+    """Whether ``--random-weights`` is not for this model: a saved Keras model (``.keras``/``.h5``) or a factory.
+
+    Both build their own weights, so ``compare-models a.keras keras:vgg16 --random-weights`` loads the file as
+    saved and builds only the architecture with random weights.
+    """
+    from cnnlens.models.custom import is_entry_point
+
+    lowered = name.lower()
+    if lowered.startswith("keras:"):
+        return False
+    return lowered.endswith((".keras", ".h5")) or is_entry_point(name)
+
+
 def _compare_models_with_progress(models: Sequence[LoadedModel], images: Sequence[np.ndarray], **kwargs: Any) -> Any:
     """:func:`cnnlens.studies.compare_models` one model at a time, each a phase counting its measured maps."""
     from cnnlens.studies import compare_models
@@ -123,7 +137,7 @@ def _cmd_compare_models(args: argparse.Namespace) -> int:
                 common.load_model(
                     name,
                     weights=weights.get(name),
-                    random_weights=args.random_weights and name not in weights,
+                    random_weights=args.random_weights and name not in weights and not _brings_own_weights(name),
                     download=args.download,
                     device=_device(args.device),
                 )
