@@ -240,7 +240,7 @@ def test_keras_file_round_trip_gives_identical_maps(transfer: Any, tmp_path: Any
     assert isinstance(loaded.module, KerasModule) and loaded.module.keras_model is not transfer
     assert loaded.spec.num_classes == 5 and loaded.spec.source == "keras" and not loaded.random_weights
     assert loaded.spec.preprocessing.input_size == (64, 64)
-    assert loaded.spec.default_layer == "block5_conv3"
+    assert loaded.spec.default_layer == "vgg16/block5_conv3"
     x = _images(2, 64, 64, seed=9)
     a = explain(wrap_keras(transfer), x, layers="block5_conv3")[0]
     b = explain(loaded, x, layers="block5_conv3")[0]
@@ -318,3 +318,33 @@ def test_legacy_h5_full_model_round_trip(sequential: Any, tmp_path: Any) -> None
     x = _images(2, 16, 12, seed=11)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), wrap_keras(sequential)(x), rtol=0, atol=0)
+
+
+def test_damaged_cached_weights_are_refused_clearly(keras: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels.h5").write_bytes(b"not an h5 file")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path))
+    with pytest.raises(WeightsUnavailableError, match="delete it and pass --download"):
+        load_keras("keras:resnet50")
+
+
+@pytest.mark.slow
+def test_cached_published_weights_are_used_without_network(
+    keras: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(12)
+    source = keras.applications.ResNet50(weights=None, classifier_activation=None)
+    (tmp_path / "models").mkdir()
+    with h5py.File(tmp_path / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels.h5", "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, source)  # the published files' (legacy) format
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    loaded = load_keras("keras:resnet50")
+    assert not loaded.random_weights and "published" in loaded.weights_source
+    x = _images(1, 224, 224, seed=13)
+    with torch.no_grad():
+        expected = source(x.permute(0, 2, 3, 1), training=False)
+        torch.testing.assert_close(loaded.module(x), expected, rtol=0, atol=0)

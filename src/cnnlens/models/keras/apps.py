@@ -268,9 +268,20 @@ def _build_app(
             f"the published weights of keras:{app.name} have 1000 classes but num_classes={num_classes} was asked. "
             f"Pass --weights PATH (a .weights.h5 trained for {num_classes} classes) or --random-weights."
         )
-    if cached_weights(app.weights_file) is None and not download:
+    cached = cached_weights(app.weights_file)
+    if cached is None and not download:
         raise _published_refusal(app, keras_cache_dir() / app.weights_file)
-    model = builder(weights="imagenet", classifier_activation=None)
+    # the cached file itself, not weights="imagenet": Keras would re-download a file whose hash differs
+    source = str(cached) if cached is not None else "imagenet"
+    try:
+        model = builder(weights=source, classifier_activation=None)
+    except Exception as exc:  # h5py's and keras.utils.get_file's errors (a bare Exception on network failures)
+        where = cached or keras_cache_dir() / app.weights_file
+        raise WeightsUnavailableError(
+            f"Keras could not load the published weights of keras:{app.name} ({where}): {exc}. If the cached file "
+            "is damaged, delete it and pass --download (with network access), or pass --weights PATH or "
+            "--random-weights."
+        ) from exc
     return model, f"Keras published ImageNet weights ({app.weights_file})"
 
 
@@ -403,7 +414,7 @@ def _num_outputs(module: KerasModule, name: str) -> int:
 
 
 def _last_spatial_layer(module: KerasModule) -> str:
-    """The last non-pooling layer with a 4-D output (a user model's Grad-CAM default), bare name if unique."""
+    """The path of the last non-pooling layer with a 4-D output (a user model's Grad-CAM default)."""
     best = ""
     for path, layer in module.keras_layer_paths:
         if hasattr(layer, "layers") or "Pooling" in type(layer).__name__:
@@ -414,5 +425,4 @@ def _last_spatial_layer(module: KerasModule) -> str:
             continue
         if len(shape) == 4:
             best = path
-    bare = best.rsplit("/", 1)[-1]
-    return bare if module.cnnlens_layer_aliases.get(bare) == best else best
+    return best
