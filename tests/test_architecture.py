@@ -232,7 +232,7 @@ def test_the_walk_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ lazy imports
-HEAVY = ("torchvision", "matplotlib", "jinja2", "pyarrow", "scipy", "skimage")
+HEAVY = ("torchvision", "matplotlib", "jinja2", "pyarrow", "scipy", "skimage", "keras", "tensorflow")
 
 
 def _imported_after(code: str) -> set[str]:
