@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from cnnlens import explain
-from cnnlens.errors import LayerNotFoundError, ModelTypeError, WeightsMismatchError, WeightsUnavailableError
+from cnnlens.errors import (
+    LayerNotFoundError,
+    ModelConfigError,
+    ModelTypeError,
+    WeightsMismatchError,
+    WeightsUnavailableError,
+)
 from cnnlens.models import load_model
 
 if importlib.util.find_spec("keras") is None:  # not imported here: the backend is chosen by cnnlens
@@ -278,6 +284,8 @@ def test_published_weights_refused_offline(tmp_path: Any, monkeypatch: pytest.Mo
         load_keras("keras:resnet50")
     with pytest.raises(ModelTypeError):
         wrap_keras(torch.nn.Linear(2, 2))
+    with pytest.raises(ModelConfigError, match="torch device"):
+        load_keras("keras:vgg16", random_weights=True, device="nowhere")
 
 
 def test_wrong_backend_is_refused(keras: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -267,6 +267,7 @@ def _load_keras(
     num_classes: int | None,
     class_names: Sequence[str] | str | os.PathLike[str] | None,
     seed: int,
+    device: str | torch.device,
     overrides: tuple[Sequence[int] | None, int | None, Sequence[float] | None, Sequence[float] | None],
 ) -> LoadedModel:
     """A Keras model (:func:`cnnlens.models.keras.load_keras`, imported only now), with preprocessing overrides."""
@@ -280,6 +281,7 @@ def _load_keras(
         num_classes=num_classes,
         class_names=class_names,
         seed=seed,
+        device=device,
     )
     input_size, resize, mean, std = overrides
     if any(v is not None for v in overrides):
@@ -371,6 +373,7 @@ def load_model(
             num_classes=num_classes,
             class_names=class_names,
             seed=seed,
+            device=device,
             overrides=(input_size, resize, mean, std),
         )
     preprocess: Callable[[Preprocessing | None], Preprocessing] | None = None

@@ -302,6 +302,7 @@ def load_keras(
     class_names: Sequence[str] | str | os.PathLike[str] | None = None,
     seed: int = 0,
     preprocessing: KerasMode | Preprocessing | None = None,
+    device: str | torch.device = "cpu",
 ) -> LoadedModel:
     """Load a Keras model as a cnnlens :class:`LoadedModel` (its module a :class:`KerasModule`).
 
@@ -317,6 +318,7 @@ def load_keras(
         seed: the seed of ``random_weights``.
         preprocessing: a Keras mode (``"caffe"``, ``"tf"``, ``"torch"``) or a cnnlens
             :class:`Preprocessing`; default: the architecture's, or ``"tf"`` for a saved model.
+        device: where the weights are created (``keras.device``); the wrapper calls the model on that device.
 
     Returns:
         the loaded model.
@@ -349,9 +351,10 @@ def load_keras(
         n = 1000 if num_classes is None else num_classes
         names = resolve_class_names(class_names, n)  # fails before the (slow) build
         keras = import_keras()
-        model, source = _build_app(
-            keras, app, weights=wpath, random_weights=random_weights, download=download, seed=seed, num_classes=n
-        )
+        with keras.device(_keras_device(device)):
+            model, source = _build_app(
+                keras, app, weights=wpath, random_weights=random_weights, download=download, seed=seed, num_classes=n
+            )
         mode: KerasMode | Preprocessing = app.mode if preprocessing is None else preprocessing
         spec_name, family, default_layer, known = f"keras:{app.name}", app.family, app.default_layer, app.known_layers
         description = f"Keras {app.builder} (keras.applications, torch backend) with {n} classes."
@@ -368,7 +371,8 @@ def load_keras(
             )
         keras = import_keras()
         try:
-            model = keras.models.load_model(str(path), compile=False)
+            with keras.device(_keras_device(device)):
+                model = keras.models.load_model(str(path), compile=False)
         except (ValueError, OSError, KeyError, TypeError) as exc:
             raise WeightsMismatchError(
                 f"Keras could not load {name!r} as a full model: {exc}. A .weights.h5 file holds weights only: "
@@ -404,6 +408,16 @@ def load_keras(
     return LoadedModel(
         module=module.eval(), spec=spec, class_names=names, weights_source=source, random_weights=bool(random_weights)
     )
+
+
+def _keras_device(device: str | torch.device) -> str:
+    """A torch device as ``keras.device`` takes it (``"cpu"``, ``"cuda:0"``)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        msg = f"device must be a torch device such as 'cpu' or 'cuda:0'; received {device!r}."
+        raise ModelConfigError(msg) from exc
+    return str(dev)
 
 
 def _num_outputs(module: KerasModule, name: str) -> int:

@@ -17,6 +17,8 @@ the wrapper adds:
   to its path when it is unique.
 - **Layouts.** :attr:`KerasModule.cnnlens_layout` (``"nhwc"`` for ``channels_last``) tells
   :mod:`cnnlens.capture.geometry` that every 4-D layer output is channels-last: no heuristic.
+- **Devices.** The call runs in ``keras.device(<the weights' device>)``: Keras moves inputs to its current
+  device (CUDA by default when available), so the weights' device decides.
 - **Frozen bases.** With ``trainable=False`` Keras variables do not require grad; the wrapper makes its
   input require grad (a detached alias, the caller's tensor is untouched) so gradients reach the layers.
 
@@ -252,7 +254,10 @@ class KerasModule(nn.Module):
         if torch.is_grad_enabled() and not x.requires_grad:
             x = x.detach().requires_grad_(True)  # frozen (trainable=False) layers: gradients still flow
         h = x.permute(0, 2, 3, 1) if self.cnnlens_layout == "nhwc" else x
-        out = self._body(h, training=False)
+        param = next(self.keras_model.parameters(), None)
+        device = str(param.device) if param is not None else str(x.device)
+        with sys.modules["keras"].device(device):  # Keras moves inputs to its scope's device: the weights' one
+            out = self._body(h, training=False)
         if not isinstance(out, torch.Tensor):
             raise ModelConfigError(
                 f"the Keras model {self.keras_model.name!r} returned {type(out).__name__}, not one tensor; cnnlens "
