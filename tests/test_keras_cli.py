@@ -97,6 +97,14 @@ def test_layers_lists_keras_roles_and_parameters(saved: Path, capsys: pytest.Cap
     assert "final_spatial" in rows["vgg16/block5_pool"]
 
 
+def test_models_lists_the_keras_architectures(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name, layer in (("vgg16", "block5_conv3"), ("inception_resnet_v2", "conv_7b_ac")):
+        row = next(line for line in out.splitlines() if f"keras:{name} " in line)
+        assert layer in row
+
+
 def test_views_commands_on_a_keras_file(photos: Path, saved: Path, tmp_path: Path) -> None:
     model = ["--model", str(saved)]
     out = tmp_path / "filters"
@@ -115,7 +123,7 @@ def test_views_commands_on_a_keras_file(photos: Path, saved: Path, tmp_path: Pat
 def test_compare_layers_on_a_keras_file(photos: Path, saved: Path, tmp_path: Path) -> None:
     out = tmp_path / "layers"
     argv = ["compare-layers", str(photos), "--model", str(saved), "--method", "gradcam", "--steps", "2"]
-    assert main([*argv, "--last-n", "1", "--out", str(out)]) == 0
+    assert main([*argv, "--layer", "block5_conv3", "block5_pool", "--out", str(out)]) == 0  # bare Keras names
     html = (out / "index.html").read_text()
     assert "block5_conv3" in html and "block5_pool" in html
 

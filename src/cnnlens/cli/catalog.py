@@ -101,7 +101,7 @@ def _keras_params(module: Any) -> dict[str, int]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """``cnnlens models``."""
+    """``cnnlens models``: the zoo, then the Keras architectures (``keras:vgg16``...)."""
     from cnnlens.models import available_models, get_spec, weights_status
 
     table = Table(title="cnnlens model zoo")
@@ -119,8 +119,29 @@ def cmd_models(args: argparse.Namespace) -> int:
             escape(spec.default_layer),
             ("[green]yes[/] " if ok else "[red]no[/] ") + escape(why),
         )
+    _add_keras_rows(table)
     common.console.print(table)
     return EXIT_OK
+
+
+def _add_keras_rows(table: Table) -> None:
+    """The ``keras:`` architectures (run on Keras's torch backend; Keras itself is not imported to list them)."""
+    from cnnlens.models.keras.apps import KERAS_APPS, cached_weights, keras_cache_dir
+
+    for app in KERAS_APPS.values():
+        found = cached_weights(app.weights_file)
+        why = (
+            f"Keras published weights in {found}"
+            if found is not None
+            else f"{app.weights_file} not in {keras_cache_dir()}; --download, --weights PATH or --random-weights"
+        )
+        table.add_row(
+            escape(f"keras:{app.name}"),
+            escape(app.family),
+            f"{app.size}x{app.size}",
+            escape(app.default_layer),
+            ("[green]yes[/] " if found is not None else "[red]no[/] ") + escape(why),
+        )
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
