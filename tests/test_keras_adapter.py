@@ -206,25 +206,36 @@ def test_sequential_softmax_layer_and_nhwc_layout(sequential: Any) -> None:
 
 
 def test_subclassed_model(keras: Any) -> None:
+    class Block(keras.layers.Layer):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(name="block")
+            self.inner = keras.layers.Conv2D(3, 1, name="inner")
+
+        def call(self, x: Any) -> Any:
+            return x + self.inner(x)
+
     class Small(keras.Model):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__(name="small")
             self.conv = keras.layers.Conv2D(3, 3, padding="same", name="conv")
+            self.block = Block()
             self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
             self.fc = keras.layers.Dense(4, name="fc")
 
         def call(self, x: Any, training: bool = False) -> Any:
-            return self.fc(self.pool(self.conv(x)))
+            return self.fc(self.pool(self.block(self.conv(x))))
 
     keras.utils.set_random_seed(6)
     model = Small()
     model(np.zeros((1, 8, 8, 3), dtype="float32"))
     net = wrap_keras(model)
     assert "subclassed" in net.logits_from
-    assert {"conv", "pool", "fc"} <= {n for n, _ in net.named_modules()}
+    assert {"conv", "block", "block/inner", "pool", "fc"} <= {n for n, _ in net.named_modules()}
     x = _images(2, 8, 8, seed=7)
     ex = explain(net, x, layers="conv")[0]
     assert ex.raw.shape == (2, 1, 8, 8) and torch.isfinite(ex.maps).all()
+    inner = explain(net, x, layers="inner")[0]  # a custom layer's sublayer, by its bare name
+    assert inner.layer == "block/inner" and torch.isfinite(inner.maps).all()
     assert _no_hooks(net)
 
 

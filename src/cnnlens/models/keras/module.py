@@ -59,22 +59,32 @@ def is_keras_model(obj: object) -> bool:
     return isinstance(model_cls, type) and isinstance(obj, model_cls)
 
 
-def _walk(model: Any, prefix: str, out: list[tuple[str, Any]]) -> None:
+def _sublayers(layer: Any) -> list[Any]:
+    """A layer's own layers: a model's ``layers``; a custom layer's tracked sublayers (Keras's ``_layers``)."""
+    if isinstance(layer, sys.modules["keras"].Model):
+        return list(layer.layers)
+    found = getattr(layer, "_layers", None)  # Keras 3 tracks sublayers set as attributes here
+    return list(found) if isinstance(found, (list, tuple)) else []
+
+
+def _walk(model: Any, prefix: str, out: list[tuple[str, Any]], seen: set[int] | None = None) -> None:
     keras = sys.modules["keras"]
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
+    seen = set() if seen is None else seen
+    for layer in _sublayers(model):
+        if isinstance(layer, keras.layers.InputLayer) or id(layer) in seen:
             continue
+        seen.add(id(layer))
         path = f"{prefix}{layer.name}"
         out.append((path, layer))
-        if isinstance(layer, keras.Model):
-            _walk(layer, f"{path}/", out)
+        _walk(layer, f"{path}/", out, seen)
 
 
 def keras_layers(module: nn.Module | Any) -> list[tuple[str, Any]]:
     """Every Keras layer of a model, ``(path, layer)`` in the model's layer order, nested models recursed.
 
-    A nested model is listed itself (``vgg16``) and then its layers (``vgg16/block5_conv3``); input layers are
-    left out (they never run).
+    A nested model (or a custom layer with sublayers) is listed itself (``vgg16``) and then its layers
+    (``vgg16/block5_conv3``); input layers are left out (they never run); a layer shared by several parents is
+    listed once, under its first path.
 
     Args:
         module: a :class:`KerasModule` or a Keras model.
