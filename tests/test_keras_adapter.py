@@ -367,3 +367,13 @@ def test_cached_published_weights_are_used_without_network(
     with torch.no_grad():
         expected = source(x.permute(0, 2, 3, 1), training=False)
         torch.testing.assert_close(loaded.module(x), expected, rtol=0, atol=0)
+
+
+def test_another_backend_in_the_environment_is_refused_before_importing(
+    keras: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delitem(sys.modules, "keras")  # as in a fresh process (restored afterwards)
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    with pytest.raises(KerasBackendError, match="KERAS_BACKEND='tensorflow' is set"):
+        import_keras()
+    assert "keras" not in sys.modules and "tensorflow" not in sys.modules

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from types import ModuleType
@@ -34,17 +35,25 @@ def import_keras() -> ModuleType:
         the ``keras`` module, its backend ``"torch"``.
 
     Raises:
-        KerasBackendError: Keras is not installed, or it was already imported (or is configured) with another
-            backend; the message says to start a new process with ``KERAS_BACKEND=torch``.
+        KerasBackendError: Keras is not installed, ``KERAS_BACKEND`` names another backend, or Keras was already
+            imported with another one; the message says to run a new process with ``KERAS_BACKEND=torch``.
     """
     already = "keras" in sys.modules
     if not already:
-        os.environ.setdefault("KERAS_BACKEND", "torch")
+        asked = os.environ.setdefault("KERAS_BACKEND", "torch")
+        if asked != "torch":  # refused before importing: another backend would import its framework (TensorFlow)
+            raise KerasBackendError(
+                f"KERAS_BACKEND={asked!r} is set, but cnnlens runs Keras models on the torch backend. Set "
+                "KERAS_BACKEND=torch (or unset it) for this process, e.g. `KERAS_BACKEND=torch cnnlens ...`."
+            )
+    if importlib.util.find_spec("keras") is None:
+        raise KerasBackendError("Keras models need Keras 3: pip install 'cnnlens[keras]' (keras>=3, no TensorFlow).")
     try:
         import keras  # type: ignore[import-untyped]
     except ImportError as exc:
         raise KerasBackendError(
-            f"Keras models need Keras 3 (pip install 'cnnlens[keras]'); importing keras failed: {exc}."
+            f"importing keras on the torch backend failed: {exc}. cnnlens needs Keras 3 (pip install "
+            "'cnnlens[keras]'), run with KERAS_BACKEND=torch."
         ) from exc
     backend = str(keras.backend.backend())
     if backend != "torch":
