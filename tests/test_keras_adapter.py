@@ -377,3 +377,16 @@ def test_another_backend_in_the_environment_is_refused_before_importing(
     with pytest.raises(KerasBackendError, match="KERAS_BACKEND='tensorflow' is set"):
         import_keras()
     assert "keras" not in sys.modules and "tensorflow" not in sys.modules
+
+
+def test_a_softmax_inside_a_nested_last_model_is_said(keras: Any, caplog: pytest.LogCaptureFixture) -> None:
+    inner = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")], name="seq"
+    )
+    inp = keras.Input((8, 8, 3))
+    outer = keras.Model(inp, inner(inp), name="outer")
+    with caplog.at_level("WARNING", logger="cnnlens.models.keras.module"):
+        net = wrap_keras(outer)
+    assert "probabilities" in net.logits_from and "'seq'" in net.logits_from
+    assert any("not logits" in r.getMessage() for r in caplog.records)
+    assert wrap_keras(inner).logits_from.startswith("pre-softmax of the final Dense")

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -45,6 +46,8 @@ from cnnlens.models.keras.backend import import_keras
 from cnnlens.models.preprocessing import Preprocessing
 
 __all__ = ["KerasModule", "is_keras_model", "keras_layers", "kernel_oihw", "wrap_keras"]
+
+_log = logging.getLogger(__name__)
 
 
 def is_keras_model(obj: object) -> bool:
@@ -163,6 +166,17 @@ def _split_softmax(keras: Any, model: Any) -> tuple[Any, Any, str]:
         isinstance(last, keras.layers.Activation) and last.activation is softmax
     ):
         return keras.Model(inputs, last.input), None, f"input of the final softmax layer {last.name!r}"
+    if isinstance(last, keras.Model):
+        inner = _split_softmax(keras, last)[2] if getattr(last, "outputs", None) else ""
+        if inner.startswith(("pre-softmax", "input of the final softmax")):
+            _log.warning(
+                "the Keras model %r ends in the nested model %r whose last layer is a softmax: cnnlens explains its "
+                "probabilities, not logits; build the outer model on the nested model's logits to explain logits",
+                model.name,
+                last.name,
+            )
+            how = f"the model's outputs (probabilities: the softmax is inside the nested model {last.name!r})"
+            return model, None, how
     return model, None, "the model's outputs (it does not end in a softmax)"
 
 
