@@ -52,15 +52,15 @@ import inspect
 import logging
 import operator
 import re
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from cnnlens.candidates import keras_graph
+from cnnlens.candidates.catalog import CONTAINERS, ROLES, CandidateLayer, LayerCatalog, one_name_per_tensor
 from cnnlens.capture import LayerInfo, probe_layers
 from cnnlens.capture.layout import Layout, infer_layout
 from cnnlens.errors import CnnlensError
@@ -70,75 +70,11 @@ __all__ = ["ROLES", "CandidateLayer", "LayerCatalog", "candidate_layers", "find_
 
 _log = logging.getLogger(__name__)
 
-ROLES = (
-    "conv",
-    "highest_numbered_conv",
-    "deepest_conv",
-    "last_branch_conv",
-    "merge",
-    "block_output",
-    "final_spatial",
-    "attention_norm",
-    "mlp_norm",
-)
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_CONTAINERS = CONTAINERS
 _MERGE_FUNCS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat, torch.concatenate}
 _MERGE_METHODS = {"add", "add_", "__add__", "__iadd__"}
 _CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-
-@dataclass(frozen=True)
-class CandidateLayer:
-    """A layer worth targeting.
-
-    Attributes:
-        name: Dotted module name.
-        roles: Its roles (see the module docstring), in :data:`ROLES` order.
-        type: Module class name.
-        shape: Output ``(C, h, w)``, in the map view (a token or channels-last output mapped by its layout).
-        stride: Input height over output height (of the map view).
-        order: Position in execution order (completion of the module's forward).
-        aliases: Other modules whose output is this very tensor (``layer4`` for ``layer4.2``): listed once,
-            under the outermost name that is not a plain container, with the roles of all of them.
-        layout: How the output maps to ``(C, h, w)``, as ``layout=`` text: ``"nchw"``, ``"nhwc"`` or
-            ``"tokens:P:HxW"`` (P prefix tokens, an H x W grid); for this input size.
-    """
-
-    name: str
-    roles: tuple[str, ...]
-    type: str
-    shape: tuple[int, ...]
-    stride: int | None
-    order: int
-    aliases: tuple[str, ...] = ()
-    layout: str = "nchw"
-
-
-@dataclass
-class LayerCatalog:
-    """Every candidate layer of a model, plus how merges were found.
-
-    Attributes:
-        layers: Candidates in execution order.
-        merge_method: ``"fx"``, ``"source"`` (fallback when tracing failed) or ``"keras"`` (a Keras model's own
-            layer graph).
-        notes: Anything the user should know (e.g. functional merges at the top level that no module owns).
-    """
-
-    layers: list[CandidateLayer]
-    merge_method: str
-    notes: list[str] = field(default_factory=list)
-
-    def with_role(self, role: str) -> list[str]:
-        """Names of the candidates that have ``role``, in execution order."""
-        return [layer.name for layer in self.layers if role in layer.roles]
-
-    def first(self, role: str) -> str | None:
-        """The single layer of a one-of role (``deepest_conv``...), or None."""
-        names = self.with_role(role)
-        return names[-1] if names else None
 
 
 class _LeafTracer(fx.Tracer):
@@ -317,31 +253,6 @@ def _final_spatial(infos: Sequence[LayerInfo], modules: dict[str, nn.Module]) ->
     return last_spatial
 
 
-def _one_name_per_tensor(
-    roles: dict[str, list[str]], ran: dict[str, LayerInfo], order: dict[str, int], modules: dict[str, nn.Module]
-) -> dict[str, tuple[str, ...]]:
-    """Merge the roles of modules returning the same unchanged tensor; return kept name -> its aliases.
-
-    ``layer4`` and its last block ``layer4.2`` are listed once with every member's roles, under the outermost
-    name that is not a plain container (whose output is by definition its last child's): the block, as the
-    zoo's known layers name it. ``roles`` is updated in place.
-    """
-    groups: dict[str, list[str]] = {}
-    for n in sorted(roles, key=lambda n: order[n]):
-        groups.setdefault(ran[n].same_as or n, []).append(n)
-    aliases: dict[str, tuple[str, ...]] = {}
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        plain = [n for n in members if not isinstance(modules[n], _CONTAINERS)]
-        keep = plain[-1] if plain else members[-1]
-        for other in members:
-            if other != keep:
-                roles[keep].extend(roles.pop(other))
-        aliases[keep] = tuple(n for n in members if n != keep)
-    return aliases
-
-
 _NCHW = Layout("nchw")
 
 
@@ -405,9 +316,9 @@ def candidate_layers(
     """
     size = tuple(int(v) for v in (input_size or (3, 224, 224)))
     infos = list(infos) if infos is not None else probe_layers(model, size, device=device)
-    keras_entries = _keras_entries(model)
+    keras_entries = keras_graph.keras_entries(model)
     if keras_entries is not None:
-        return _keras_candidates(model, size, infos, keras_entries)
+        return keras_graph.keras_candidates(model, size, infos, keras_entries)
     ran = {i.name: i for i in infos if i.calls > 0}
     order = {i.name: k for k, i in enumerate(infos) if i.calls > 0}
     blocks = transformer_blocks(model)
@@ -449,7 +360,7 @@ def candidate_layers(
     last_spatial = token_model_default(model) or _final_spatial(infos, modules)
     if last_spatial in roles:
         roles[last_spatial].append("final_spatial")
-    aliases = _one_name_per_tensor(roles, ran, order, modules)
+    aliases = one_name_per_tensor(roles, ran, order, modules)
 
     layers = [
         CandidateLayer(
@@ -466,78 +377,3 @@ def candidate_layers(
         if roles[n]
     ]
     return LayerCatalog(layers=layers, merge_method=method, notes=notes)
-
-
-def _keras_entries(model: nn.Module) -> list[tuple[str, Any]] | None:
-    """``(path, keras layer)`` of a wrapped Keras model, or None (the adapter is only looked at if imported)."""
-    adapter = sys.modules.get("cnnlens.models.keras")
-    if adapter is None or not isinstance(model, adapter.KerasModule):
-        return None
-    return list(adapter.keras_layers(model))
-
-
-def _keras_candidates(
-    model: nn.Module, size: tuple[int, ...], infos: Sequence[LayerInfo], entries: list[tuple[str, Any]]
-) -> LayerCatalog:
-    """:func:`candidate_layers` of a Keras model: convolutions by class, the rest from its layer graph.
-
-    Every 4-D output is mapped by the model's declared layout (``nhwc`` for Keras ``channels_last``).
-    """
-    ran = {i.name: i for i in infos if i.calls > 0}
-    order = {i.name: k for k, i in enumerate(infos) if i.calls > 0}
-    modules = dict(model.named_modules())
-    layers = [(n, layer) for n, layer in entries if n in ran and not keras_graph.is_model(layer)]
-    views: dict[str, tuple[Layout, tuple[int, ...], int | None]] = {}
-    for name, _ in layers:
-        shape = ran[name].shape
-        if shape is None or len(shape) != 3:
-            continue
-        meta = torch.empty((1, *shape), device="meta")
-        layout = infer_layout(model, modules[name], meta, (1, *size), None)
-        mapped = tuple(int(v) for v in layout.to_maps(meta).shape[1:])
-        stride = size[-2] // mapped[-2] if mapped[-2] else None
-        views[name] = (layout, mapped, stride)
-    roles: dict[str, list[str]] = {n: [] for n in views}
-    convs_def = [n for n, layer in layers if n in views and keras_graph.is_conv_layer(layer)]
-    for n in convs_def:
-        roles[n].append("conv")
-    if convs_def:
-        roles[convs_def[-1]].append("highest_numbered_conv")
-        roles[max(convs_def, key=lambda n: order[n])].append("deepest_conv")
-    final = _keras_final_spatial(sorted((n for n, _ in layers), key=lambda n: order[n]), ran, views)
-    root = getattr(model, "keras_model")  # noqa: B009  (an attribute of KerasModule, not of nn.Module)
-    graph_roles, notes = keras_graph.keras_graph_roles(layers, root, order, set(views), final)
-    for n, extra in graph_roles.items():
-        roles[n].extend(extra)
-    if final is not None:
-        roles[final].append("final_spatial")
-    aliases = _one_name_per_tensor(roles, ran, order, modules)
-    catalog = [
-        CandidateLayer(
-            name=n,
-            roles=tuple(r for r in ROLES if r in roles[n]),
-            type=ran[n].type,
-            shape=views[n][1],
-            stride=views[n][2],
-            order=order[n],
-            aliases=aliases.get(n, ()),
-            layout=views[n][0].spec(),
-        )
-        for n in sorted(roles, key=lambda n: order[n])
-        if roles[n]
-    ]
-    return LayerCatalog(layers=catalog, merge_method="keras", notes=notes)
-
-
-def _keras_final_spatial(
-    names: Sequence[str], ran: dict[str, LayerInfo], views: dict[str, tuple[Layout, tuple[int, ...], int | None]]
-) -> str | None:
-    """The last layer with a spatial map (h*w > 1) before the first output without one (pooled, flattened)."""
-    last: str | None = None
-    for name in names:
-        view = views.get(name)
-        if view is not None and view[1][1] * view[1][2] > 1:
-            last = name
-        elif last is not None and ran[name].shape is not None:
-            break
-    return last

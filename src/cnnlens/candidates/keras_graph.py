@@ -28,16 +28,36 @@ outer layers, and its input layer is fed by what feeds the nested model. A subcl
 it gets the convolution roles only, and a note says so.
 
 Example:
-    >>> # roles = keras_graph_roles(entries, root, order, spatial)  # entries: (module name, keras layer)
+    >>> from cnnlens.models.keras import load_keras  # doctest: +SKIP
+    >>> from cnnlens.candidates import candidate_layers  # doctest: +SKIP
+    >>> cat = candidate_layers(load_keras("keras:resnet50", random_weights=True).module)  # doctest: +SKIP
+    >>> cat.merge_method, cat.with_role("block_output")[-1]  # doctest: +SKIP
+    ('keras', 'conv5_block3_out')
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CONV_TYPES", "KerasGraph", "is_conv_layer", "is_model", "keras_graph_roles"]
+import torch
+from torch import nn
+
+from cnnlens.candidates.catalog import ROLES, CandidateLayer, LayerCatalog, one_name_per_tensor
+from cnnlens.capture import LayerInfo
+from cnnlens.capture.layout import Layout, infer_layout
+
+__all__ = [
+    "CONV_TYPES",
+    "KerasGraph",
+    "is_conv_layer",
+    "is_model",
+    "keras_candidates",
+    "keras_entries",
+    "keras_graph_roles",
+]
 
 CONV_TYPES = frozenset({"Conv2D", "DepthwiseConv2D", "SeparableConv2D"})
 """Keras layer classes (or their bases) counted as convolutions, like ``nn.Conv2d`` for torch models."""
@@ -250,3 +270,78 @@ def keras_graph_roles(
     for n in sorted(set(blocks), key=lambda n: order[n]):
         roles.setdefault(n, []).append("block_output")
     return roles, []
+
+
+def keras_entries(model: nn.Module) -> list[tuple[str, Any]] | None:
+    """``(path, keras layer)`` of a wrapped Keras model, or None (the adapter is only looked at if imported)."""
+    adapter = sys.modules.get("cnnlens.models.keras")
+    if adapter is None or not isinstance(model, adapter.KerasModule):
+        return None
+    return list(adapter.keras_layers(model))
+
+
+def keras_candidates(
+    model: nn.Module, size: tuple[int, ...], infos: Sequence[LayerInfo], entries: list[tuple[str, Any]]
+) -> LayerCatalog:
+    """:func:`candidate_layers` of a Keras model: convolutions by class, the rest from its layer graph.
+
+    Every 4-D output is mapped by the model's declared layout (``nhwc`` for Keras ``channels_last``).
+    """
+    ran = {i.name: i for i in infos if i.calls > 0}
+    order = {i.name: k for k, i in enumerate(infos) if i.calls > 0}
+    modules = dict(model.named_modules())
+    layers = [(n, layer) for n, layer in entries if n in ran and not is_model(layer)]
+    views: dict[str, tuple[Layout, tuple[int, ...], int | None]] = {}
+    for name, _ in layers:
+        shape = ran[name].shape
+        if shape is None or len(shape) != 3:
+            continue
+        meta = torch.empty((1, *shape), device="meta")
+        layout = infer_layout(model, modules[name], meta, (1, *size), None)
+        mapped = tuple(int(v) for v in layout.to_maps(meta).shape[1:])
+        stride = size[-2] // mapped[-2] if mapped[-2] else None
+        views[name] = (layout, mapped, stride)
+    roles: dict[str, list[str]] = {n: [] for n in views}
+    convs_def = [n for n, layer in layers if n in views and is_conv_layer(layer)]
+    for n in convs_def:
+        roles[n].append("conv")
+    if convs_def:
+        roles[convs_def[-1]].append("highest_numbered_conv")
+        roles[max(convs_def, key=lambda n: order[n])].append("deepest_conv")
+    final = _keras_final_spatial(sorted((n for n, _ in layers), key=lambda n: order[n]), ran, views)
+    root = getattr(model, "keras_model")  # noqa: B009  (an attribute of KerasModule, not of nn.Module)
+    graph_roles, notes = keras_graph_roles(layers, root, order, set(views), final)
+    for n, extra in graph_roles.items():
+        roles[n].extend(extra)
+    if final is not None:
+        roles[final].append("final_spatial")
+    aliases = one_name_per_tensor(roles, ran, order, modules)
+    catalog = [
+        CandidateLayer(
+            name=n,
+            roles=tuple(r for r in ROLES if r in roles[n]),
+            type=ran[n].type,
+            shape=views[n][1],
+            stride=views[n][2],
+            order=order[n],
+            aliases=aliases.get(n, ()),
+            layout=views[n][0].spec(),
+        )
+        for n in sorted(roles, key=lambda n: order[n])
+        if roles[n]
+    ]
+    return LayerCatalog(layers=catalog, merge_method="keras", notes=notes)
+
+
+def _keras_final_spatial(
+    names: Sequence[str], ran: dict[str, LayerInfo], views: dict[str, tuple[Layout, tuple[int, ...], int | None]]
+) -> str | None:
+    """The last layer with a spatial map (h*w > 1) before the first output without one (pooled, flattened)."""
+    last: str | None = None
+    for name in names:
+        view = views.get(name)
+        if view is not None and view[1][1] * view[1][2] > 1:
+            last = name
+        elif last is not None and ran[name].shape is not None:
+            break
+    return last
