@@ -6,7 +6,8 @@ scaled to ``[0, 1]`` and normalised per channel, ``x' = (x - mean) / std``.
 
 Three arithmetic ``mode`` s reproduce the preprocessing of the frameworks bit for bit (the same affine map,
 each framework rounding its own way); ``mean``/``std`` are always per *model input channel* on ``[0, 1]``
-pixels, so metrics and overlays invert every mode with the same formula:
+pixels, so metrics invert every mode with the same formula (:meth:`Preprocessing.denormalize` and overlays also
+turn BGR back into RGB, see :attr:`Preprocessing.channel_order`):
 
 * ``"torch"`` (default, torchvision/timm): ``x' = (p / 255 - mean) / std`` with ``p`` the 0..255 pixel.
 * ``"caffe"`` (Keras VGG16/ResNet50, ``keras.applications.imagenet_utils.preprocess_input(mode="caffe")``):
