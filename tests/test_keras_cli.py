@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,10 @@ def test_compare_models_mixes_keras_and_torch(
     assert "resnet18 (RANDOM)" in captured.out and f"{saved} (RANDOM)" not in captured.out
     html = (out / "index.html").read_text()
     assert "resnet18" in html and saved.name in html and "RANDOM" in html
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    assert all(":" not in f and "/" not in f for f in files), files  # model names made file-safe
+    for src in re.findall(r'src="([^"]+)"', html):
+        assert (out / src).is_file()
 
 
 def test_run_on_a_keras_file(photos: Path, saved: Path, tmp_path: Path) -> None:

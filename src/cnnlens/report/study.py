@@ -19,6 +19,7 @@ from cnnlens.display import CAM_CMAP, SPARSE_CMAP, method_traits, scrub_paths
 from cnnlens.explanation import environment_versions
 from cnnlens.imaging import clip_percentile, overlay, overlay_weighted
 from cnnlens.jsonfile import dumps_strict
+from cnnlens.outputs_dir import safe_name
 from cnnlens.report._env import environment
 from cnnlens.studies import LayerStudy, ModelStudy
 
@@ -274,7 +275,8 @@ def render_study_report(
     out.mkdir(parents=True, exist_ok=True)
     sections = []
     for name, study in (layer_studies or {}).items():
-        sections.append({"name": name, **study_section(study, out, f"layers_{name}")})
+        # a file-safe prefix: "keras:vgg16" or a .keras path must not put ':' or '/' in file names
+        sections.append({"name": name, **study_section(study, out, f"layers_{safe_name(name)}")})
     models_ctx: dict[str, Any] | None = None
     if model_study is not None:
         grid = _models_grid(model_study, out / "models_grid.png")
