@@ -197,9 +197,13 @@ def test_guided_backprop_agrees_but_for_relu_masks_at_rounding_level(pair: Simpl
     flat_a, flat_b = a.maps.flatten().double(), b.maps.flatten().double()
     cosine = float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm()))
     print(f"guided backprop: cosine similarity 1 - {1 - cosine:.3g}")
-    # Measured here: max 7.2e-7, mean 3.9e-8. The bounds leave room for a ReLU mask flipped by rounding on another
-    # CPU's kernels (module docstring: up to 2.5e-3 in a narrow band); a wrong port moves the whole map.
-    assert float(diff.max()) <= 5e-3
+    # Measured (AMD EPYC, 2026-12-06): avx512 and avx2 kernels max 7.2e-7, mean 3.9e-8; ATEN_CPU_CAPABILITY=default
+    # with ONEDNN_MAX_CPU_ISA=SSE41: max 1.8e-2, mean 2.0e-6, 0.06 % of pixels above 1e-4, cosine 1 - 4e-7. A ReLU
+    # mask flipped by rounding (a pre-activation within float32 rounding of zero) moves a narrow band by up to a few
+    # 1e-2 on some kernels (module docstring); a wrong port moves the whole map, which the mean, the share of
+    # differing pixels and the cosine catch.
+    assert float(diff.max()) <= 5e-2
+    assert far <= 5e-3
     assert float(diff.mean()) <= 2e-5
     assert cosine >= 1 - 1e-4
 
