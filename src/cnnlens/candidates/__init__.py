@@ -60,7 +60,7 @@ import torch
 from torch import fx, nn
 
 from cnnlens.candidates import keras_graph
-from cnnlens.candidates.catalog import CONTAINERS, ROLES, CandidateLayer, LayerCatalog, one_name_per_tensor
+from cnnlens.candidates.catalog import CONTAINERS, ROLES, CandidateLayer, LayerCatalog, build_catalog
 from cnnlens.capture import LayerInfo, probe_layers
 from cnnlens.capture.layout import Layout, infer_layout
 from cnnlens.errors import CnnlensError
@@ -360,20 +360,4 @@ def candidate_layers(
     last_spatial = token_model_default(model) or _final_spatial(infos, modules)
     if last_spatial in roles:
         roles[last_spatial].append("final_spatial")
-    aliases = one_name_per_tensor(roles, ran, order, modules)
-
-    layers = [
-        CandidateLayer(
-            name=n,
-            roles=tuple(r for r in ROLES if r in roles[n]),
-            type=ran[n].type,
-            shape=views[n][1],
-            stride=views[n][2],
-            order=order[n],
-            aliases=aliases.get(n, ()),
-            layout=views[n][0].spec(),
-        )
-        for n in sorted(roles, key=lambda n: order[n])
-        if roles[n]
-    ]
-    return LayerCatalog(layers=layers, merge_method=method, notes=notes)
+    return build_catalog(roles, ran, views, order, modules, merge_method=method, notes=notes)

@@ -11,10 +11,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from cnnlens.capture import LayerInfo
+
+if TYPE_CHECKING:
+    from cnnlens.capture.layout import Layout
 
 __all__ = ["CONTAINERS", "ROLES", "CandidateLayer", "LayerCatalog", "one_name_per_tensor"]
 
@@ -109,3 +113,42 @@ def one_name_per_tensor(
                 roles[keep].extend(roles.pop(other))
         aliases[keep] = tuple(n for n in members if n != keep)
     return aliases
+
+
+def build_catalog(
+    roles: dict[str, list[str]],
+    ran: dict[str, LayerInfo],
+    views: dict[str, tuple[Layout, tuple[int, ...], int | None]],
+    order: dict[str, int],
+    modules: dict[str, nn.Module],
+    *,
+    merge_method: str,
+    notes: list[str],
+) -> LayerCatalog:
+    """The catalogue of every layer that has a role, in execution order, one name per tensor (torch and Keras).
+
+    Args:
+        roles: Layer name -> its roles (any order; the catalogue orders them as :data:`ROLES`).
+        ran: Layer name -> what the shape probe saw.
+        views: Layer name -> (layout, map-view shape ``(C, h, w)``, stride).
+        order: Layer name -> position in execution order.
+        modules: ``dict(model.named_modules())``.
+        merge_method: How merges were found (``"fx"``, ``"source"``, ``"keras"``...).
+        notes: Notes for the user.
+    """
+    aliases = one_name_per_tensor(roles, ran, order, modules)
+    layers = [
+        CandidateLayer(
+            name=n,
+            roles=tuple(r for r in ROLES if r in roles[n]),
+            type=ran[n].type,
+            shape=views[n][1],
+            stride=views[n][2],
+            order=order[n],
+            aliases=aliases.get(n, ()),
+            layout=views[n][0].spec(),
+        )
+        for n in sorted(roles, key=lambda n: order[n])
+        if roles[n]
+    ]
+    return LayerCatalog(layers=layers, merge_method=merge_method, notes=notes)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlens.candidates.catalog import ROLES, CandidateLayer, LayerCatalog, one_name_per_tensor
+from cnnlens.candidates.catalog import LayerCatalog, build_catalog
 from cnnlens.capture import LayerInfo
 from cnnlens.capture.layout import Layout, infer_layout
 
@@ -315,22 +315,7 @@ def keras_candidates(
         roles[n].extend(extra)
     if final is not None:
         roles[final].append("final_spatial")
-    aliases = one_name_per_tensor(roles, ran, order, modules)
-    catalog = [
-        CandidateLayer(
-            name=n,
-            roles=tuple(r for r in ROLES if r in roles[n]),
-            type=ran[n].type,
-            shape=views[n][1],
-            stride=views[n][2],
-            order=order[n],
-            aliases=aliases.get(n, ()),
-            layout=views[n][0].spec(),
-        )
-        for n in sorted(roles, key=lambda n: order[n])
-        if roles[n]
-    ]
-    return LayerCatalog(layers=catalog, merge_method="keras", notes=notes)
+    return build_catalog(roles, ran, views, order, modules, merge_method="keras", notes=notes)
 
 
 def _keras_final_spatial(
