@@ -141,3 +141,99 @@ def test_compare_layers_on_vit_blocks(image: Path, tmp_path: Path, capsys: pytes
     out = capsys.readouterr().out
     assert "layer blocks.11.norm1: tokens: 1 prefix token + 14x14 grid" in out
     assert "attention_norm" in out and "mlp_norm" in out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A two-class image-folder dataset and its class-names file (the model is built with 2 classes)."""
+    root = tmp_path_factory.mktemp("ds")
+    rng = np.random.default_rng(1)
+    for label in ("cat", "dog"):
+        (root / "data" / label).mkdir(parents=True)
+        Image.fromarray((rng.random((64, 80, 3)) * 255).astype(np.uint8)).save(root / "data" / label / "a.png")
+    names = root / "names.txt"
+    names.write_text("cat\ndog\n")
+    return root / "data", names
+
+
+def test_layout_checks_run_before_the_model_loads_on_every_command(
+    image: Path,
+    dataset: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before --layout was checked")
+
+    monkeypatch.setattr(common, "load_model", never)
+    model = ["--model", "vit_tiny_patch16_224", "--random-weights"]
+    argvs = {
+        "features": ["features", str(image), *model, "--layout", "tokens:1:0x14"],
+        "run": ["run", str(dataset[0]), *model, "--num-classes", "2", "--layout", "blocks.11.norm1=tokens:x"],
+    }
+    for command, argv in argvs.items():
+        assert main([*argv, "--out", str(tmp_path / command)]) == 2, command
+        assert "--layout" in capsys.readouterr().err
+    models = ["compare-models", str(image), "--models", "vit_tiny_patch16_224", "--random-weights"]
+    assert main([*models, "--layout", "vit_tiny_patch16_224=tokens:x", "--out", str(tmp_path / "cm1")]) == 2
+    assert "--layout vit_tiny_patch16_224=tokens:x" in capsys.readouterr().err
+    assert main([*models, "--layout", "resnet50=tokens:1", "--out", str(tmp_path / "cm2")]) == 2
+    assert "'resnet50' is not one of --models" in capsys.readouterr().err
+    assert main([*models, "--layout", "tokens:1", "--out", str(tmp_path / "cm3")]) == 2
+    assert "is not MODEL=VALUE" in capsys.readouterr().err
+
+
+def test_run_takes_a_layout_and_keeps_it_in_its_fingerprint(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    data, names = dataset
+    argv = ["run", str(data), "--model", "vit_tiny_patch16_224", "--random-weights", "--num-classes", "2"]
+    argv += ["--class-names", str(names), "--method", "gradcam", "--no-overlays", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--layout", "blocks.11.norm1=tokens:1:14x14"]) == 0
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert json.dumps({"layout": {"blocks.11.norm1": "tokens:1:14x14"}})[1:-1] in json.dumps(settings)
+    # A layout that does not fit the layer fails on the first batch: every image becomes an error row or the
+    # run stops with the layout error, but never a silently wrong map.
+    bad = [*argv[:-1], str(tmp_path / "run-bad"), "--layout", "blocks.11.norm1=tokens:1:10x10"]
+    assert main(bad) != 0
+
+
+def test_features_and_compare_models_use_a_given_layout(image: Path, tmp_path: Path) -> None:
+    from cnnlens.errors import LayoutError
+    from cnnlens.models import load_model
+    from cnnlens.studies import compare_models
+    from cnnlens.views.features import feature_maps
+
+    model = load_model("vit_tiny_patch16_224", random_weights=True)
+    picture = np.asarray(Image.open(image).convert("RGB"))
+    fm = feature_maps(model, picture, "blocks.11.norm1", layout="tokens:1:14x14", top_k=3)
+    assert fm["blocks.11.norm1"].maps.shape == (3, 14, 14)
+    with pytest.raises(LayoutError, match=r"given layout has 1 prefix token\(s\) and a 10x10 grid"):
+        feature_maps(model, picture, "blocks.11.norm1", layout="tokens:1:10x10")
+    with pytest.raises(LayoutError, match="10x10 grid"):
+        compare_models(
+            [model], [picture], methods=["gradcam"], layers={model.spec.name: "blocks.11.norm1"}, steps=2,
+            layouts={model.spec.name: "tokens:1:10x10"},
+        )  # fmt: skip
+    with pytest.raises(Exception, match="not among the compared models"):
+        compare_models([model], [picture], layouts={"resnet50": "nchw"})
+
+
+def test_a_read_only_array_from_pil_preprocesses_without_a_warning(image: Path) -> None:
+    import warnings
+
+    from cnnlens.models import load_model
+
+    picture = np.asarray(Image.open(image).convert("RGB"))
+    assert not picture.flags.writeable
+    prep = load_model("efficientnet_lite0").spec.preprocessing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = prep.to_tensor(picture)
+    assert x.shape == (3, 224, 224) and torch_finite(x)
+
+
+def torch_finite(x: object) -> bool:
+    import torch
+
+    assert isinstance(x, torch.Tensor)
+    return bool(torch.isfinite(x).all())

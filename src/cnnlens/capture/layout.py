@@ -118,8 +118,9 @@ class Layout:
             n = int(raw.shape[1])
             h, w = self.grid
             if n - self.prefix != h * w:
+                which = "given" if self.source == "explicit" else "inferred"
                 raise LayoutError(
-                    f"{where} outputs {n} tokens, but the inferred layout has {self.prefix} prefix token(s) and a "
+                    f"{where} outputs {n} tokens, but the {which} layout has {self.prefix} prefix token(s) and a "
                     f"{h}x{w} grid ({self.prefix} + {h * w} = {self.prefix + h * w} != N={n}; "
                     f"{self.source or 'no source'}); "
                     f"pass layout='tokens:P:HxW' with P + H*W = {n}."

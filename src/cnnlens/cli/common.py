@@ -49,8 +49,8 @@ if TYPE_CHECKING:  # heavy modules load inside the commands, so --help and usage
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+console = Console(soft_wrap=True, emoji=False)
+err_console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 def _make_consoles() -> None:
@@ -58,8 +58,8 @@ def _make_consoles() -> None:
     global console, err_console
     columns = os.environ.get("COLUMNS", "")
     piped = int(columns) if columns.isdigit() and int(columns) > 0 else 160
-    console = Console(width=None if sys.stdout.isatty() else piped, soft_wrap=True)
-    err_console = Console(stderr=True, width=None if sys.stderr.isatty() else piped, soft_wrap=True)
+    console = Console(width=None if sys.stdout.isatty() else piped, soft_wrap=True, emoji=False)
+    err_console = Console(stderr=True, width=None if sys.stderr.isatty() else piped, soft_wrap=True, emoji=False)
 
 
 def _device(name: str) -> str:

@@ -49,7 +49,7 @@ def _add_preprocessing_options(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--std", type=float, nargs="+", metavar="V", help="normalisation std, 1 or 3 values")
 
 
-def _add_layout(parser: argparse.ArgumentParser) -> None:
+def _add_layout(parser: Any) -> None:
     parser.add_argument(
         "--layout",
         action="append",

@@ -139,6 +139,15 @@ def _add_studies(sub: Any, methods_help: str) -> None:
     )
     cm.add_argument("--weights", nargs="+", metavar="MODEL=PATH", default=[], help="checkpoint per model")
     cm.add_argument("--layers", nargs="+", metavar="MODEL=LAYER", default=[], help="layer per model")
+    cm.add_argument(
+        "--layout",
+        dest="layouts",
+        action="append",
+        default=[],
+        metavar="MODEL=SPEC",
+        help="how one model's layer outputs map to (C, h, w) maps, a --layout SPEC of `cnnlens explain` for all its "
+        "layers, e.g. vit_tiny_patch16_224=tokens:1:14x14 (repeatable; default: inferred for every model)",
+    )
     cm.add_argument("--random-weights", action="store_true", help="allow untrained models (marked everywhere)")
     cm.add_argument("--download", action="store_true", help="allow fetching published weights (needs network)")
     cm.add_argument(

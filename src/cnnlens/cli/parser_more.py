@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cnnlens._names import DEFAULT_METHODS, DEFAULT_MODEL, METHOD_IDS, ZOO_MODELS
-from cnnlens.cli.options import KERAS_MODELS_HELP, _add_max_pixels, _add_model_options
+from cnnlens.cli.options import KERAS_MODELS_HELP, _add_layout, _add_max_pixels, _add_model_options
 
 __all__ = ["add_run_commands", "add_views_commands"]
 
@@ -60,6 +60,7 @@ def add_views_commands(subparsers: Any) -> None:
     fe.add_argument("inputs", nargs="+", metavar="IMAGE", help="image file(s)")
     _add_model_options(fe)
     fe.add_argument("--layer", nargs="+", metavar="NAME", help="layer(s), dotted names (default: the model's)")
+    _add_layout(fe)
     fe.add_argument(
         "--rank",
         choices=["activation", "gradcam", "index"],
@@ -159,6 +160,7 @@ def add_run_commands(subparsers: Any) -> None:
         help=f"one or more of: {', '.join(METHOD_IDS)}, or 'all' (default: {' '.join(DEFAULT_METHODS)})",
     )
     work.add_argument("--layer", nargs="+", metavar="NAME", help="target layer(s), dotted names (default: the model's)")
+    _add_layout(work)
     work.add_argument(
         "--option", action="append", default=[], metavar="METHOD.KEY=VALUE", help="method option (repeatable)"
     )

@@ -62,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overlays=not args.no_overlays,
         cmap=args.cmap,
         overlay_format=args.overlay_format,
+        layout=args.layout,
     )
     with DatasetRun(
         args.out,

@@ -74,13 +74,29 @@ def _cmd_compare_layers(args: argparse.Namespace) -> int:
     return _report_failures(failures)
 
 
-def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
+def _pairs(items: Sequence[str], what: str, example: str = "resnet50=ckpt.pt") -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise UsageError(f"{what} {item!r} is not MODEL=VALUE, e.g. {what} resnet50=ckpt.pt.")
+            raise UsageError(f"{what} {item!r} is not MODEL=VALUE, e.g. {what} {example}.")
+        if key in out:
+            raise UsageError(f"{what} gives {key!r} twice ({out[key]!r} and {value!r}); give it once.")
         out[key] = value
+    return out
+
+
+def _layouts(items: Sequence[str]) -> dict[str, str]:
+    """``--layout MODEL=SPEC`` items of compare-models, each SPEC checked before any model loads."""
+    from cnnlens.capture.layout import parse_layout
+    from cnnlens.errors import OptionError
+
+    out = _pairs(items, "--layout", "vit_tiny_patch16_224=tokens:1:14x14")
+    for key, text in out.items():
+        try:
+            parse_layout(text)
+        except OptionError as exc:
+            raise UsageError(f"--layout {key}={text}: {exc}") from None
     return out
 
 
@@ -123,8 +139,9 @@ def _cmd_compare_models(args: argparse.Namespace) -> int:
     from cnnlens.report.study import render_study_report
 
     weights = _pairs(args.weights, "--weights")
-    layers = _pairs(args.layers, "--layers")
-    for key in [*weights, *layers]:
+    layers = _pairs(args.layers, "--layers", "resnet50=layer4")
+    layouts = _layouts(args.layouts)
+    for key in [*weights, *layers, *layouts]:
         if key not in args.models:
             raise UsageError(f"{key!r} is not one of --models ({', '.join(args.models)}).")
     names, images, failures = _load_inputs(args.inputs, max_pixels=args.max_pixels)
@@ -148,7 +165,7 @@ def _cmd_compare_models(args: argparse.Namespace) -> int:
             common.err_console.print(f"[bold red]RANDOM WEIGHTS[/]: {escape(m.spec.name)}. Its rows are marked.")
     study = _compare_models_with_progress(
         models, images, methods=args.method, layers=layers, image_names=names, steps=args.steps, last_n=args.last_n,
-        execution=args.execution,
+        execution=args.execution, layouts=layouts,
     )  # fmt: skip
     table = Table(title="models, each at its layer")
     for col in ("model", "method", "layer", "AD %", "IC %", "del AUC", "ins AUC"):

@@ -147,6 +147,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
             top_k=None if args.top_k == 0 else args.top_k,
             channels=args.channels,
             scale="per_map" if args.scale == "per-map" else "shared",
+            layout=args.layout,
         )
         folder = out / name if len(paths_in) > 1 else out
         paths = save_features(fm, folder, individual=not args.no_individual)

@@ -173,7 +173,10 @@ class Preprocessing:
             image = np.repeat(image, 3, axis=2)
         elif image.shape[2] == 4:
             image = image[:, :, :3]
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+        image = np.ascontiguousarray(image)
+        if not image.flags.writeable:  # np.asarray(PIL image) is read-only; torch.from_numpy would warn
+            image = image.copy()
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
     def _geometry(self, image: np.ndarray) -> torch.Tensor:
         """Resize the shorter side to ``resize`` (antialiased) and center crop; uint8 ``(3, H, W)``."""

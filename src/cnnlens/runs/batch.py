@@ -202,6 +202,7 @@ def process_batch(
         targets=targets,
         options=settings.options,
         execution=execution,
+        layout=settings.layout,
     )
     if result.logits is None:  # pragma: no cover - explain always returns logits
         raise RunError("explain() returned no logits.")

@@ -264,7 +264,7 @@ def _read_tree(folder: Path, class_names: list[str], exclude: Sequence[str | os.
             bad.append(str(exc))
     if bad:
         more = f" (and {len(bad) - _SHOW} more)" if len(bad) > _SHOW else ""
-        raise DatasetError("; ".join(bad[:_SHOW]) + more)
+        raise DatasetError("\n".join(bad[:_SHOW]) + more)
     samples: list[Sample] = []
     for d in class_dirs:
         skipped: list[str] = []

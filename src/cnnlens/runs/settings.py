@@ -70,6 +70,9 @@ class RunSettings:
         cmap: Matplotlib colour map of the overlays.
         alpha: Opacity of the map in overlays.
         overlay_format: ``"jpeg"`` (quality 90) or ``"png"`` (lossless, ~20x slower to write, ~8x larger).
+        layout: How the explained layers' outputs map to ``(C, h, w)`` maps (``explain(layout=...)``): ``None``
+            infers them (ViT tokens, channels-last outputs); one layout text for every layer, or ``{layer: text}``.
+            Part of the fingerprint only when given, so runs made before this setting keep theirs.
     """
 
     methods: tuple[str, ...] = ("gradcam",)
@@ -81,6 +84,7 @@ class RunSettings:
     cmap: str = "jet"
     alpha: float = 0.5
     overlay_format: str = "jpeg"
+    layout: str | Mapping[str, str] | None = None
 
     def resolve(self, model: LoadedModel) -> RunSettings:
         """Method ids canonical, default layer filled in, options validated, ``top_k`` capped.
@@ -132,6 +136,11 @@ class RunSettings:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (for ``run.json`` and the fingerprint)."""
+        layout: dict[str, Any] = {}  # only when given, so the fingerprints of runs without it stay as they were
+        if isinstance(self.layout, str):
+            layout = {"layout": self.layout}
+        elif self.layout is not None:
+            layout = {"layout": dict(sorted(self.layout.items()))}
         return {
             "methods": list(self.methods),
             "layers": list(self.layers),
@@ -142,4 +151,5 @@ class RunSettings:
             "cmap": self.cmap,
             "alpha": self.alpha,
             "overlay_format": self.overlay_format,
+            **layout,
         }

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnnlens.capture.layout import LayoutSpec
 from cnnlens.errors import ModelConfigError
 from cnnlens.execution import Execution
 from cnnlens.models import LoadedModel
@@ -77,6 +78,7 @@ def compare_models(
     last_n: int | None = 3,
     progress: Callable[[int, int], None] | None = None,
     execution: Execution | None = None,
+    layouts: Mapping[str, LayoutSpec | Mapping[str, LayoutSpec]] | None = None,
 ) -> ModelStudy:
     """Compare architectures on the same images, each at its best layer.
 
@@ -94,6 +96,9 @@ def compare_models(
         last_n: How many of the last merges/block outputs each layer study keeps.
         progress: Passed to each model's :func:`~cnnlens.studies.compare_layers` (maps measured, per model).
         execution: How to run (:class:`cnnlens.Execution`), passed to each layer study.
+        layouts: Model name -> how its layers' outputs map to ``(C, h, w)`` maps (``layout=`` of
+            :func:`cnnlens.explain`: one layout text for all its layers, or ``{layer: text}``); a model not named
+            has its layouts inferred (ViT tokens, channels-last outputs), as do all models by default.
 
     Returns:
         A :class:`ModelStudy`.
@@ -106,6 +111,13 @@ def compare_models(
     rows: list[ModelRow] = []
     studies: dict[str, LayerStudy] = {}
     given = dict(layers or {})
+    given_layouts = dict(layouts or {})
+    unknown = sorted(set(given_layouts) - {m.spec.name for m in models})
+    if unknown:
+        raise ModelConfigError(
+            f"layouts were given for {unknown}, which are not among the compared models "
+            f"({', '.join(m.spec.name for m in models)}); key them by model name."
+        )
     for model in models:
         prep = model.spec.preprocessing
         x = torch.stack([prep.to_tensor(img) for img in images])
@@ -121,6 +133,7 @@ def compare_models(
             image_names=names,
             progress=progress,
             execution=execution,
+            layout=given_layouts.get(model.spec.name),
         )
         studies[model.spec.name] = study
         top = study.explanations.top_k(1)

@@ -21,7 +21,7 @@ symmetric, ``[-m, m]`` with ``m = max |A|``, and drawn with a diverging colour m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cnnlens.capture import LayerSpec, record
+from cnnlens.capture.layout import LayoutSpec
 from cnnlens.errors import LayerError, TargetError
 from cnnlens.explain import display_images
 from cnnlens.models import LoadedModel, Preprocessing
@@ -142,6 +143,7 @@ def feature_maps(
     scale: FeatureScale = "shared",
     preprocessing: Preprocessing | None = None,
     output_selector: OutputSelector | None = None,
+    layout: LayoutSpec | Mapping[str, LayoutSpec] = None,
 ) -> FeatureMaps:
     """The channels of one or several layers for one image, ranked, top-k, with colour limits.
 
@@ -159,6 +161,9 @@ def feature_maps(
         scale: ``"shared"`` or ``"per_map"``.
         preprocessing: Preprocessing for an image array when ``model`` is a plain module.
         output_selector: Picks the logits from unusual model outputs.
+        layout: How each layer's output maps to ``(C, h, w)`` maps (``layout=`` of :func:`cnnlens.explain`):
+            None infers it (a ViT block's tokens become ``(C, 14, 14)`` maps of the patch grid, a channels-last
+            Swin stage is permuted); one layout text for every layer or ``{layer: text}``.
 
     Returns:
         The :class:`FeatureMaps`.
@@ -187,7 +192,9 @@ def feature_maps(
     x = to_input(model, image, preprocessing)
     layer_list: list[LayerSpec] = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
     gradcam = rank == "gradcam"
-    rec = record(module, x, layer_list, targets=target, gradients=gradcam, output_selector=output_selector)
+    rec = record(
+        module, x, layer_list, targets=target, gradients=gradcam, output_selector=output_selector, layout=layout
+    )
     klass: int | None = None
     if gradcam:
         assert rec.target_classes is not None  # set by Capture.run
