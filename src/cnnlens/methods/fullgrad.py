@@ -9,6 +9,10 @@ layer key ``"network"``.
 
 from __future__ import annotations
 
+import sys
+from types import ModuleType
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,16 +27,40 @@ _EPS = 1e-6
 """The reference code's guard in the min-max normalisation: ``x / (max x + 1e-6)`` after subtracting the min."""
 
 
+def _keras_bias() -> ModuleType | None:
+    """:mod:`cnnlens.models.keras.bias` when a Keras model exists in this process (never imports Keras itself)."""
+    if "cnnlens.models.keras.module" not in sys.modules:
+        return None
+    from cnnlens.models.keras import bias
+
+    return bias
+
+
+def _is_keras_module(model: nn.Module) -> bool:
+    keras_module = sys.modules.get("cnnlens.models.keras.module")
+    return keras_module is not None and isinstance(model, keras_module.KerasModule)
+
+
 def bias_modules(model: nn.Module) -> list[str]:
     """Names of the modules whose bias FullGrad uses, in ``named_modules()`` order.
 
     ``Conv2d`` and ``Linear`` with a bias, and ``BatchNorm2d`` that tracks running statistics (in eval mode
     it is the affine map ``gamma (x - mu) / sqrt(var + eps) + beta``, whose bias is :func:`effective_bias`).
+    On a Keras model (:class:`~cnnlens.models.keras.KerasModule`), the Keras layers of
+    :func:`cnnlens.models.keras.bias.keras_bias_layers` (Conv2D/DepthwiseConv2D/SeparableConv2D/Dense with a
+    ``linear`` or ``relu`` activation, BatchNormalization); a Keras layer it cannot use exactly is refused.
+
+    Raises:
+        MethodError: a Keras layer whose bias term FullGrad cannot compute exactly (named in the message).
 
     Example:
         >>> bias_modules(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1, bias=False)))
         ['0', '1']
     """
+    keras_bias = _keras_bias()
+    if keras_bias is not None and _is_keras_module(model):
+        found: list[str] = keras_bias.keras_bias_layers(model)
+        return found
     names = []
     for name, module in model.named_modules():
         if (isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None) or (
@@ -45,12 +73,19 @@ def bias_modules(model: nn.Module) -> list[str]:
 def effective_bias(module: nn.Module) -> torch.Tensor:
     """The bias ``b`` with ``module(x) = W x + b``: the parameter, or ``beta - gamma mu / sqrt(var + eps)`` for BN.
 
+    A Keras layer's bias is read from its Keras variables
+    (:func:`cnnlens.models.keras.bias.keras_effective_bias`).
+
     Example:
         >>> bn = nn.BatchNorm2d(1).eval()
         >>> _ = bn.running_mean.fill_(2.0), bn.running_var.fill_(4.0 - 1e-5)
         >>> effective_bias(bn).tolist()
         [-1.0]
     """
+    keras_bias = _keras_bias()
+    if keras_bias is not None and keras_bias.is_keras_layer(module):
+        bias: torch.Tensor = keras_bias.keras_effective_bias(module)
+        return bias
     if isinstance(module, nn.BatchNorm2d):
         assert module.running_mean is not None  # bias_modules() keeps only BNs with running statistics
         assert module.running_var is not None
@@ -58,15 +93,29 @@ def effective_bias(module: nn.Module) -> torch.Tensor:
         gamma = module.weight.detach() if module.weight is not None else torch.ones_like(scale)
         beta = module.bias.detach() if module.bias is not None else torch.zeros_like(scale)
         return beta - gamma * module.running_mean.detach() * scale
-    bias = getattr(module, "bias", None)
-    if not isinstance(bias, torch.Tensor):
+    own = getattr(module, "bias", None)
+    if not isinstance(own, torch.Tensor):
         raise MethodError(f"fullgrad: {type(module).__name__} has no bias tensor; only modules with a bias are used.")
-    return bias.detach()
+    return own.detach()
 
 
-def _bias_map(module: nn.Module, gradient: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``d f / d z ⊙ b`` with ``b`` broadcast along the module's channel dimension (1, or last for Linear)."""
+def _bias_map(
+    module: Any, gradient: torch.Tensor, dtype: torch.dtype, output: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``d f / d z ⊙ b`` with ``b`` broadcast along the module's channel dimension (1, or last for Linear).
+
+    A Keras layer's output is recorded after its fused activation: its gradient is first taken back to the
+    pre-activation ``z`` (:func:`cnnlens.models.keras.bias.pre_activation_gradient`), and its recorded maps
+    are channels-first already (the capture reads them in the model's layout), so ``b`` runs along dim 1 of a
+    4-D term and along the last dim of a 2-D one.
+    """
     bias = effective_bias(module).to(device=gradient.device, dtype=dtype)
+    keras_bias = _keras_bias()
+    if keras_bias is not None and keras_bias.is_keras_layer(module):
+        if output is None:
+            raise MethodError(f"fullgrad: the Keras layer {module.name!r} needs its recorded output.")
+        grad: torch.Tensor = keras_bias.pre_activation_gradient(module, output, gradient).to(dtype)
+        return grad * bias if grad.ndim == 2 else grad * bias.view(1, -1, *([1] * (grad.ndim - 2)))
     if isinstance(module, nn.Linear):
         return gradient.to(dtype) * bias
     return gradient.to(dtype) * bias.view(1, -1, *([1] * (gradient.ndim - 2)))
@@ -88,9 +137,15 @@ def fullgrad_decomposition(view: LayerView) -> tuple[torch.Tensor, dict[str, tor
     dtype = precise_dtype(view.input_gradient)
     input_term = view.input_gradient.to(dtype) * view.inputs.to(dtype)
     bias_terms = {
-        name: _bias_map(network.modules[name], gradient, dtype) for name, gradient in network.gradients.items()
+        name: _bias_map(network.modules[name], gradient, dtype, network.activations.get(name))
+        for name, gradient in network.gradients.items()
     }
     return input_term, bias_terms
+
+
+def _is_keras_layer(module: Any) -> bool:
+    keras_bias = _keras_bias()
+    return keras_bias is not None and bool(keras_bias.is_keras_layer(module))
 
 
 def postprocess(term: torch.Tensor) -> torch.Tensor:
@@ -156,7 +211,7 @@ def fullgrad(view: LayerView) -> torch.Tensor:
     for name, term in bias_terms.items():
         if term.ndim != 4:
             continue  # after global pooling: no spatial map
-        if isinstance(network.modules[name], nn.Linear):
+        if isinstance(network.modules[name], nn.Linear) and not _is_keras_layer(network.modules[name]):
             term = term.permute(0, 3, 1, 2)  # a Linear on a (B, h, w, C) feature map
         scaled = F.interpolate(postprocess(term), size=size, mode="bilinear", align_corners=True)
         saliency = saliency + scaled.sum(dim=1)

@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -26,6 +29,21 @@ from cnnlens.targets import TargetSpec
 __all__ = ["RandomisationResult", "cascade_layers", "cascading_randomisation", "randomise_module"]
 
 
+def _keras_support(module: object) -> ModuleType | None:
+    """:mod:`cnnlens.models.keras.randomise` when ``module`` is a Keras model wrapper (never imports Keras itself)."""
+    wrapper = sys.modules.get("cnnlens.models.keras.module")
+    if wrapper is None or not isinstance(module, wrapper.KerasModule):
+        return None
+    from cnnlens.models.keras import randomise
+
+    return randomise
+
+
+def _is_keras_layer(module: object) -> bool:
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(module, keras.layers.Layer)
+
+
 def cascade_layers(model: ModelLike) -> list[str]:
     """The modules a cascading randomisation re-initialises, in order: top (logits) first.
 
@@ -40,6 +58,10 @@ def cascade_layers(model: ModelLike) -> list[str]:
         ['1', '0']
     """
     module = module_of(model)
+    keras_support = _keras_support(module)
+    if keras_support is not None:
+        found: list[str] = keras_support.keras_cascade_layers(module)
+        return found
     names = [name for name, m in module.named_modules() if name and any(True for _ in m.parameters(recurse=False))]
     if any(True for _ in module.parameters(recurse=False)):
         names.insert(0, "")
@@ -53,7 +75,15 @@ def randomise_module(module: nn.Module, seed: int) -> None:
     BatchNorm this also resets the running statistics). Parameters of modules without it are drawn from a
     normal distribution with the parameter's own mean and standard deviation (std 0.01 when it has a single
     element or is constant). The global RNG state is saved and restored (``torch.random.fork_rng``).
+
+    A Keras layer is re-initialised from its Keras initializers, re-seeded
+    (:func:`cnnlens.models.keras.randomise.randomise_keras_layer`).
     """
+    if _is_keras_layer(module):
+        from cnnlens.models.keras.randomise import randomise_keras_layer
+
+        randomise_keras_layer(module, seed)
+        return
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     covered: set[int] = set()
     with torch.random.fork_rng(devices=devices):
@@ -127,14 +157,34 @@ def _signed(exp: Explanation, size: tuple[int, int]) -> torch.Tensor:
     return upsample(exp.raw[:, 0].double(), size)
 
 
-def _twin(module: nn.Module, names: Sequence[str]) -> nn.Module:
-    """A deep copy of ``module`` to randomise, after checking that every cascade name is one of its modules."""
+def _check_cascade(module: nn.Module, names: Sequence[str]) -> None:
     known = dict(module.named_modules())
     unknown = [n for n in names if n not in known]
     if unknown:
         raise MetricError(f"cascade names {unknown} are not modules of {type(module).__name__}; see cascade_layers().")
     if not names:
         raise MetricError(f"{type(module).__name__} has no module with parameters to randomise.")
+
+
+@contextmanager
+def _randomisable(module: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+    """The model to randomise: a deep copy, or a Keras model itself with every variable restored on exit."""
+    keras_support = _keras_support(module)
+    if keras_support is not None:
+        _check_cascade(module, names)
+        with keras_support.keras_variables_restored(module):
+            yield module
+        return
+    twin = _twin(module, names)
+    try:
+        yield twin
+    finally:
+        del twin
+
+
+def _twin(module: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A deep copy of ``module`` to randomise, after checking that every cascade name is one of its modules."""
+    _check_cascade(module, names)
     try:
         return copy.deepcopy(module)
     except Exception as exc:  # deepcopy failures come in many types; report them as one clear error
@@ -176,7 +226,10 @@ def cascading_randomisation(
     ``undefined`` set where a map is constant; nothing is ever NaN.
 
     The randomisation runs on ``copy.deepcopy`` of the model: the user's model, its weights, buffers,
-    training flags and the global RNG state are unchanged afterwards. Each step explains the classes the
+    training flags and the global RNG state are unchanged afterwards. A Keras model
+    (:class:`~cnnlens.models.keras.KerasModule`) is randomised in place instead, its Keras layers re-initialised
+    from their Keras initializers, and every Keras variable is assigned its saved value back afterwards (after an
+    error too), so its outputs are bit-identical to before. Each step explains the classes the
     *original* model explained (a fixed class per image), at the same layer, with the same options.
 
     Args:
@@ -226,27 +279,26 @@ def cascading_randomisation(
     classes = original.target_classes[:, 0]
     fixed: TargetSpec = targets if bool((classes < 0).any()) else classes.clone()
     names = list(cascade) if cascade is not None else cascade_layers(module)
-    twin = _twin(module, names)
-    twin_modules = dict(twin.named_modules())
     size = (int(original.maps.shape[-2]), int(original.maps.shape[-1]))
     base_signed = _signed(original, size)
     base_maps = original.maps[:, 0].double()
     rows_s, rows_a, rows_ssim, rows_u, rows_d, kept = [], [], [], [], [], []
-    for step, name in enumerate(names):
-        randomise_module(twin_modules[name], seed + step)
-        exp = explained(twin, fixed)
-        signed = _signed(exp, size)
-        plain = spearman(base_signed, signed)
-        absolute = spearman(base_signed, signed, absolute=True)
-        maps = exp.maps[:, 0].double()
-        rows_s.append(plain.value)
-        rows_a.append(absolute.value)
-        rows_u.append(plain.undefined | absolute.undefined)
-        rows_ssim.append(ssim(base_maps, maps, data_range=1.0))
-        rows_d.append(exp.degenerate[:, 0].clone())
-        if keep_maps:
-            kept.append(exp.maps[:, 0].clone())
-    del twin
+    with _randomisable(module, names) as twin:
+        twin_modules = dict(twin.named_modules())
+        for step, name in enumerate(names):
+            randomise_module(twin_modules[name], seed + step)
+            exp = explained(twin, fixed)
+            signed = _signed(exp, size)
+            plain = spearman(base_signed, signed)
+            absolute = spearman(base_signed, signed, absolute=True)
+            maps = exp.maps[:, 0].double()
+            rows_s.append(plain.value)
+            rows_a.append(absolute.value)
+            rows_u.append(plain.undefined | absolute.undefined)
+            rows_ssim.append(ssim(base_maps, maps, data_range=1.0))
+            rows_d.append(exp.degenerate[:, 0].clone())
+            if keep_maps:
+                kept.append(exp.maps[:, 0].clone())
     return RandomisationResult(
         method=method,
         layer=layer_name,
