@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("cnnlens.cli.runs", "cmd_run"),
     "report": ("cnnlens.cli.runs", "cmd_report"),
     "demo": ("cnnlens.cli.demo", "cmd_demo"),
+    "serve": ("cnnlens.cli.serve", "cmd_serve"),
 }
 """Sub-command -> ``(module, function)`` of its handler: the one table every command is dispatched through."""
 

@@ -16,6 +16,7 @@ from cnnlens.cli.options import (
     _ShowTop,
 )
 from cnnlens.cli.parser_more import add_run_commands, add_views_commands
+from cnnlens.cli.parser_serve import add_serve_command
 
 
 def _add_explain(sub: Any, methods_help: str) -> None:
@@ -190,6 +191,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_views_commands(sub)
     add_run_commands(sub)
     _add_demo(sub, methods_help)
+    add_serve_command(sub)
     for command_parser in sub.choices.values():
         _add_verbose(command_parser)
     return parser

@@ -1,0 +1,526 @@
+"""Explanations from cached recordings: one capture per (model, image, class) serves every layer and method.
+
+The first explanation of an image for a class captures the requested layer **and every offered layer after it**
+(:meth:`cnnlens.serve.models.ServedModel.strip`) in one forward and one backward. The backward has to reach the
+earliest hooked layer anyway, so the later layers cost a clone of their output each and nothing more; the
+first request stays as fast as :func:`cnnlens.explain` at that layer. Switching method, or to any later layer,
+then computes the map from the cached :class:`~cnnlens.capture.Recording` without a forward; switching to an
+earlier layer captures again (from that layer on) and replaces the entry. Methods that need extra passes
+(Score-CAM, guided backprop, input gradients...) run them through the same :class:`~cnnlens.capture.Probe`,
+whose own caches live with the entry, under the model's lock.
+
+:class:`RecordingCache` is a bounded LRU (``--cache-size`` entries); each eviction is counted, logged and shown
+by ``GET /api/cache``. Computed maps are kept in :class:`MapStore` (also bounded) for the PNG/NPY endpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+
+from cnnlens.capture import Capture, Probe, Recording, capture
+from cnnlens.errors import CnnlensError, MethodNotFoundError, OptionError
+from cnnlens.explain import _compute, _method_views, _results, display_images, explain
+from cnnlens.explanation import Explanation
+from cnnlens.methods.registry import MethodSpec, get_method
+from cnnlens.metrics import average_drop, deletion_insertion
+from cnnlens.outputs import to_logits
+from cnnlens.serve.config import ApiError, not_found
+from cnnlens.serve.images import ImageStore
+from cnnlens.serve.models import ModelHub, ServedModel
+
+__all__ = ["Engine", "MapRecord", "MapStore", "Recorded", "RecordingCache"]
+
+log = logging.getLogger("cnnlens.serve")
+
+
+@dataclass
+class Recorded:
+    """One cached capture: a model on one image for one class, at a set of layers.
+
+    Attributes:
+        key: ``(model id, image id, class index)``.
+        cap: The (closed) capture; re-opened under the model lock when a method needs more passes.
+        rec: Its recording (activations and gradients of every layer in ``layers``).
+        probe: The probe of extra passes (with its own caches: input gradients per ReLU rule...).
+        layers: The recorded layer keys.
+        images: ``(1, H, W, 3)`` uint8 display image.
+        manifest: The explanation manifest (model, weights, preprocessing, versions).
+    """
+
+    key: tuple[str, str, int]
+    cap: Capture
+    rec: Recording
+    probe: Probe
+    layers: frozenset[str]
+    images: torch.Tensor
+    manifest: dict[str, Any]
+
+
+class RecordingCache:
+    """Bounded LRU of :class:`Recorded` entries; counts captures and evictions."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.evictions = 0
+        self.captures = 0
+        self.last_evicted: str | None = None
+        self._entries: OrderedDict[tuple[str, str, int], Recorded] = OrderedDict()
+        self._top: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def top_class(self, model_id: str, image_id: str) -> int | None:
+        """The top class of an image under a model, when a capture or prediction has seen it."""
+        with self._lock:
+            return self._top.get((model_id, image_id))
+
+    def set_top(self, model_id: str, image_id: str, index: int) -> None:
+        """Remember the top class of an image under a model."""
+        with self._lock:
+            self._top[(model_id, image_id)] = index
+            while len(self._top) > 16 * self.capacity:
+                self._top.pop(next(iter(self._top)))
+
+    def get(self, key: tuple[str, str, int], layer: str) -> Recorded | None:
+        """The entry of ``key`` if it recorded ``layer`` (marked most recently used), else None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or layer not in entry.layers:
+                return None
+            self._entries.move_to_end(key)
+            return entry
+
+    def peek(self, key: tuple[str, str, int]) -> Recorded | None:
+        """The entry of ``key`` whatever its layers, not marked used."""
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, entry: Recorded) -> None:
+        """Store ``entry`` (replacing one of the same key), evicting the least recently used past capacity."""
+        with self._lock:
+            self.captures += 1
+            self._entries[entry.key] = entry
+            self._entries.move_to_end(entry.key)
+            while len(self._entries) > self.capacity:
+                old, _ = self._entries.popitem(last=False)
+                self.evictions += 1
+                self.last_evicted = "/".join(str(k) for k in old)
+                log.warning(
+                    "recording cache full (%d entries): evicted %s (%d evictions so far)",
+                    self.capacity,
+                    self.last_evicted,
+                    self.evictions,
+                )
+
+    def info(self) -> dict[str, Any]:
+        """``GET /api/cache``: entries, capacity, evictions, last evicted key."""
+        with self._lock:
+            return {
+                "entries": len(self._entries),
+                "capacity": self.capacity,
+                "evictions": self.evictions,
+                "last_evicted": self.last_evicted,
+                "captures": self.captures,
+            }
+
+
+@dataclass
+class MapRecord:
+    """One computed map, as the PNG/NPY/manifest endpoints serve it.
+
+    Attributes:
+        map01: ``(H, W)`` float32 display map in [0, 1] at input resolution.
+        signed: ``(H, W)`` float32 raw signed map upsampled to input resolution (bilinear).
+        image: ``(H, W, 3)`` uint8 the image as the model saw it.
+    """
+
+    id: str
+    model: str
+    image_id: str
+    layer: str
+    method: str
+    variant: dict[str, Any]
+    class_index: int
+    class_name: str
+    score: float
+    map01: NDArray[np.float32]
+    signed: NDArray[np.float32]
+    image: NDArray[np.uint8]
+    manifest: dict[str, Any]
+    range: tuple[float, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MapStore:
+    """Computed maps by id (a hash of what they depend on), least recently used dropped past ``capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._maps: OrderedDict[str, MapRecord] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, record: MapRecord) -> None:
+        """Store a map."""
+        with self._lock:
+            self._maps[record.id] = record
+            self._maps.move_to_end(record.id)
+            while len(self._maps) > self.capacity:
+                self._maps.popitem(last=False)
+
+    def find(self, map_id: str) -> MapRecord | None:
+        """The map of ``map_id``, or None."""
+        with self._lock:
+            found = self._maps.get(map_id)
+            if found is not None:
+                self._maps.move_to_end(map_id)
+            return found
+
+    def get(self, map_id: str) -> MapRecord:
+        """The map of ``map_id``.
+
+        Raises:
+            ApiError: Unknown or dropped id (404).
+        """
+        found = self.find(map_id)
+        if found is None:
+            raise not_found("map", map_id, "explain the image again (POST /api/explain) to get a new map id.")
+        return found
+
+
+def method_spec(method: str | None) -> MethodSpec:
+    """The registered method of ``method`` (default ``gradcam``).
+
+    Raises:
+        ApiError: ``unknown_method`` (400).
+    """
+    try:
+        return get_method(method or "gradcam")
+    except (MethodNotFoundError, KeyError) as exc:
+        raise ApiError("unknown_method", str(exc), "use a method id from GET /api/info.") from exc
+
+
+def bad_request(exc: CnnlensError) -> ApiError:
+    """A CnnlensError raised by a request's arguments, as a 400 JSON error."""
+    code = "bad_option" if isinstance(exc, OptionError) else "bad_request"
+    return ApiError(code, str(exc), "change the request as the message says.")
+
+
+def _map_id(*parts: object) -> str:
+    text = json.dumps([str(p) if not isinstance(p, (dict, list)) else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+Timer = Callable[[], float]
+
+
+class Engine:
+    """Captures, caches and explains; every forward/backward under the model's lock.
+
+    Args:
+        hub: The served models.
+        images: The image store.
+        cache: The recording cache.
+        maps: The map store.
+    """
+
+    def __init__(self, hub: ModelHub, images: ImageStore, cache: RecordingCache, maps: MapStore) -> None:
+        self.hub = hub
+        self.images = images
+        self.cache = cache
+        self.maps = maps
+
+    # -- layers ----------------------------------------------------------------------------------------
+    def check_layer(self, served: ServedModel, layer: str) -> None:
+        """Refuse a layer name the model does not have (before any forward).
+
+        Raises:
+            ApiError: ``unknown_layer`` (400).
+        """
+        names = {name for name, _ in served.get().module.named_modules() if name}
+        if layer not in names:
+            offered = ", ".join(c.name for c in served.strip()[-6:])
+            raise ApiError(
+                "unknown_layer",
+                f"model {served.id!r} has no layer {layer!r}.",
+                f"pick a layer from GET /api/layers (e.g. {offered}).",
+            )
+
+    def capture_set(self, served: ServedModel, layer: str) -> list[str]:
+        """``layer`` plus every offered layer that runs after it (one backward reaches them all anyway)."""
+        strip = served.strip()
+        order = {c.name: c.order for c in served.catalog().layers}
+        start = order.get(layer)
+        later = [c.name for c in strip if start is not None and c.order > start and c.name != layer]
+        return [layer, *later]
+
+    # -- capture -----------------------------------------------------------------------------------------
+    def recording(
+        self, served: ServedModel, image_id: str, class_index: int | None, layer: str
+    ) -> tuple[Recorded, bool, float]:
+        """The cached recording for (model, image, class) holding ``layer``, capturing it if needed.
+
+        Must be called with ``served.lock`` held.
+
+        Returns:
+            ``(entry, cached, capture milliseconds)``.
+        """
+        loaded = served.get()
+        if class_index is None:
+            class_index = self.cache.top_class(served.id, image_id)
+        if class_index is not None:
+            found = self.cache.get((served.id, image_id, class_index), layer)
+            if found is not None:
+                return found, True, 0.0
+        start = time.perf_counter()
+        x = self.images.model_input(image_id, served.id, loaded)
+        old = self.cache.peek((served.id, image_id, class_index)) if class_index is not None else None
+        names = self.capture_set(served, layer)
+        if old is not None:  # keep what the old entry had: it costs no deeper backward
+            names += [n for n in old.layers if n not in names]
+        cap = capture(loaded.module, names)
+        with cap:
+            rec = cap.run(x, class_index, gradients=True, input_gradients=False)
+        assert rec.target_classes is not None
+        resolved = int(rec.target_classes[0, 0])
+        if class_index is None:
+            self.cache.set_top(served.id, image_id, resolved)
+        entry = Recorded(
+            key=(served.id, image_id, resolved),
+            cap=cap,
+            rec=rec,
+            probe=Probe(cap, rec, rec.targets),
+            layers=frozenset(rec.layers),
+            images=display_images(rec.inputs, loaded),
+            manifest={"model": loaded.manifest()},
+        )
+        self.cache.put(entry)
+        return entry, False, (time.perf_counter() - start) * 1000
+
+    # -- explain ---------------------------------------------------------------------------------------
+    def explain(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /api/explain``: compute (or reuse) a map; returns the response body.
+
+        Raises:
+            ApiError: Unknown model/image/method/layer, bad options or class (400/404).
+        """
+        t0 = time.perf_counter()
+        served = self.hub[request.get("model")]
+        loaded = served.get()
+        image_id = str(request.get("image_id") or "")
+        self.images.get(image_id)
+        spec = method_spec(request.get("method"))
+        options = request.get("options") or {}
+        if not isinstance(options, dict):
+            raise ApiError("bad_option", f"options must be an object, got {type(options).__name__}.", "send {}.")
+        try:
+            variant = spec.variant(options)
+        except CnnlensError as exc:
+            raise bad_request(exc) from exc
+        layer = str(request.get("layer") or served.default_layer())
+        self.check_layer(served, layer)
+        class_index = request.get("class_index")
+        num_classes = len(loaded.class_names) or int(loaded.spec.num_classes)
+        if class_index is not None and (
+            isinstance(class_index, bool) or not isinstance(class_index, int) or not 0 <= class_index < num_classes
+        ):
+            raise ApiError(
+                "bad_class",
+                f"class_index must be null or an integer in 0..{num_classes - 1}, got {class_index!r}.",
+                "pick a class from the predictions or GET /api/classes.",
+            )
+        key_layer = layer if spec.scope == "layer" else spec.scope
+        with served.lock:
+            known = class_index if class_index is not None else self.cache.top_class(served.id, image_id)
+            map_id = _map_id(served.id, image_id, known, key_layer, spec.id, variant)
+            done = self.maps.find(map_id) if known is not None else None
+            if done is not None:
+                total = (time.perf_counter() - t0) * 1000
+                return self._body(done, cached=True, timing={"capture": 0.0, "method": 0.0, "total": total})
+            if "attention" in spec.needs:
+                return self._explain_direct(served, image_id, class_index, layer, spec, variant, t0)
+            entry, cached, capture_ms = self.recording(served, image_id, class_index, layer)
+            t1 = time.perf_counter()
+            try:
+                result = self._compute(served, entry, spec, variant, key_layer)
+            except ApiError:
+                raise
+            except CnnlensError as exc:
+                raise bad_request(exc) from exc
+            record = self._record(served, image_id, entry.key[2], layer, spec, variant, result, entry.manifest)
+            method_ms = (time.perf_counter() - t1) * 1000
+        self.maps.put(record)
+        total = (time.perf_counter() - t0) * 1000
+        return self._body(record, cached=cached, timing={"capture": capture_ms, "method": method_ms, "total": total})
+
+    def _compute(
+        self, served: ServedModel, entry: Recorded, spec: MethodSpec, variant: dict[str, Any], key: str
+    ) -> Explanation:
+        """One method at one layer (or input/network) from the cached recording (capture re-opened for passes)."""
+        rec = entry.rec
+        module = served.get().module
+        reference = rec.inputs
+        size = tuple(int(s) for s in reference.shape[2:])
+        raw_dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
+        with entry.cap:
+            views = _method_views(spec, module, rec, entry.probe, None, None)
+            chosen = views.get(key)
+            if chosen is None:  # one input: input-scope results are keyed "input"
+                chosen = next(iter(views.values()))
+            computed = [(spec, key, variant, *_compute(spec, variant, chosen, raw_dtype))]
+            names = served.get().class_names or None
+            results = _results(computed, rec, size, entry.images, None, names, entry.manifest)
+        return results[0]
+
+    def _explain_direct(
+        self,
+        served: ServedModel,
+        image_id: str,
+        class_index: int | None,
+        layer: str,
+        spec: MethodSpec,
+        variant: dict[str, Any],
+        t0: float,
+    ) -> dict[str, Any]:
+        """Methods that need a recorder around the forward (attention): one plain :func:`cnnlens.explain` call."""
+        loaded = served.get()
+        x = self.images.model_input(image_id, served.id, loaded)
+        try:
+            result = explain(
+                loaded, x, methods=[spec.id], layers=[layer], targets=class_index, options={spec.id: variant}
+            )
+        except CnnlensError as exc:
+            raise bad_request(exc) from exc
+        exp = next(iter(result))
+        cls = int(exp.target_classes[0, 0])
+        record = self._record(served, image_id, cls, layer, spec, variant, exp, dict(result.manifest))
+        self.maps.put(record)
+        total = (time.perf_counter() - t0) * 1000
+        return self._body(record, cached=False, timing={"capture": total, "method": 0.0, "total": total})
+
+    def _record(
+        self,
+        served: ServedModel,
+        image_id: str,
+        class_index: int,
+        layer: str,
+        spec: MethodSpec,
+        variant: dict[str, Any],
+        exp: Explanation,
+        manifest: dict[str, Any],
+    ) -> MapRecord:
+        raw = exp.raw[:1, :1].float()
+        size = tuple(int(s) for s in exp.maps.shape[-2:])
+        signed = raw if tuple(raw.shape[-2:]) == size else F.interpolate(raw, size=size, mode="bilinear")
+        names = served.get().class_names
+        key_layer = layer if spec.scope == "layer" else spec.scope
+        lo, hi = float(raw.amin()), float(raw.amax())
+        score = float(exp.scores[0, 0])
+        images = exp.images if exp.images is not None else torch.zeros((1, *size, 3), dtype=torch.uint8)
+        full_manifest = {
+            **manifest,
+            "layer": key_layer,
+            "method": spec.id,
+            "title": spec.title,
+            "options": dict(variant),
+            "class": {"index": class_index, "name": names[class_index] if class_index < len(names) else ""},
+            "score": score,
+            "range": [lo, hi],
+            "image_id": image_id,
+        }
+        return MapRecord(
+            id=_map_id(served.id, image_id, class_index, key_layer, spec.id, variant),
+            model=served.id,
+            image_id=image_id,
+            layer=key_layer,
+            method=spec.id,
+            variant=dict(variant),
+            class_index=class_index,
+            class_name=names[class_index] if class_index < len(names) else str(class_index),
+            score=score,
+            map01=exp.maps[0, 0].detach().cpu().numpy().astype(np.float32),
+            signed=signed[0, 0].detach().cpu().numpy().astype(np.float32),
+            image=images[0].cpu().numpy(),
+            manifest=json.loads(json.dumps(full_manifest, default=str)),
+            range=(lo, hi),
+        )
+
+    @staticmethod
+    def _body(record: MapRecord, *, cached: bool, timing: dict[str, float]) -> dict[str, Any]:
+        return {
+            "map_id": record.id,
+            "class_index": record.class_index,
+            "class_name": record.class_name,
+            "score": record.score,
+            "layer": record.layer,
+            "method": record.method,
+            "cached": cached,
+            "timing_ms": {k: round(v, 2) for k, v in timing.items()},
+            "range": [record.range[0], record.range[1]],
+        }
+
+    # -- predict -----------------------------------------------------------------------------------------
+    def predict(self, request: Mapping[str, Any], k: int = 5) -> dict[str, Any]:
+        """``POST /api/predict``: the top-k classes (one forward, no hooks)."""
+        t0 = time.perf_counter()
+        served = self.hub[request.get("model")]
+        loaded = served.get()
+        image_id = str(request.get("image_id") or "")
+        x = self.images.model_input(image_id, served.id, loaded)
+        with served.lock, torch.no_grad():
+            logits = to_logits(loaded.module(x))
+        probs = torch.softmax(logits.float(), dim=1)[0]
+        top = torch.topk(probs, min(k, probs.numel()))
+        names = loaded.class_names
+        self.cache.set_top(served.id, image_id, int(top.indices[0]))
+        rows = [
+            {"index": int(i), "name": names[int(i)] if int(i) < len(names) else str(int(i)), "score": float(s)}
+            for s, i in zip(top.values, top.indices, strict=True)
+        ]
+        total = (time.perf_counter() - t0) * 1000
+        return {"top": rows, "num_classes": int(probs.numel()), "model": served.id, "timing_ms": {"total": total}}
+
+    # -- metrics -----------------------------------------------------------------------------------------
+    def metrics(self, map_id: str, steps: int = 16) -> dict[str, Any]:
+        """``POST /api/metrics``: Average Drop, Increase in Confidence, deletion/insertion AUC and curves.
+
+        The map is the one shown (``[0, 1]`` at input resolution); the class is the one it explains. One forward
+        for Average Drop and ``2 * steps`` for the two games, batched, under the model's lock.
+        """
+        record = self.maps.get(map_id)
+        if "metrics" in record.extra:
+            return dict(record.extra["metrics"])
+        served = self.hub[record.model]
+        loaded = served.get()
+        x = self.images.model_input(record.image_id, served.id, loaded)
+        saliency = torch.from_numpy(record.map01).unsqueeze(0).to(x.device)
+        size = int(record.map01.shape[0] * record.map01.shape[1])
+        with served.lock:
+            drop = average_drop(loaded, x, saliency, [record.class_index])
+            deletion, insertion = deletion_insertion(
+                loaded, x, saliency, [record.class_index], step=max(1, -(-size // steps))
+            )
+        body = {
+            "average_drop": float(drop.average_drop),
+            "increase_in_confidence": float(drop.increase_in_confidence),
+            "deletion_auc": deletion.mean_auc,
+            "insertion_auc": insertion.mean_auc,
+            "curves": {
+                "deletion": [float(v) for v in deletion.mean_curve],
+                "insertion": [float(v) for v in insertion.mean_curve],
+                "fractions": [float(v) for v in deletion.fractions],
+            },
+        }
+        record.extra["metrics"] = body
+        return body
