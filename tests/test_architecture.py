@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "cnnlens.explanation": 2,
     "cnnlens.explain_folder": 2,
     "cnnlens.display": 2,
+    "cnnlens.notebook": 2,
     # 1  capture: the only place hooks touch a model; layer discovery built on it
     "cnnlens.capture": 1,
     "cnnlens.candidates": 1,

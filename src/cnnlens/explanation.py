@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import torch
@@ -28,7 +28,11 @@ from cnnlens.display import SPARSE_CMAP, method_traits, variant_options
 from cnnlens.errors import InputShapeError, LayerNotFoundError, MethodNotFoundError
 from cnnlens.explain_folder import ExplainFolder, _png_text, environment_versions, write_manifest
 from cnnlens.imaging import clip_percentile, colorize, overlay, overlay_weighted, save_png
+from cnnlens.notebook import DISPLAY_LIMIT, draw_tiles, explanations_html, show_tiles
 from cnnlens.outputs_dir import safe_name
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["ExplainFolder", "Explanation", "ExplanationSet", "environment_versions", "write_manifest"]
 
@@ -194,6 +198,28 @@ class Explanation:
         """Write this result's files and a manifest; see :meth:`ExplanationSet.save`."""
         return ExplanationSet([self], manifest=self.manifest).save(directory, **kwargs)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the first maps over their images (inline PNGs) with image, class, score, layer."""
+        heading = (
+            f"{self.title} ({self.method}) at {self.layer}: {self.batch_size} image(s) x {self.num_targets} "
+            f"target(s), degenerate maps {_degenerate_count(self)}"
+        )
+        return explanations_html([self], heading=heading)
+
+    def figure(self, *, limit: int = DISPLAY_LIMIT, columns: int = 4, **figure_kwargs: Any) -> Figure:
+        """The maps over their images as a matplotlib figure (no pyplot: safe under any backend).
+
+        Args:
+            limit: Most maps drawn; a last line counts the others.
+            columns: Tiles per row.
+            **figure_kwargs: Passed to :class:`matplotlib.figure.Figure` (``figsize``, ``dpi``).
+        """
+        return draw_tiles([self], limit=limit, columns=columns, **figure_kwargs)
+
+    def show(self, *, limit: int = DISPLAY_LIMIT, columns: int = 4) -> None:
+        """Draw the maps with pyplot and show them (a window in scripts, inline in Jupyter, nothing under Agg)."""
+        show_tiles([self], limit=limit, columns=columns)
+
 
 class ExplanationSet(Sequence[Explanation]):
     """All the results of one :func:`cnnlens.explain` call: one :class:`Explanation` per (method, layer).
@@ -263,11 +289,44 @@ class ExplanationSet(Sequence[Explanation]):
             lines.append(f"  ... and {len(self._items) - 12} more")
         return "\n".join([head, *lines])
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the top prediction per image, then the first maps as inline overlays with captions."""
+        if not self._items:
+            return "<div><b>ExplanationSet (empty)</b></div>"
+        first = self._items[0]
+        heading = (
+            f"{len(self._items)} results: {first.batch_size} image(s) x {first.num_targets} target(s); "
+            f"methods {', '.join(self.methods)}; layers {', '.join(self.layers)}"
+        )
+        names = first.image_names
+        notes = [
+            f"{names[b] if b < len(names) else f'image{b:04d}'}: predicted "
+            + ", ".join(f"{i} {n} ({p:.1%})" for i, n, p in row)
+            for b, row in enumerate(self.top_k(3))
+        ]
+        return explanations_html(self._items, heading=heading, notes=notes[:DISPLAY_LIMIT])
+
+    def figure(self, *, limit: int = DISPLAY_LIMIT, columns: int = 4, **figure_kwargs: Any) -> Figure:
+        """Every result's maps over their images as a matplotlib figure, image by image (no pyplot).
+
+        Args:
+            limit: Most maps drawn; a last line counts the others.
+            columns: Tiles per row.
+            **figure_kwargs: Passed to :class:`matplotlib.figure.Figure` (``figsize``, ``dpi``).
+        """
+        return draw_tiles(self._items, limit=limit, columns=columns, **figure_kwargs)
+
+    def show(self, *, limit: int = DISPLAY_LIMIT, columns: int = 4) -> None:
+        """Draw the maps with pyplot and show them (a window in scripts, inline in Jupyter, nothing under Agg)."""
+        show_tiles(self._items, limit=limit, columns=columns)
+
     def get(self, method: str, layer: str | None) -> Explanation:
         """The result of ``method`` at ``layer``.
 
         ``layer=None`` returns a method's only result (an input- or network-scope method such as
-        ``saliency`` has one, under the layer key ``"input"``/``"network"``). For compatibility, any layer
+        ``saliency`` has one, under the layer key ``"input"``/``"network"``). A layer of a nested Keras model,
+        keyed by its path (``vgg16/block5_conv3``), is also found by its bare name (``block5_conv3``) when no
+        other result of the method has that last part. For compatibility, any layer
         name also returns an input- or network-scope method's single result: its map does not depend on it.
 
         Raises:
@@ -281,6 +340,14 @@ class ExplanationSet(Sequence[Explanation]):
         if len(found) == 1 and (layer is None or next(iter(found)) in ("input", "network")):
             return next(iter(found.values()))
         layers = list(found)
+        if layer is not None and "/" not in layer:  # a bare Keras layer name: the last part of one path
+            paths = [name for name in layers if name.rsplit("/", 1)[-1] == layer]
+            if len(paths) == 1:
+                return found[paths[0]]
+            if paths:
+                raise LayerNotFoundError(
+                    f"the layer name {layer!r} is ambiguous: {method!r} was computed at {paths}; pass the full path."
+                )
         raise LayerNotFoundError(
             f"no result for ({method!r}, {layer!r}); {method!r} was computed at layers {layers}: use one of them."
         )
