@@ -126,6 +126,7 @@ function loadImage(img, url) {
     };
     img.onerror = async () => {
       img.dataset.state = "error";
+      img.hidden = true;
       try {
         await decode(await fetch(url));
         reject(new ApiError("image", "An image could not be shown.", "", 0));
@@ -363,8 +364,9 @@ async function loadLayers() {
   const res = await api("/api/layers?" + qs({ model: state.model }));
   state.layers = res.layers;
   state.layer = res.default || (res.layers[0] && res.layers[0].name);
-  // B starts at another layer than A, so that compare mode shows two different choices at once.
-  const other = res.layers.find((l) => l.name !== state.layer);
+  // B starts at the layer before A's (an earlier stage), so that compare mode shows two different choices.
+  const at = res.layers.findIndex((l) => l.name === state.layer);
+  const other = res.layers[at > 0 ? at - 1 : 1];
   state.layerB = other ? other.name : state.layer;
   renderLayerStrip();
   $("layer-b").replaceChildren(
@@ -384,11 +386,10 @@ function renderLayerStrip() {
         "button",
         {
           type: "button",
-          role: "option",
           class: "layer" + (l.recommended ? " recommended" : ""),
           "data-testid": "layer",
           "data-layer": l.name,
-          "aria-selected": String(l.name === state.layer),
+          "aria-pressed": String(l.name === state.layer),
           onclick: () => {
             state.layer = l.name;
             renderLayerStrip();
@@ -401,6 +402,8 @@ function renderLayerStrip() {
       ),
     ),
   );
+  const chosen = strip.querySelector('[aria-pressed="true"]');
+  if (chosen && !strip.hidden) strip.scrollLeft = chosen.offsetLeft - strip.offsetLeft - strip.clientWidth / 2 + chosen.offsetWidth / 2;
 }
 
 function methodInfo(id) {
@@ -521,9 +524,22 @@ async function explainPanel(p) {
     if (seq !== state.seq[p]) return;
     panel.dataset.state = "ready";
     panel.dataset.mapId = res.map_id;
+    if (p === "a") showCache();
   } catch (err) {
     if (seq === state.seq[p]) panel.dataset.state = "error";
     showError(err);
+  }
+}
+
+/** How many recordings the server keeps, and what it evicted (the cache says so when it drops one). */
+async function showCache() {
+  try {
+    const c = await api("/api/cache");
+    $("cache-info").textContent =
+      `recordings in memory: ${c.entries} of ${c.capacity}` +
+      (c.evictions ? ` · ${c.evictions} evicted (last: ${c.last_evicted})` : "");
+  } catch (err) {
+    $("cache-info").textContent = "";
   }
 }
 
@@ -556,10 +572,10 @@ async function showMetrics(p) {
   const dl = el(
     "dl",
     {},
-    el("dt", { text: "Average Drop" }),
-    el("dd", { text: fmt(m.average_drop) }),
-    el("dt", { text: "Increase in confidence" }),
-    el("dd", { text: fmt(m.increase_in_confidence) }),
+    el("dt", { text: "Average Drop", title: "score lost when only the map's region is kept (lower is better)" }),
+    el("dd", { text: `${fmt(m.average_drop, 1)} %` }),
+    el("dt", { text: "Increase in confidence", title: "the score rose when only the map's region was kept" }),
+    el("dd", { text: `${fmt(m.increase_in_confidence, 0)} %` }),
     el("dt", { text: "Deletion AUC" }),
     el("dd", { text: fmt(m.deletion_auc), "data-testid": "deletion-auc" }),
     el("dt", { text: "Insertion AUC" }),
@@ -615,8 +631,11 @@ function wireNetwork() {
   $("filters-show").addEventListener(
     "click",
     guarded(async () => {
-      const url = "/api/filters.png?" + qs({ model: state.model, layer: $("net-layer").value, max: 64 });
+      const layer = $("filter-layer").value.trim();
+      const url = "/api/filters.png?" + qs({ model: state.model, layer: layer || null, max: 64 });
+      $("filters-caption").textContent = "";
       await loadImage($("filters-img"), url);
+      $("filters-caption").textContent = `(${layer || "the first convolution"})`;
     }),
   );
   $("features-show").addEventListener(
@@ -649,6 +668,7 @@ function fillNetworkLayers() {
     ...state.layers.map((l) => el("option", { value: l.name, text: `${l.name} (${l.role || ""}, ${(l.shape || []).join("×")})` })),
   );
   select.value = state.layers.some((l) => l.name === current) ? current : state.layer;
+  $("layer-names").replaceChildren(...state.layers.map((l) => el("option", { value: l.name })));
 }
 
 async function startMaximize() {
@@ -667,11 +687,14 @@ async function startMaximize() {
   $("max-start").disabled = true;
   $("max-cancel").disabled = false;
   $("max-result").hidden = true;
+  $("max-progress").value = 0;
+  $("max-state").textContent = "queued";
+  $("max-state").dataset.state = "queued";
   try {
     for (;;) {
       const job = await api(`/api/jobs/${jobId}`);
       $("max-progress").value = job.progress || 0;
-      $("max-state").textContent = `${job.state}${job.message ? ": " + job.message : ""}`;
+      $("max-state").textContent = job.message || job.state;
       $("max-state").dataset.state = job.state;
       if (job.state === "done") {
         if (job.result_url) await loadImage($("max-result"), job.result_url);
