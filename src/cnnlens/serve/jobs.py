@@ -115,7 +115,8 @@ class JobManager:
         names = {name for name, _ in served.get().module.named_modules() if name}
         if layer not in names:
             raise ApiError("unknown_layer", f"model {served.id!r} has no layer {layer!r}.", "use GET /api/layers.")
-        channels = request.get("channels") or [0]
+        channels = request.get("channels")
+        channels = [0] if channels is None else channels
         if (
             not isinstance(channels, list)
             or not 1 <= len(channels) <= MAX_CHANNELS
