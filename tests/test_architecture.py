@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "cnnlens": 8,
     # 7  what a person runs: commands and their argument helpers
     "cnnlens.cli": 7,
+    "cnnlens.__main__": 7,  # ``python -m cnnlens``: the command
     "cnnlens.serve": 7,
     # 6  HTML reports (jinja2): the one jinja environment, explain index, demo, study and run reports
     "cnnlens.report": 6,
