@@ -186,6 +186,29 @@ def add_run_commands(subparsers: Any) -> None:
     run_opts.add_argument(
         "--root", metavar="DIR", help="folder that relative table paths start from (default: table's)"
     )
+    ray_opts = run.add_argument_group("distributed (--engine ray; see docs/scale.md)")
+    ray_opts.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: Ray Data on a cluster, same run folder (needs cnnlens[ray])",
+    )
+    ray_opts.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: RAY_ADDRESS, else a local cluster)",
+    )
+    ray_opts.add_argument(
+        "--actors", type=int, metavar="N", help="explaining actors (default: GPUs / --gpus-per-actor, or CPUs - 1)"
+    )
+    ray_opts.add_argument(
+        "--gpus-per-actor", type=float, default=0.0, metavar="G", help="GPUs per actor (default 0: CPU actors)"
+    )
+    ray_opts.add_argument(
+        "--storage",
+        metavar="URI",
+        help="where workers stage maps and overlays when they cannot see --out: s3://, gs://, file:///shared/...",
+    )
     run_opts.add_argument(
         "--overwrite",
         action="store_true",

@@ -10,8 +10,11 @@ two commands on their own.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.progress import (
@@ -28,6 +31,8 @@ __all__ = ["cmd_report", "cmd_run"]
 from cnnlens.cli.common import EXIT_FAILED_INPUTS, EXIT_OK
 
 if TYPE_CHECKING:
+    from cnnlens.models import LoadedModel
+    from cnnlens.runs.ray_engine import RayOptions
     from cnnlens.runs.runner import RunSummary
 
 
@@ -64,15 +69,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         overlay_format=args.overlay_format,
         layout=args.layout,
     )
-    with DatasetRun(
-        args.out,
-        dataset,
-        model,
-        settings,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        extra={"argv": sys.argv[1:]},
-    ) as run:
+    engine = getattr(args, "engine", "local")
+    ray_options = _ray_options(args) if engine == "ray" else None
+    with contextlib.ExitStack() as stack:
+        if ray_options is not None:  # connect first: an address that does not answer leaves --out untouched
+            from cnnlens.runs.ray_engine import ray_session
+
+            stack.enter_context(ray_session(ray_options.address, timeout=ray_options.connect_timeout_s))
+        run = stack.enter_context(
+            DatasetRun(
+                args.out,
+                dataset,
+                model,
+                settings,
+                shard_size=args.shard_size,
+                overwrite=args.overwrite,
+                extra={"argv": sys.argv[1:]},
+            )
+        )
         if run.completed:
             err_console.print(
                 escape(f"resuming {args.out}: {run.completed} of {run.total} image(s) already done"), highlight=False
@@ -84,10 +98,94 @@ def cmd_run(args: argparse.Namespace) -> int:
             def update(done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total)
 
-            summary = run.execute(
-                batch_size=args.batch_size, workers=args.workers, progress=update, max_pixels=args.max_pixels
-            )
-    return _print_summary(summary, args.out)
+            if ray_options is not None:
+                from cnnlens.runs.ray_engine import execute_ray
+
+                summary = execute_ray(
+                    run, ray_options, batch_size=args.batch_size, progress=update, max_pixels=args.max_pixels
+                )
+            else:
+                summary = run.execute(
+                    batch_size=args.batch_size, workers=args.workers, progress=update, max_pixels=args.max_pixels
+                )
+        engine_info = run.extra.get("engine")
+    code = _print_summary(summary, args.out)
+    if isinstance(engine_info, dict):
+        _print_actors(engine_info)
+    return code
+
+
+@dataclass(frozen=True)
+class _CliModelLoader:
+    """Loads ``--model`` on a Ray worker with the driver's model options, on the worker's device (picklable)."""
+
+    options: dict[str, Any]
+
+    def __call__(self, device: str) -> LoadedModel:
+        from cnnlens.cli.common import _load_quietly
+
+        ns = argparse.Namespace(**{**self.options, "device": device})
+        return _load_quietly(ns, random_weights=bool(ns.random_weights))
+
+
+def _absolute(value: Any) -> Any:
+    """An existing relative path made absolute (workers start in another folder); anything else unchanged."""
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
+def _ray_options(args: argparse.Namespace) -> RayOptions:
+    """The Ray engine's options from the command line, checked before anything runs."""
+    from cnnlens.runs.model import is_entry_point
+    from cnnlens.runs.ray_engine import RayOptions
+
+    keys: tuple[str, ...] = ("model", "weights", "random_weights", "download", "num_classes", "class_names")
+    keys += ("input_size", "resize", "mean", "std")
+    options = {key: getattr(args, key, None) for key in keys}
+    model = str(options["model"])
+    if is_entry_point(model) and ".py:" in model:  # file.py:factory: the file's absolute path
+        path, _, factory = model.rpartition(":")
+        options["model"] = f"{os.path.abspath(path)}:{factory}"
+    for key in ("weights", "class_names"):
+        options[key] = _absolute(options[key])
+    ray_options = RayOptions(
+        address=args.address,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        storage=args.storage,
+        model_loader=_CliModelLoader(options),
+    )
+    ray_options.validate()
+    return ray_options
+
+
+def _print_actors(info: dict[str, Any]) -> None:
+    """The Ray engine's throughput per actor and the driver's commit rate."""
+    console = common.console
+    table = Table(title="ray actors")
+    for name in ("actor", "shards", "images", "compute s", "images/s", "after 1st shard"):
+        table.add_column(name, justify="left" if name == "actor" else "right", overflow="fold")
+    for item in info.get("throughput", []):
+        rate, steady = item.get("images_per_s"), item.get("steady_images_per_s")
+        table.add_row(
+            escape(str(item["actor"])),
+            str(item["shards"]),
+            str(item["images"]),
+            f"{item['seconds']:.1f}",
+            "-" if rate is None else f"{rate:.1f}",
+            "-" if steady is None else f"{steady:.1f}",
+        )
+    console.print(table)
+    rate = info.get("driver_commits_per_s")
+    console.print(
+        escape(
+            f"{info['actors']} actor(s) x {info['cpus_per_actor']:g} CPU, {info['gpus_per_actor']:g} GPU, "
+            f"{info['threads_per_actor']} torch thread(s); driver commits "
+            + ("-" if rate is None else f"{rate:.0f} images/s")
+        ),
+        highlight=False,
+    )
 
 
 def _print_summary(summary: RunSummary, out: str) -> int:

@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +48,9 @@ from cnnlens.runs.errors import RunConfigError, RunError
 from cnnlens.runs.fingerprint import describe_changes, model_fingerprint
 from cnnlens.runs.store import RUN_FILES, RUN_PATTERNS, RunLock, RunStore, atomic_write_json
 from cnnlens.runs.summary import RunSummary, pair_metrics
+
+if TYPE_CHECKING:
+    from cnnlens.runs.ray_engine import RayOptions
 
 __all__ = [
     "FORMAT_VERSION",
@@ -258,6 +261,10 @@ class DatasetRun:
         """Images in shards committed before this session's work."""
         return sum(len(self.store.shard_range(s)) for s in self._done)
 
+    def pending_shards(self) -> list[int]:
+        """Shards not committed before this session, in order."""
+        return [s for s in range(self.store.num_shards) if s not in self._done]
+
     # -- work ----------------------------------------------------------------------------------------------
     def execute(
         self,
@@ -341,6 +348,19 @@ class DatasetRun:
         elapsed = time.perf_counter() - started
         return self._finish(processed, done_before, elapsed)
 
+    def finish(self, processed: int, skipped: int, elapsed: float) -> RunSummary:
+        """Assemble ``results.parquet``, write the summary and the manifest (every shard must be committed).
+
+        Called by :meth:`execute` and by other engines (:func:`cnnlens.runs.ray_engine.execute_ray`) once their
+        shards are committed.
+
+        Args:
+            processed: Images processed in this session.
+            skipped: Images committed before it.
+            elapsed: Seconds of this session's work.
+        """
+        return self._finish(processed, skipped, elapsed)
+
     def _finish(self, processed: int, skipped: int, elapsed: float) -> RunSummary:
         import pyarrow.parquet as pq
 
@@ -417,11 +437,44 @@ def run_dataset(
     progress: ProgressFn | None = None,
     extra: Mapping[str, Any] | None = None,
     execution: Execution | None = None,
+    engine: str = "local",
+    ray: RayOptions | None = None,
 ) -> RunSummary:
     """Run (or continue) a dataset run in ``run_dir``; see :class:`DatasetRun` for the arguments.
+
+    Args:
+        run_dir: The run folder.
+        dataset: The samples.
+        model: The model.
+        settings: What to compute.
+        shard_size: Images per committed shard.
+        batch_size: Images per forward/backward.
+        workers: Decoding processes of the local engine.
+        overwrite: Start over (see :class:`DatasetRun`).
+        progress: ``progress(completed, total)`` callback.
+        extra: Notes stored in ``run.json`` and the manifest.
+        execution: How each batch runs (:class:`cnnlens.Execution`).
+        engine: ``"local"`` (this process, decoding in ``workers`` processes) or ``"ray"`` (Ray Data on a
+            cluster, see :mod:`cnnlens.runs.ray_engine`): the same run folder and fingerprint either way, so a run
+            started with one engine can be finished with the other.
+        ray: The Ray engine's options (address, actors, GPUs, storage, model loader).
 
     Returns:
         The :class:`RunSummary`, also written to ``run_dir/summary.json``.
     """
+    if engine not in ("local", "ray"):
+        raise RunError(f"--engine must be 'local' or 'ray', got {engine!r}.")
+    if engine == "ray":
+        from cnnlens.runs.ray_engine import RayOptions, execute_ray, ray_session
+
+        options = ray or RayOptions()
+        options.validate()
+        with (
+            ray_session(options.address, timeout=options.connect_timeout_s),
+            DatasetRun(
+                run_dir, dataset, model, settings, shard_size=shard_size, overwrite=overwrite, extra=extra
+            ) as run,
+        ):
+            return execute_ray(run, options, batch_size=batch_size, progress=progress, execution=execution)
     with DatasetRun(run_dir, dataset, model, settings, shard_size=shard_size, overwrite=overwrite, extra=extra) as run:
         return run.execute(batch_size=batch_size, workers=workers, progress=progress, execution=execution)

@@ -381,6 +381,16 @@ class RunStore:
             results: The batch results covering exactly the shard's samples, in order.
             seconds: Compute time spent on the shard (stored in the rows file's metadata).
         """
+        rows = self.write_outputs(shard, results)
+        self.write_rows(shard, rows, seconds)
+        return rows
+
+    def write_outputs(self, shard: int, results: Sequence[BatchResult]) -> list[dict[str, Any]]:
+        """Write a shard's overlays and maps files (not its rows file); returns its rows, file columns filled.
+
+        The first half of :meth:`commit`: a distributed worker writes a shard's outputs with it and hands the
+        rows to the driver, which commits them with :meth:`write_rows`.
+        """
         for result in results:
             if not result.staged:
                 self.stage_pictures(shard, result)
@@ -410,12 +420,24 @@ class RunStore:
             for row in rows:
                 if row["status"] == "ok":
                     row[pair.col("maps_file")] = rel
-        table = pa.Table.from_pylist(rows, schema=self.schema)
+        return rows
+
+    def write_rows(self, shard: int, rows: Sequence[Mapping[str, Any]], seconds: float) -> None:
+        """Write a shard's rows file, the commit marker (atomic, fsync-ed); its maps and overlays are on disk.
+
+        Raises:
+            RunConfigError: The rows are not exactly the shard's samples, in order.
+        """
+        indices = [int(r["index"]) for r in rows]
+        if indices != list(self.shard_range(shard)):
+            raise RunConfigError(
+                f"shard {shard} got rows {indices[:5]}..., expected {list(self.shard_range(shard))[:5]}..."
+            )
+        table = pa.Table.from_pylist(list(rows), schema=self.schema)
         table = table.replace_schema_metadata({"cnnlens.shard": str(shard), "cnnlens.seconds": f"{seconds:.6f}"})
         with atomic_write(self.rows_path(shard)) as fh:
             pq.write_table(table, fh)
         _fsync_dir(self.rows_path(shard).parent)
-        return rows
 
     def shard_seconds(self) -> float:
         """Compute seconds recorded in the committed shards (all sessions of the run)."""
