@@ -69,7 +69,9 @@ def error_code(response: Any) -> str:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
-    config = ServeConfig(models={"tiny": tiny()}, zoo=False, cache_size=3, max_upload_bytes=200_000, max_pixels=250_000)
+    config = ServeConfig(
+        models={"tiny": tiny()}, zoo=False, cache_size=3, max_upload_bytes=200_000, max_pixels=250_000, warmup=False
+    )
     with TestClient(create_app(config), raise_server_exceptions=False) as c:
         yield c
 
@@ -226,6 +228,26 @@ def test_earlier_layer_and_other_class_capture_again(client: TestClient, image_i
     assert cache.info()["captures"] == before + 2
 
 
+def test_warmup_completes_the_recording_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    real = engine_module.capture
+
+    def counting(module: Any, layers: Any, **kwargs: Any) -> Any:
+        calls.append(list(layers))
+        return real(module, layers, **kwargs)
+
+    monkeypatch.setattr(engine_module, "capture", counting)
+    with TestClient(create_app(ServeConfig(models={"tiny": tiny()}, zoo=False))) as c:
+        state = c.app.state.cnnlens  # type: ignore[attr-defined]
+        image = upload(c, png_bytes(32, 32, seed=4)).json()["image_id"]
+        first = c.post("/api/explain", json={"image_id": image, "layer": "body.4", "class_index": 0}).json()
+        assert first["cached"] is False and calls == [["body.4"]]  # the first request records only what it needs
+        assert state.engine.prefetch.wait_idle(30)
+        assert calls[1:] == [["body.4", "body.3"]] and state.engine.prefetch.completed == 1  # every offered layer
+        earlier = c.post("/api/explain", json={"image_id": image, "layer": "body.3", "class_index": 0}).json()
+        assert earlier["cached"] is True and len(calls) == 2
+
+
 def test_map_endpoints(client: TestClient, image_id: str) -> None:
     body = client.post("/api/explain", json={"image_id": image_id}).json()
     top = client.post("/api/predict", json={"image_id": image_id}).json()
@@ -304,7 +326,7 @@ def test_unknown_ids_and_traversal_attempts_are_404(client: TestClient) -> None:
 
 
 def test_eviction_is_counted_and_reported() -> None:
-    config = ServeConfig(models={"tiny": tiny()}, zoo=False, cache_size=2)
+    config = ServeConfig(models={"tiny": tiny()}, zoo=False, cache_size=2, warmup=False)
     with TestClient(create_app(config)) as c:
         image = upload(c, png_bytes(32, 32, seed=3)).json()["image_id"]
         for k in (0, 1, 2):

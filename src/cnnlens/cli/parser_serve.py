@@ -52,5 +52,11 @@ def add_serve_command(subparsers: Any) -> None:
         metavar="N",
         help=f"largest image accepted, width x height, checked before decoding (default {DEFAULT_MAX_PIXELS:,})",
     )
+    sv.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="do not extend an image's recording to every offered layer in the background after its first map "
+        "(then clicking an earlier layer captures again)",
+    )
     sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default)")
     sv.add_argument("--no-browser", action="store_true", help="accepted for scripts; the browser is never opened")

@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
         device=common._device(args.device),
+        warmup=not args.no_warmup,
     )
     try:
         app = create_app(config)

@@ -35,12 +35,14 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from cnnlens._names import __version__
 from cnnlens.explain import display_images
 from cnnlens.methods.registry import iter_methods
+from cnnlens.serve.cache import MapStore, RecordingCache
 from cnnlens.serve.config import ApiError, ServeConfig
-from cnnlens.serve.engine import Engine, MapStore, RecordingCache
+from cnnlens.serve.engine import Engine
 from cnnlens.serve.images import SAMPLES, ImageStore, read_limited, too_large
 from cnnlens.serve.jobs import JobManager
 from cnnlens.serve.models import ModelHub, layer_role
 from cnnlens.serve.network import NetworkViews
+from cnnlens.serve.prefetch import Prefetcher
 from cnnlens.serve.render import COLORMAPS, heatmap_png, npy_bytes, overlay_png, png, signed_png
 from cnnlens.serve.runs import RunCatalog
 
@@ -133,6 +135,8 @@ class ServeState:
         self.cache = RecordingCache(config.cache_size)
         self.maps = MapStore(config.max_maps)
         self.engine = Engine(self.hub, self.images, self.cache, self.maps)
+        if config.warmup:
+            self.engine.prefetch = Prefetcher(self.engine.complete)
         self.jobs = JobManager(self.hub)
         self.network = NetworkViews(self.hub, self.images)
         self.runs = RunCatalog(config.runs)
@@ -177,6 +181,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.jobs.shutdown()
+        if state.engine.prefetch is not None:
+            state.engine.prefetch.stop()
 
     app = FastAPI(title="cnnlens", version=__version__, lifespan=lifespan, docs_url="/api/docs", redoc_url=None,
                   openapi_url="/api/openapi.json")  # fmt: skip

@@ -45,6 +45,9 @@ class ServeConfig:
         zoo: Whether to offer the zoo models (those whose weights load offline, or all with ``random_weights``).
         max_images: How many uploaded or sample images stay in memory (least recently used dropped first).
         max_maps: How many computed maps stay in memory for the PNG/NPY endpoints.
+        warmup: After the first explanation of an image, extend its recording to every offered layer in the
+            background once the server is idle (:mod:`cnnlens.serve.prefetch`), so that clicking an earlier layer
+            needs no new capture.
     """
 
     model: str | None = None
@@ -61,6 +64,7 @@ class ServeConfig:
     zoo: bool = True
     max_images: int = 64
     max_maps: int = 128
+    warmup: bool = True
 
     def check(self) -> None:
         """Refuse impossible settings before anything is loaded.

@@ -18,185 +18,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numpy.typing import NDArray
 
-from cnnlens.capture import Capture, Probe, Recording, capture
+from cnnlens.capture import Probe, capture
 from cnnlens.errors import CnnlensError, MethodNotFoundError, OptionError
 from cnnlens.explain import _compute, _method_views, _results, display_images, explain
 from cnnlens.explanation import Explanation
 from cnnlens.methods.registry import MethodSpec, get_method
 from cnnlens.metrics import average_drop, deletion_insertion
 from cnnlens.outputs import to_logits
-from cnnlens.serve.config import ApiError, not_found
+from cnnlens.serve.cache import MapRecord, MapStore, Recorded, RecordingCache
+from cnnlens.serve.config import ApiError
 from cnnlens.serve.images import ImageStore
 from cnnlens.serve.models import ModelHub, ServedModel
+from cnnlens.serve.prefetch import Prefetcher
 
-__all__ = ["Engine", "MapRecord", "MapStore", "Recorded", "RecordingCache"]
+__all__ = ["Engine", "bad_request", "method_spec"]
 
 log = logging.getLogger("cnnlens.serve")
-
-
-@dataclass
-class Recorded:
-    """One cached capture: a model on one image for one class, at a set of layers.
-
-    Attributes:
-        key: ``(model id, image id, class index)``.
-        cap: The (closed) capture; re-opened under the model lock when a method needs more passes.
-        rec: Its recording (activations and gradients of every layer in ``layers``).
-        probe: The probe of extra passes (with its own caches: input gradients per ReLU rule...).
-        layers: The recorded layer keys.
-        images: ``(1, H, W, 3)`` uint8 display image.
-        manifest: The explanation manifest (model, weights, preprocessing, versions).
-    """
-
-    key: tuple[str, str, int]
-    cap: Capture
-    rec: Recording
-    probe: Probe
-    layers: frozenset[str]
-    images: torch.Tensor
-    manifest: dict[str, Any]
-
-
-class RecordingCache:
-    """Bounded LRU of :class:`Recorded` entries; counts captures and evictions."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.evictions = 0
-        self.captures = 0
-        self.last_evicted: str | None = None
-        self._entries: OrderedDict[tuple[str, str, int], Recorded] = OrderedDict()
-        self._top: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()
-
-    def top_class(self, model_id: str, image_id: str) -> int | None:
-        """The top class of an image under a model, when a capture or prediction has seen it."""
-        with self._lock:
-            return self._top.get((model_id, image_id))
-
-    def set_top(self, model_id: str, image_id: str, index: int) -> None:
-        """Remember the top class of an image under a model."""
-        with self._lock:
-            self._top[(model_id, image_id)] = index
-            while len(self._top) > 16 * self.capacity:
-                self._top.pop(next(iter(self._top)))
-
-    def get(self, key: tuple[str, str, int], layer: str) -> Recorded | None:
-        """The entry of ``key`` if it recorded ``layer`` (marked most recently used), else None."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or layer not in entry.layers:
-                return None
-            self._entries.move_to_end(key)
-            return entry
-
-    def peek(self, key: tuple[str, str, int]) -> Recorded | None:
-        """The entry of ``key`` whatever its layers, not marked used."""
-        with self._lock:
-            return self._entries.get(key)
-
-    def put(self, entry: Recorded) -> None:
-        """Store ``entry`` (replacing one of the same key), evicting the least recently used past capacity."""
-        with self._lock:
-            self.captures += 1
-            self._entries[entry.key] = entry
-            self._entries.move_to_end(entry.key)
-            while len(self._entries) > self.capacity:
-                old, _ = self._entries.popitem(last=False)
-                self.evictions += 1
-                self.last_evicted = "/".join(str(k) for k in old)
-                log.warning(
-                    "recording cache full (%d entries): evicted %s (%d evictions so far)",
-                    self.capacity,
-                    self.last_evicted,
-                    self.evictions,
-                )
-
-    def info(self) -> dict[str, Any]:
-        """``GET /api/cache``: entries, capacity, evictions, last evicted key."""
-        with self._lock:
-            return {
-                "entries": len(self._entries),
-                "capacity": self.capacity,
-                "evictions": self.evictions,
-                "last_evicted": self.last_evicted,
-                "captures": self.captures,
-            }
-
-
-@dataclass
-class MapRecord:
-    """One computed map, as the PNG/NPY/manifest endpoints serve it.
-
-    Attributes:
-        map01: ``(H, W)`` float32 display map in [0, 1] at input resolution.
-        signed: ``(H, W)`` float32 raw signed map upsampled to input resolution (bilinear).
-        image: ``(H, W, 3)`` uint8 the image as the model saw it.
-    """
-
-    id: str
-    model: str
-    image_id: str
-    layer: str
-    method: str
-    variant: dict[str, Any]
-    class_index: int
-    class_name: str
-    score: float
-    map01: NDArray[np.float32]
-    signed: NDArray[np.float32]
-    image: NDArray[np.uint8]
-    manifest: dict[str, Any]
-    range: tuple[float, float]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class MapStore:
-    """Computed maps by id (a hash of what they depend on), least recently used dropped past ``capacity``."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._maps: OrderedDict[str, MapRecord] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, record: MapRecord) -> None:
-        """Store a map."""
-        with self._lock:
-            self._maps[record.id] = record
-            self._maps.move_to_end(record.id)
-            while len(self._maps) > self.capacity:
-                self._maps.popitem(last=False)
-
-    def find(self, map_id: str) -> MapRecord | None:
-        """The map of ``map_id``, or None."""
-        with self._lock:
-            found = self._maps.get(map_id)
-            if found is not None:
-                self._maps.move_to_end(map_id)
-            return found
-
-    def get(self, map_id: str) -> MapRecord:
-        """The map of ``map_id``.
-
-        Raises:
-            ApiError: Unknown or dropped id (404).
-        """
-        found = self.find(map_id)
-        if found is None:
-            raise not_found("map", map_id, "explain the image again (POST /api/explain) to get a new map id.")
-        return found
 
 
 def method_spec(method: str | None) -> MethodSpec:
@@ -222,9 +67,6 @@ def _map_id(*parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-Timer = Callable[[], float]
-
-
 class Engine:
     """Captures, caches and explains; every forward/backward under the model's lock.
 
@@ -240,6 +82,7 @@ class Engine:
         self.images = images
         self.cache = cache
         self.maps = maps
+        self.prefetch: Prefetcher | None = None
 
     # -- layers ----------------------------------------------------------------------------------------
     def check_layer(self, served: ServedModel, layer: str) -> None:
@@ -276,7 +119,6 @@ class Engine:
         Returns:
             ``(entry, cached, capture milliseconds)``.
         """
-        loaded = served.get()
         if class_index is None:
             class_index = self.cache.top_class(served.id, image_id)
         if class_index is not None:
@@ -284,11 +126,19 @@ class Engine:
             if found is not None:
                 return found, True, 0.0
         start = time.perf_counter()
-        x = self.images.model_input(image_id, served.id, loaded)
         old = self.cache.peek((served.id, image_id, class_index)) if class_index is not None else None
         names = self.capture_set(served, layer)
         if old is not None:  # keep what the old entry had: it costs no deeper backward
             names += [n for n in old.layers if n not in names]
+        entry = self._capture(served, image_id, class_index, names)
+        if self.prefetch is not None:
+            self.prefetch.schedule(served.id, image_id, entry.key[2])
+        return entry, False, (time.perf_counter() - start) * 1000
+
+    def _capture(self, served: ServedModel, image_id: str, class_index: int | None, names: list[str]) -> Recorded:
+        """Capture ``names`` (activations and gradients) for one image and class, and cache the recording."""
+        loaded = served.get()
+        x = self.images.model_input(image_id, served.id, loaded)
         cap = capture(loaded.module, names)
         with cap:
             rec = cap.run(x, class_index, gradients=True, input_gradients=False)
@@ -306,7 +156,31 @@ class Engine:
             manifest={"model": loaded.manifest()},
         )
         self.cache.put(entry)
-        return entry, False, (time.perf_counter() - start) * 1000
+        return entry
+
+    def complete(self, model_id: str, image_id: str, class_index: int) -> bool:
+        """Extend a cached recording to every offered layer (the background warm-up; see :mod:`.prefetch`).
+
+        Returns:
+            Whether a capture ran (False when the entry was evicted meanwhile or already complete).
+        """
+        served = self.hub[model_id]
+        with served.lock:
+            old = self.cache.peek((model_id, image_id, class_index))
+            if old is None:
+                return False
+            missing = [c.name for c in served.strip() if c.name not in old.layers]
+            if not missing:
+                return False
+            try:
+                self._capture(served, image_id, class_index, [*old.layers, *missing])
+            except (CnnlensError, ApiError) as exc:  # the image was dropped, or a layer cannot be recorded
+                log.info("warm-up of %s/%s skipped: %s", model_id, image_id, exc)
+                return False
+            log.info(
+                "warm-up: %s/%s/%d now holds %d layers", model_id, image_id, class_index, len(old.layers) + len(missing)
+            )
+            return True
 
     # -- explain ---------------------------------------------------------------------------------------
     def explain(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -316,6 +190,8 @@ class Engine:
             ApiError: Unknown model/image/method/layer, bad options or class (400/404).
         """
         t0 = time.perf_counter()
+        if self.prefetch is not None:
+            self.prefetch.touch()
         served = self.hub[request.get("model")]
         loaded = served.get()
         image_id = str(request.get("image_id") or "")
