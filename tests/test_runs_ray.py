@@ -32,6 +32,7 @@ from cnnlens.runs import load_run_model, read_dataset, run_dataset
 from cnnlens.runs.__main__ import main as runs_main
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.xdist_group("ray")  # one xdist worker, one cluster (make test uses --dist loadgroup)
 from cnnlens.runs.ray_engine import (  # noqa: E402  (after the skip: needs Ray)
     ModelRecipe,
     RayEngineError,

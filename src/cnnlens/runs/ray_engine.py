@@ -96,6 +96,7 @@ class ModelRecipe:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __call__(self, device: str) -> LoadedModel:
+        """Load the model on ``device``."""
         from cnnlens.runs.model import load_run_model
 
         return load_run_model(self.name, device=device, **dict(self.kwargs))
@@ -647,8 +648,7 @@ def execute_ray(
                 compute=ActorPoolStrategy(size=plan.actors),
                 num_cpus=plan.cpus_per_actor,
                 num_gpus=plan.gpus_per_actor or None,
-                max_restarts=-1,
-                max_task_retries=_MAX_TASK_RETRIES,
+                ray_remote_args_fn=_actor_remote_args,
             )
             for row in ds.iter_rows():
                 if row["failure"]:
@@ -682,6 +682,11 @@ def execute_ray(
         "driver_commits_per_s": round(processed / commit_s, 1) if commit_s > 0 else None,
     }
     return run.finish(processed, done_before, elapsed)
+
+
+def _actor_remote_args() -> dict[str, Any]:
+    """Actors restart after a crash; a shard whose actor dies ``_MAX_TASK_RETRIES`` times fails the run."""
+    return {"max_restarts": -1, "max_task_retries": _MAX_TASK_RETRIES}
 
 
 def _as_list(value: Any) -> list[Any]:
