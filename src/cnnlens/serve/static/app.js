@@ -593,7 +593,7 @@ function svgEl(tag, attrs) {
 
 /** Deletion and insertion curves (class score against the fraction of pixels removed / added) as SVG. */
 function curveSvg(curves) {
-  const W = 280, H = 150, L = 34, B = 22, T = 8, R = 8;
+  const W = 300, H = 170, L = 36, B = 34, T = 22, R = 10;
   const fr = curves.fractions || [];
   const all = [...(curves.deletion || []), ...(curves.insertion || [])].filter((v) => isFinite(v));
   const ymax = Math.max(1e-9, ...all);
@@ -601,27 +601,25 @@ function curveSvg(curves) {
   const x = (f) => L + f * (W - L - R);
   const y = (v) => T + (1 - (v - ymin) / (ymax - ymin)) * (H - T - B);
   const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "data-testid": "metrics-curve" });
-  svg.append(svgEl("title", {}));
-  svg.firstChild.textContent = "deletion (red) and insertion (blue) curves";
+  const text = (attrs, content) => {
+    const t = svgEl("text", attrs);
+    t.textContent = content;
+    svg.append(t);
+  };
+  const title = svgEl("title", {});
+  title.textContent = "class score as pixels are deleted (red) or inserted (blue), most important first";
+  svg.append(title);
   svg.append(svgEl("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" }));
   svg.append(svgEl("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" }));
-  for (const [v, label] of [[ymin, fmt(ymin, 2)], [ymax, fmt(ymax, 2)]]) {
-    const t = svgEl("text", { x: L - 4, y: y(v) + 4, "text-anchor": "end", class: "tick" });
-    t.textContent = label;
-    svg.append(t);
-  }
-  for (const f of [0, 0.5, 1]) {
-    const t = svgEl("text", { x: x(f), y: H - 6, "text-anchor": "middle", class: "tick" });
-    t.textContent = String(f);
-    svg.append(t);
-  }
-  for (const [name, cls] of [["deletion", "del"], ["insertion", "ins"]]) {
+  for (const v of [ymin, ymax]) text({ x: L - 4, y: y(v) + 4, "text-anchor": "end", class: "tick" }, fmt(v, 2));
+  for (const f of [0, 0.5, 1]) text({ x: x(f), y: H - B + 12, "text-anchor": "middle", class: "tick" }, String(f));
+  text({ x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", class: "tick" }, "fraction of pixels deleted / inserted");
+  text({ x: L, y: 10, class: "tick" }, "score");
+  for (const [name, cls, at] of [["deletion", "del", W - R - 70], ["insertion", "ins", W - R]]) {
     const ys = curves[name] || [];
     const pts = ys.map((v, i) => `${x(fr[i] ?? i / Math.max(1, ys.length - 1)).toFixed(1)},${y(v).toFixed(1)}`);
     svg.append(svgEl("polyline", { points: pts.join(" "), class: "curve " + cls, "data-curve": name }));
-    const t = svgEl("text", { x: W - R - 2, y: name === "deletion" ? T + 10 : T + 22, "text-anchor": "end", class: "legend " + cls });
-    t.textContent = name;
-    svg.append(t);
+    text({ x: at, y: 10, "text-anchor": "end", class: "legend " + cls }, "— " + name);
   }
   return svg;
 }
@@ -752,20 +750,36 @@ async function loadRun(runId) {
       el("dd", { text: (run.methods || []).join(", ") }),
     ),
   );
-  const classOptions = () => [el("option", { value: "", text: "any" }), ...run.classes.map((c, i) => el("option", { value: i, text: c }))];
+  const idx = occurring(run);
+  const classOptions = () => [el("option", { value: "", text: "any" }), ...idx.map((i) => el("option", { value: i, text: run.classes[i] }))];
   $("run-true").replaceChildren(...classOptions());
   $("run-pred").replaceChildren(...classOptions());
   $("run-filter").value = "all";
-  renderConfusion(run);
+  renderConfusion(run, idx);
   await loadRows(false);
 }
 
-function renderConfusion(run) {
+/** The classes to show: all of them when few, else (ImageNet) only those that occur as true or predicted. */
+function occurring(run) {
   const m = run.confusion || [];
-  // With many classes (ImageNet) only the classes that occur in the run get a row and a column.
-  let idx = run.classes.map((_, i) => i);
-  if (idx.length > 20) idx = idx.filter((i) => (m[i] || []).some((v) => v > 0) || m.some((row) => (row[i] || 0) > 0));
-  const max = Math.max(1, ...m.flat());
+  const all = run.classes.map((_, i) => i);
+  if (all.length <= 20) return all;
+  const seen = new Set();
+  m.forEach((row, i) =>
+    row.forEach((v, j) => {
+      if (v > 0) {
+        seen.add(i);
+        seen.add(j);
+      }
+    }),
+  );
+  return all.filter((i) => seen.has(i));
+}
+
+function renderConfusion(run, idx) {
+  const m = run.confusion || [];
+  let max = 1;
+  for (const row of m) for (const v of row) if (v > max) max = v;
   const head = el("tr", {}, el("th", { scope: "col", text: "true \\ pred" }), ...idx.map((j) => el("th", { scope: "col", text: run.classes[j] })));
   const rows = idx.map((i) =>
     el(
