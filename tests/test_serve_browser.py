@@ -192,6 +192,28 @@ def test_compare_mode_shows_two_different_maps(page: Any) -> None:
     assert difference(a, shot(page, "#overlay-a")) == 0.0
 
 
+def test_two_tabs_at_once(page: Any, server: str) -> None:
+    other = page.context.new_page()
+    other.set_default_timeout(TIMEOUT_MS)
+    other.goto(server + "/")
+    other.wait_for_selector("#sample-select option[value='coffee']", state="attached")
+    # both tabs ask at the same time, for different images
+    page.select_option("#sample-select", "chelsea")
+    other.select_option("#sample-select", "coffee")
+    wait_new_map(page, "")
+    first_other = wait_new_map(other, "")
+    assert "cat" in page.inner_text("#info-a")
+    assert "espresso" in other.inner_text("#info-a")
+    assert difference(shot(page, "#overlay-a"), shot(other, "#overlay-a")) > DIFFERENT
+    # each tab keeps its own image: a class click in one does not touch the other
+    before = shot(page, "#overlay-a")
+    other.locator("[data-testid=class-chip]").nth(1).click()
+    wait_new_map(other, first_other)
+    assert difference(before, shot(page, "#overlay-a")) == 0.0
+    assert "espresso" not in other.inner_text("#info-a")
+    other.close()
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_oversized_and_bad_uploads_show_the_error(page: Any) -> None:
     big = os.urandom(MAX_UPLOAD + 100_000)
