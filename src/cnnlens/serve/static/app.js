@@ -200,7 +200,6 @@ function showView() {
     $("tab-" + v).setAttribute("aria-current", v === known ? "page" : "false");
   }
   if (known === "run" && state.run === null) guarded(openRunView)();
-  if (known === "network") fillNetworkLayers();
 }
 
 // ------------------------------------------------------------------------------------------------ Explain
@@ -236,7 +235,6 @@ function wireExplain() {
       state.classIndex = null;
       await loadLayers();
       if (state.imageId) await predictAndExplain();
-      if (!$("view-network").hidden) fillNetworkLayers();
     }),
   );
   $("method-select").addEventListener("change", (e) => {
@@ -373,6 +371,7 @@ async function loadLayers() {
     ...res.layers.map((l) => el("option", { value: l.name, text: `${l.name}${l.recommended ? " ★" : ""}` })),
   );
   $("layer-b").value = state.layerB;
+  fillNetworkLayers();
 }
 
 function renderLayerStrip() {
@@ -498,7 +497,8 @@ async function explainPanel(p) {
     $("metrics-out-" + p).hidden = true;
     $("info-" + p).textContent =
       `${res.class_name} (#${res.class_index}, score ${fmt(res.score, 3)}) · ${res.method} @ ${res.layer} · ` +
-      `${Math.round(res.timing_ms.total)} ms${res.cached ? " · capture reused" : ""}`;
+      `${Math.round(res.timing_ms.total)} ms` +
+      (res.cached ? " · capture reused" : ` (capture ${Math.round(res.timing_ms.capture)} ms)`);
     $("range-" + p).textContent = `raw signed map [${fmt(res.range[0], 3)}, ${fmt(res.range[1], 3)}]`;
     const base = `/api/maps/${res.map_id}`;
     $("dl-npy-" + p).href = base + "/map.npy";
