@@ -170,6 +170,34 @@ def test_bare_and_path_names_give_the_same_maps(transfer: Any) -> None:
     torch.testing.assert_close(bare.raw, path.raw)
 
 
+def test_results_are_found_by_the_bare_name_too(transfer: Any) -> None:
+    net = wrap_keras(transfer)
+    result = explain(net, _images(1, 64, 64, seed=4), methods=["gradcam"], layers=["block4_conv3", "block5_pool"])
+    assert result.layers == ["vgg16/block4_conv3", "vgg16/block5_pool"]
+    assert result["gradcam", "block4_conv3"] is result["gradcam", "vgg16/block4_conv3"]
+    with pytest.raises(LayerNotFoundError, match="block5_conv3"):
+        result.get("gradcam", "block5_conv3")  # not computed: the error lists what was
+
+
+def test_an_ambiguous_bare_name_is_refused_with_its_paths(keras: Any) -> None:
+    """Two nested models with a layer of the same name: the bare name names neither; full paths work."""
+
+    def branch(name: str) -> Any:
+        return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3, name="conv")], name=name)
+
+    inp = keras.Input((8, 8, 3))
+    merged = keras.layers.Concatenate(name="merge")([branch("left")(inp), branch("right")(inp)])
+    out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(merged))
+    net = wrap_keras(keras.Model(inp, out))
+    assert net.cnnlens_layer_ambiguous == {"conv": ["left/conv", "right/conv"]}
+    with pytest.raises(LayerNotFoundError, match=r"'conv' is ambiguous .*'left/conv', 'right/conv'"):
+        explain(net, _images(1, 8, 8), layers="conv")
+    result = explain(net, _images(1, 8, 8), methods=["gradcam"], layers=["left/conv", "right/conv"])
+    with pytest.raises(LayerNotFoundError, match="ambiguous"):
+        result.get("gradcam", "conv")
+    assert result["gradcam", "right/conv"].layer == "right/conv"
+
+
 def test_did_you_mean_on_keras_names(transfer: Any) -> None:
     net = wrap_keras(transfer)
     with pytest.raises(LayerNotFoundError, match="block5_conv3"):
@@ -379,14 +407,28 @@ def test_another_backend_in_the_environment_is_refused_before_importing(
     assert "keras" not in sys.modules and "tensorflow" not in sys.modules
 
 
-def test_a_softmax_inside_a_nested_last_model_is_said(keras: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_softmax_inside_a_nested_last_model_gives_its_pre_softmax_logits(keras: Any) -> None:
+    """A classifier built as its own model and called last: the logits are its pre-softmax, as in the flat case."""
     inner = keras.Sequential(
-        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")], name="seq"
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax", name="probs")],
+        name="seq",
     )
     inp = keras.Input((8, 8, 3))
-    outer = keras.Model(inp, inner(inp), name="outer")
-    with caplog.at_level("WARNING", logger="cnnlens.models.keras.module"):
-        net = wrap_keras(outer)
-    assert "probabilities" in net.logits_from and "'seq'" in net.logits_from
-    assert any("not logits" in r.getMessage() for r in caplog.records)
-    assert wrap_keras(inner).logits_from.startswith("pre-softmax of the final Dense")
+    direct = keras.Model(inp, inner(inp), name="outer")  # the nested model takes the outer input itself
+    inp2 = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(3, 3, padding="same", name="pre")
+    prefixed = keras.Model(inp2, inner(conv(inp2)), name="outer2")  # the same classifier after a conv
+    x = _images(2, 8, 8)
+    dense = inner.get_layer("probs")
+    kernel, bias = torch.as_tensor(dense.kernel.value), torch.as_tensor(dense.bias.value)
+    for model, features in ((direct, lambda h: h), (prefixed, lambda h: torch.as_tensor(conv(h)))):
+        net = wrap_keras(model)
+        assert net.logits_from == "pre-softmax of the final Dense 'probs' inside the nested model 'seq'"
+        with torch.no_grad():
+            logits = net(x)
+            nhwc = x.permute(0, 2, 3, 1)
+            expected = features(nhwc).reshape(2, -1) @ kernel + bias  # the Dense's pre-activation, by hand
+            probabilities = torch.as_tensor(model(nhwc, training=False))
+        assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(torch.softmax(logits, dim=1), probabilities, atol=1e-6)
+    assert wrap_keras(inner).logits_from == "pre-softmax of the final Dense 'probs'"

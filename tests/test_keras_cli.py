@@ -56,9 +56,11 @@ def test_explain_keras_vgg16_at_block5_conv3(photos: Path, tmp_path: Path, capsy
     argv = ["explain", str(photos / "chelsea.png"), "--model", "keras:vgg16", "--random-weights"]
     assert main([*argv, "--layer", "block5_conv3", "--method", "gradcam", "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "RANDOM WEIGHTS" in captured.err
+    assert captured.err.count("RANDOM WEIGHTS") == 1  # the banner says it once
+    assert "RANDOM WEIGHTS (seed 0) - not a trained model" in captured.err
     assert "layer block5_conv3: nhwc" in captured.out  # how the channels-last output was read
     manifest = _manifest(out)
+    assert manifest["versions"]["keras_backend"] == "torch" and manifest["versions"]["keras"].startswith("3.")
     assert manifest["model"]["name"] == "keras:vgg16" and manifest["model"]["random_weights"] is True
     assert manifest["model"]["preprocessing"]["mode"] == "caffe"
     (result,) = manifest["results"]
@@ -160,3 +162,101 @@ def test_run_on_a_keras_file(photos: Path, saved: Path, tmp_path: Path) -> None:
     assert (out / "results.parquet").is_file()
     assert main([*argv, "--out", str(out)]) == 0  # resumed: same fingerprint (the Keras weights hash alike)
     assert json.loads((out / "summary.json").read_text())["skipped"] == 2
+
+
+def test_keras_architecture_at_another_input_size(photos: Path, tmp_path: Path) -> None:
+    """--input-size builds keras:vgg16 for that size (random weights), its maps at that resolution."""
+    out = tmp_path / "vgg64"
+    argv = ["explain", str(photos / "chelsea.png"), "--model", "keras:vgg16", "--random-weights", "--method", "gradcam"]
+    assert main([*argv, "--input-size", "64", "--layer", "block5_conv3", "--out", str(out)]) == 0
+    manifest = _manifest(out)
+    assert manifest["model"]["preprocessing"]["input_size"] == [64, 64]
+    assert manifest["model"]["preprocessing"]["mode"] == "caffe"
+    assert np.load(out / manifest["results"][0]["files"]["raw"]).shape == (4, 4)  # block5_conv3 is 1/16 of the input
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--input-size", "64"], "builds only at 224x224"),  # the published weights include the classifier
+        (["--input-size", "16", "--random-weights"], "at least 32x32"),
+        (["--preprocess", "bgr"], "invalid choice"),
+    ],
+)
+def test_keras_input_size_and_preprocess_refusals(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], said: str
+) -> None:
+    argv = ["explain", str(photos / "chelsea.png"), "--model", "keras:vgg16", *extra, "--out", str(tmp_path / "x")]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage error
+        code = int(exc.code or 0)
+    assert code == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_preprocess_mode_of_a_saved_keras_file(
+    photos: Path, saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "caffe"
+    argv = ["explain", str(photos / "chelsea.png"), "--model", str(saved), "--method", "gradcam"]
+    assert main([*argv, "--preprocess", "caffe", "--out", str(out)]) == 0
+    assert _manifest(out)["model"]["preprocessing"]["mode"] == "caffe"  # BGR, minus the ImageNet mean
+    # --preprocess is for Keras models: refused on a torch model before it is loaded
+    bad = ["explain", str(photos / "chelsea.png"), "--model", "resnet18", "--random-weights", "--preprocess", "tf"]
+    assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
+    assert "applies to Keras models" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two cheap saved Keras classifiers (32x32): a plain conv stack and a residual one with a frozen nested block."""
+    keras = import_keras()
+    layers = keras.layers
+    keras.utils.set_random_seed(11)
+    folder = tmp_path_factory.mktemp("small")
+    inp = keras.Input((32, 32, 3))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="block1_conv1")(inp)
+    x = layers.MaxPooling2D(name="block1_pool")(x)
+    x = layers.Conv2D(16, 3, padding="same", activation="relu", name="block2_conv1")(x)
+    out = layers.Dense(4, activation="softmax", name="predictions")(layers.GlobalAveragePooling2D()(x))
+    plain = folder / "plain.keras"
+    keras.Model(inp, out, name="plain").save(plain)
+    block_in = keras.Input((16, 16, 8))
+    y = layers.Conv2D(8, 3, padding="same", activation="relu", name="res_conv")(block_in)
+    block = keras.Model(block_in, layers.Add(name="res_add")([block_in, y]), name="block")
+    block.trainable = False
+    inp = keras.Input((32, 32, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(inp)
+    x = layers.ReLU(name="res_out")(block(x))
+    out = layers.Dense(4, activation="softmax", name="predictions")(layers.GlobalAveragePooling2D()(x))
+    residual = folder / "residual.keras"
+    keras.Model(inp, out, name="residual").save(residual)
+    return [plain, residual]
+
+
+def test_compare_models_on_two_keras_models(
+    photos: Path, small_models: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The seed's part 2 on Keras models only: every model at its recommended layer, one report."""
+    out = tmp_path / "models"
+    names = [str(p) for p in small_models]
+    argv = ["compare-models", str(photos), "--models", *names, "--method", "gradcam", "gradcampp", "--steps", "4"]
+    assert main([*argv, "--last-n", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    html = (out / "index.html").read_text()
+    for path in small_models:
+        assert path.name in html and str(path) in printed
+    study = json.loads((out / "study.json").read_text())
+    assert [Path(m["name"]).name for m in study["models"]] == ["plain.keras", "residual.keras"]
+    assert study["versions"]["keras_backend"] == "torch"
+    rows = [(Path(r["model"]).name, r["method"], r["layer"]) for r in study["model_study"]]
+    assert [row[:2] for row in rows] == [
+        (name, method) for name in ("plain.keras", "residual.keras") for method in ("gradcam", "gradcampp")
+    ]
+    plain_layers = {"block1_conv1", "block1_pool", "block2_conv1"}
+    residual_layers = {"stem", "block/res_conv", "block/res_add", "res_out"}  # the nested block by its path
+    assert all(layer in (plain_layers if name == "plain.keras" else residual_layers) for name, _, layer in rows)
+    for src in re.findall(r'src="([^"]+)"', html):
+        assert (out / src).is_file()

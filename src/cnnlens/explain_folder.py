@@ -27,13 +27,20 @@ __all__ = ["ExplainFolder", "environment_versions", "write_manifest"]
 
 
 def environment_versions() -> dict[str, str]:
-    """Versions of cnnlens, Python and the libraries that shape results, for manifests."""
+    """Versions of cnnlens, Python and the libraries that shape results, for manifests.
+
+    With a Keras model in the process (Keras imported), also ``keras`` and ``keras_backend`` (``"torch"``).
+    """
     versions = {"python": sys.version.split()[0], "platform": platform.platform()}
     for dist in ("cnnlens", "torch", "torchvision", "timm", "numpy", "pillow"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = "not installed"
+    keras = sys.modules.get("keras")  # imported only when a Keras model was asked for
+    if keras is not None:
+        versions["keras"] = str(getattr(keras, "__version__", "unknown"))
+        versions["keras_backend"] = str(keras.backend.backend())
     return versions
 
 

@@ -84,6 +84,12 @@ def resolve_layer(model: nn.Module, layer: LayerSpec, *, modules: dict[str, nn.M
     aliases = getattr(model, "cnnlens_layer_aliases", None)  # bare name -> path (Keras models)
     if name not in modules and isinstance(aliases, dict) and isinstance(aliases.get(name), str):
         name = aliases[name]
+    ambiguous = getattr(model, "cnnlens_layer_ambiguous", None)  # bare name -> its several paths (Keras models)
+    if name not in modules and isinstance(ambiguous, dict) and ambiguous.get(name):
+        raise LayerNotFoundError(
+            f"the layer name {layer!r} is ambiguous in {type(model).__name__}: it ends "
+            f"{', '.join(repr(p) for p in ambiguous[name])}; pass one of these full paths."
+        )
     if name == "" or name not in modules:
         candidates = [n for n in modules if n]
         if isinstance(aliases, dict):

@@ -88,9 +88,20 @@ def _load_quietly(args: argparse.Namespace, *, random_weights: bool) -> LoadedMo
         "device": _device(args.device),
     }
     prep: dict[str, Any] = {key: getattr(args, key, None) for key in ("input_size", "resize", "mean", "std")}
+    keras: dict[str, Any] = {}  # a keras: architecture is built at --input-size; --preprocess: Keras models only
+    name = args.model.lower() if isinstance(args.model, str) else ""
+    if getattr(args, "preprocess", None) is not None:
+        if not name.startswith("keras:") and not name.endswith((".keras", ".h5")):
+            raise UsageError(
+                f"--preprocess {args.preprocess}: the Keras preprocess_input mode applies to Keras models (keras:ARCH, "
+                f".keras/.h5 files), not to {args.model!r}; set its normalisation with --mean/--std."
+            )
+        keras["preprocessing_mode"] = args.preprocess
+    if name.startswith("keras:"):
+        keras.update(prep)
     if is_entry_point(args.model):
         return load_run_model(args.model, **common, **prep)
-    model = load_model(args.model, **common)
+    model = load_model(args.model, **common, **keras)
     if any(value is not None for value in prep.values()):
         new = override_preprocessing(model.spec.preprocessing, **prep)
         model = replace(model, spec=replace(model.spec, preprocessing=new))
@@ -143,9 +154,9 @@ def _load(args: argparse.Namespace) -> LoadedModel:
     """Load ``--model`` (zoo, architecture or factory, with preprocessing overrides); say so if weights are random."""
     model = _load_quietly(args, random_weights=args.random_weights)
     if model.random_weights:
-        err_console.print(
-            f"[bold red]RANDOM WEIGHTS[/]: {escape(model.weights_source)}. Outputs are marked as such.", highlight=False
-        )
+        label, source = "RANDOM WEIGHTS", model.weights_source
+        rest = f" {source[len(label) :].lstrip(' :')}" if source.startswith(label) else f": {source}"  # label once
+        err_console.print(f"[bold red]{label}[/]{escape(rest)}. Outputs are marked as such.", highlight=False)
     return model
 
 

@@ -47,6 +47,12 @@ def _add_preprocessing_options(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--resize", type=int, metavar="PX", help="shorter side before the center crop (default: input)")
     prep.add_argument("--mean", type=float, nargs="+", metavar="V", help="normalisation mean, 1 or 3 values")
     prep.add_argument("--std", type=float, nargs="+", metavar="V", help="normalisation std, 1 or 3 values")
+    prep.add_argument(
+        "--preprocess",
+        choices=("caffe", "tf", "torch"),
+        help="Keras models: the preprocess_input mode (caffe: BGR minus the ImageNet mean, as vgg16/resnet50; tf: "
+        "x/127.5-1, as inception_v3; torch: ImageNet mean/std). Default: the architecture's; tf for a .keras file",
+    )
 
 
 def _add_layout(parser: Any) -> None:

@@ -269,8 +269,12 @@ def _load_keras(
     seed: int,
     device: str | torch.device,
     overrides: tuple[Sequence[int] | None, int | None, Sequence[float] | None, Sequence[float] | None],
+    preprocessing_mode: str | None = None,
 ) -> LoadedModel:
-    """A Keras model (:func:`cnnlens.models.keras.load_keras`, imported only now), with preprocessing overrides."""
+    """A Keras model (:func:`cnnlens.models.keras.load_keras`, imported only now), with preprocessing overrides.
+
+    A ``keras:`` architecture is built at ``input_size``; a saved model refuses another size than its own.
+    """
     from cnnlens.models.keras import KerasModule, load_keras
 
     loaded = load_keras(
@@ -282,6 +286,8 @@ def _load_keras(
         class_names=class_names,
         seed=seed,
         device=device,
+        input_size=overrides[0],
+        preprocessing=preprocessing_mode,  # type: ignore[arg-type]  # checked by load_keras
     )
     input_size, resize, mean, std = overrides
     if any(v is not None for v in overrides):
@@ -311,6 +317,7 @@ def load_model(
     resize: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    preprocessing_mode: str | None = None,
 ) -> LoadedModel:
     """Build a model and load its weights, never silently random.
 
@@ -343,6 +350,8 @@ def load_model(
             set).
         mean: per-channel normalisation mean (1 or 3 values).
         std: per-channel normalisation std (1 or 3 values).
+        preprocessing_mode: Keras models only: the Keras ``preprocess_input`` mode, ``"caffe"``, ``"tf"`` or
+            ``"torch"`` (default: the architecture's; ``"tf"`` for a saved model).
 
     Returns:
         the :class:`LoadedModel`, its module in eval mode on ``device``.
@@ -375,6 +384,12 @@ def load_model(
             seed=seed,
             device=device,
             overrides=(input_size, resize, mean, std),
+            preprocessing_mode=preprocessing_mode,
+        )
+    if preprocessing_mode is not None:
+        raise ModelConfigError(
+            f"preprocessing_mode={preprocessing_mode!r} (--preprocess) applies to Keras models (keras:ARCH, .keras/.h5 "
+            f"files); {name!r} is not one. Set its normalisation with mean=/std= (--mean/--std)."
         )
     preprocess: Callable[[Preprocessing | None], Preprocessing] | None = None
     if any(v is not None for v in (input_size, resize, mean, std)):

@@ -55,6 +55,7 @@ __all__ = [
 KERAS_PREFIX = "keras:"
 
 KerasMode = Literal["caffe", "tf", "torch"]
+KERAS_MODES: tuple[str, ...] = ("caffe", "tf", "torch")
 
 
 def keras_preprocessing(mode: KerasMode, size: int) -> Preprocessing:
@@ -99,6 +100,7 @@ class KerasApp:
         weights_file: the published weights' file name in the Keras cache (with the top).
         default_layer: the layer Grad-CAM targets by default (the seed's).
         known_layers: role -> layer name (stable Keras names only).
+        min_size: the smallest input side ``keras.applications`` builds it for (its ``min_size``).
     """
 
     name: str
@@ -109,6 +111,7 @@ class KerasApp:
     weights_file: str
     default_layer: str
     known_layers: dict[str, str] = field(default_factory=dict)
+    min_size: int = 32
 
 
 KERAS_APPS: dict[str, KerasApp] = {
@@ -143,6 +146,7 @@ KERAS_APPS: dict[str, KerasApp] = {
             "inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
             "mixed10",
             {"last_merge": "mixed10", "last_block": "mixed10", "mid_block": "mixed7"},
+            75,
         ),
         KerasApp(
             "inception_resnet_v2",
@@ -153,6 +157,7 @@ KERAS_APPS: dict[str, KerasApp] = {
             "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels.h5",
             "conv_7b_ac",
             {"final_spatial": "conv_7b_ac", "last_conv": "conv_7b", "mid_block": "mixed_7a"},
+            75,
         ),
     )
 }
@@ -252,17 +257,23 @@ def _build_app(
     download: bool,
     seed: int,
     num_classes: int,
+    hw: tuple[int, int],
 ) -> tuple[Any, str]:
-    """Build a known architecture with logits output: ``(keras model, weights source)``."""
+    """Build a known architecture with logits output at input ``hw``: ``(keras model, weights source)``."""
     builder = getattr(keras.applications, app.builder)
     if weights is not None or random_weights:
+        shape = (*hw, 3)
         model = _seeded_build(
-            keras, seed, lambda: builder(weights=None, classes=num_classes, classifier_activation=None)
+            keras,
+            seed,
+            lambda: builder(weights=None, classes=num_classes, classifier_activation=None, input_shape=shape),
         )
         if weights is None:
             return model, RANDOM_WEIGHTS_TEMPLATE.format(seed=seed)
-        _load_weights(model, weights, f"keras:{app.name} with {num_classes} classes")
+        _load_weights(model, weights, f"keras:{app.name} with {num_classes} classes at {hw[0]}x{hw[1]}")
         return model, f"Keras weights file {weights.resolve()}"
+    if hw != (app.size, app.size):
+        raise _published_size_refusal(app, hw)
     if num_classes != 1000:
         raise ModelConfigError(
             f"the published weights of keras:{app.name} have 1000 classes but num_classes={num_classes} was asked. "
@@ -285,11 +296,53 @@ def _build_app(
     return model, f"Keras published ImageNet weights ({app.weights_file})"
 
 
-def _input_size(model: Any) -> int | None:
-    shape = getattr(model, "input_shape", None)
-    if isinstance(shape, tuple) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] == shape[2]:
-        return int(shape[1])
+def _square_or_pair(input_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``input_size`` as ``(H, W)`` (one value: square), checked, or None."""
+    if input_size is None:
+        return None
+    values = [input_size] if isinstance(input_size, int) else list(input_size)
+    if len(values) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ModelConfigError(f"input_size must be one or two positive ints (H [W]); received {input_size!r}.")
+    return (values[0], values[-1])
+
+
+def _app_hw(app: KerasApp, input_size: int | Sequence[int] | None) -> tuple[int, int]:
+    """The input ``(H, W)`` to build ``app`` at: its default, or ``input_size`` when keras.applications takes it."""
+    hw = _square_or_pair(input_size) or (app.size, app.size)
+    if min(hw) < app.min_size:
+        raise ModelConfigError(
+            f"input size {hw[0]}x{hw[1]}: keras.applications builds keras:{app.name} for inputs of at least "
+            f"{app.min_size}x{app.min_size} (its min_size); pass a larger --input-size (input_size=)."
+        )
+    return hw
+
+
+def _input_hw(model: Any) -> tuple[int, int] | None:
+    """The ``(H, W)`` a channels-last Keras model was built for, or None (any size, or no input shape)."""
+    try:
+        shape = getattr(model, "input_shape", None)
+    except (AttributeError, ValueError):  # a subclassed model may have no defined input shape
+        return None
+    if isinstance(shape, tuple) and len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[2], int):
+        return (int(shape[1]), int(shape[2]))
     return None
+
+
+def _preprocessing_at(mode: KerasMode, hw: tuple[int, int]) -> Preprocessing:
+    """:func:`keras_preprocessing` at ``(H, W)``: a non-square input resizes its shorter side to ``min / 0.875``."""
+    if hw[0] == hw[1]:
+        return keras_preprocessing(mode, hw[0])
+    square = keras_preprocessing(mode, min(hw))
+    return replace(square, input_size=hw, resize=max(max(hw), round(min(hw) / 0.875)))
+
+
+def _published_size_refusal(app: KerasApp, hw: tuple[int, int]) -> ModelConfigError:
+    return ModelConfigError(
+        f"input size {hw[0]}x{hw[1]}: the published ImageNet weights of keras:{app.name} include its classifier "
+        f"(include_top), which keras.applications builds only at {app.size}x{app.size}. Drop --input-size "
+        "(input_size=), or pass --random-weights or --weights PATH (a .weights.h5 saved from the architecture built "
+        f"at {hw[0]}x{hw[1]})."
+    )
 
 
 def load_keras(
@@ -303,6 +356,7 @@ def load_keras(
     seed: int = 0,
     preprocessing: KerasMode | Preprocessing | None = None,
     device: str | torch.device = "cpu",
+    input_size: int | Sequence[int] | None = None,
 ) -> LoadedModel:
     """Load a Keras model as a cnnlens :class:`LoadedModel` (its module a :class:`KerasModule`).
 
@@ -319,6 +373,10 @@ def load_keras(
         preprocessing: a Keras mode (``"caffe"``, ``"tf"``, ``"torch"``) or a cnnlens
             :class:`Preprocessing`; default: the architecture's, or ``"tf"`` for a saved model.
         device: where the weights are created (``keras.device``); the wrapper calls the model on that device.
+        input_size: ``S`` or ``(H, W)``: build an architecture for this input instead of its default (224 or 299;
+            at least 32, 75 for the Inception models). Random weights and a ``.weights.h5`` file saved at that size
+            allow it; the published weights include the classifier, which Keras builds only at the default size,
+            so they refuse it. A saved model keeps the size it was built for (another one is refused).
 
     Returns:
         the loaded model.
@@ -340,6 +398,11 @@ def load_keras(
         raise ModelConfigError(f"Both weights={os.fspath(weights)!r} and random_weights=True were given; choose one.")
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ModelConfigError(f"num_classes must be a positive int; received {num_classes!r}.")
+    if preprocessing is not None and not isinstance(preprocessing, Preprocessing) and preprocessing not in KERAS_MODES:
+        raise ModelConfigError(  # checked before the (slow) build or load
+            f"Keras preprocessing mode must be 'caffe', 'tf' or 'torch' (or a cnnlens Preprocessing); received "
+            f"{preprocessing!r}."
+        )
     if name.lower().startswith(KERAS_PREFIX):
         app = keras_app(name)
         wpath = Path(os.fspath(weights)) if weights is not None else None
@@ -350,15 +413,25 @@ def load_keras(
             )
         n = 1000 if num_classes is None else num_classes
         names = resolve_class_names(class_names, n)  # fails before the (slow) build
+        hw = _app_hw(app, input_size)
+        if wpath is None and not random_weights and hw != (app.size, app.size):
+            raise _published_size_refusal(app, hw)
         keras = import_keras()
         with keras.device(_keras_device(device)):
             model, source = _build_app(
-                keras, app, weights=wpath, random_weights=random_weights, download=download, seed=seed, num_classes=n
+                keras,
+                app,
+                weights=wpath,
+                random_weights=random_weights,
+                download=download,
+                seed=seed,
+                num_classes=n,
+                hw=hw,
             )
         mode: KerasMode | Preprocessing = app.mode if preprocessing is None else preprocessing
         spec_name, family, default_layer, known = f"keras:{app.name}", app.family, app.default_layer, app.known_layers
         description = f"Keras {app.builder} (keras.applications, torch backend) with {n} classes."
-        size = app.size
+        size = hw
     else:
         path = Path(name)
         if not path.is_file():
@@ -382,10 +455,18 @@ def load_keras(
         source = f"Keras model file {path.resolve()}"
         mode = "tf" if preprocessing is None else preprocessing
         spec_name, family, default_layer, known = name, "custom", "", {}
-        size = _input_size(model) or 224
         n = 0
         description = ""
-    module_preprocessing = mode if isinstance(mode, Preprocessing) else keras_preprocessing(mode, size)
+        fixed = _input_hw(model)
+        asked = _square_or_pair(input_size)
+        if asked is not None and fixed is not None and asked != fixed:
+            raise ModelConfigError(
+                f"input size {asked[0]}x{asked[1]}: the Keras model {name!r} was built for {fixed[0]}x{fixed[1]} "
+                "inputs and Keras refuses any other size. Drop --input-size (input_size=), or build and save the "
+                f"model with input_shape=({asked[0]}, {asked[1]}, 3)."
+            )
+        size = asked or fixed or (224, 224)
+    module_preprocessing = mode if isinstance(mode, Preprocessing) else _preprocessing_at(mode, size)
     module = wrap_keras(model, preprocessing=module_preprocessing)
     if not spec_name.startswith(KERAS_PREFIX):
         n = _num_outputs(module, name)

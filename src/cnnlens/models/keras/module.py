@@ -10,11 +10,14 @@ the wrapper adds:
   returns logits: when the model ends in a softmax (a ``Dense(activation="softmax")`` or a softmax
   ``Activation``/``Softmax`` layer), the logits are the final Dense's pre-activation ``h @ kernel + bias``, with
   ``h`` from a Functional sub-model that shares the model's layers up to that Dense's input: nothing is copied
-  or mutated.
+  or mutated. When the model ends in a nested model that ends in a softmax (a classifier built as its own
+  ``keras.Model`` and called last), the logits are that nested model's pre-softmax, the same way (the outer
+  graph up to the nested model, then the nested model up to its final Dense's input).
 - **Every layer by its Keras path.** A functional model does not register its layers as torch submodules, so
   :meth:`KerasModule.named_modules` lists every Keras layer under its path (``block5_conv3``, and
   ``vgg16/block5_conv3`` inside a nested model); :attr:`KerasModule.cnnlens_layer_aliases` maps a bare name
-  to its path when it is unique.
+  to its path when it is unique, :attr:`KerasModule.cnnlens_layer_ambiguous` lists the paths of a bare name
+  that ends several (refused with those paths).
 - **Layouts.** :attr:`KerasModule.cnnlens_layout` (``"nhwc"`` for ``channels_last``) tells
   :mod:`cnnlens.capture.geometry` that every 4-D layer output is channels-last: no heuristic.
 - **Devices.** The call runs in ``keras.device(<the weights' device>)``: Keras moves inputs to its current
@@ -166,18 +169,52 @@ def _split_softmax(keras: Any, model: Any) -> tuple[Any, Any, str]:
         isinstance(last, keras.layers.Activation) and last.activation is softmax
     ):
         return keras.Model(inputs, last.input), None, f"input of the final softmax layer {last.name!r}"
-    if isinstance(last, keras.Model):
-        inner = _split_softmax(keras, last)[2] if getattr(last, "outputs", None) else ""
-        if inner.startswith(("pre-softmax", "input of the final softmax")):
-            _log.warning(
-                "the Keras model %r ends in the nested model %r whose last layer is a softmax: cnnlens explains its "
-                "probabilities, not logits; build the outer model on the nested model's logits to explain logits",
-                model.name,
-                last.name,
-            )
-            how = f"the model's outputs (probabilities: the softmax is inside the nested model {last.name!r})"
-            return model, None, how
+    if (
+        isinstance(last, keras.Model)
+        and getattr(last, "outputs", None)
+        and len(getattr(last, "inputs", None) or ()) == 1
+    ):
+        inner_body, inner_head, inner_how = _split_softmax(keras, last)
+        if inner_how.startswith(("pre-softmax", "input of the final softmax")):
+            node_inputs = _node_inputs(model, last)
+            if node_inputs is None:
+                _log.warning(
+                    "the Keras model %r ends in the nested model %r whose last layer is a softmax, and that model "
+                    "is called more than once (or on several inputs): cnnlens explains its probabilities, not logits",
+                    model.name,
+                    last.name,
+                )
+                how = f"the model's outputs (probabilities: the softmax is inside the nested model {last.name!r})"
+                return model, None, how
+            prefix = None if node_inputs is inputs[0] else keras.Model(inputs, node_inputs)
+            return _Chain(prefix, inner_body), inner_head, f"{inner_how} inside the nested model {last.name!r}"
     return model, None, "the model's outputs (it does not end in a softmax)"
+
+
+def _node_inputs(model: Any, nested: Any) -> Any:
+    """The one symbolic tensor ``model`` feeds ``nested`` (its last layer), or None when that is not one call."""
+    nodes = [node for node in getattr(nested, "_inbound_nodes", []) if getattr(node, "operation", nested) is nested]
+    mine = [node for node in nodes if any(t is model.outputs[0] for t in getattr(node, "outputs", ()))]
+    if len(mine) != 1:
+        return None
+    args = list(getattr(mine[0], "input_tensors", ()) or ())
+    return args[0] if len(args) == 1 else None
+
+
+class _Chain:
+    """``body(prefix(x))``: the outer graph up to a nested last model, then that model's pre-softmax sub-model.
+
+    Both share the model's layers (built on its existing symbolic tensors: no layer is called, copied or
+    changed); ``prefix`` None when the nested model takes the outer input itself.
+    """
+
+    def __init__(self, prefix: Any, body: Any) -> None:
+        self.prefix = prefix
+        self.body = body
+
+    def __call__(self, x: Any, training: bool = False) -> Any:
+        h = x if self.prefix is None else self.prefix(x, training=training)
+        return self.body(h, training=training)
 
 
 class KerasModule(nn.Module):
@@ -234,6 +271,9 @@ class KerasModule(nn.Module):
         full = {path for path, _ in paths}
         self.cnnlens_layer_aliases: dict[str, str] = {
             name: found[0] for name, found in bare.items() if len(found) == 1 and name not in full
+        }
+        self.cnnlens_layer_ambiguous: dict[str, list[str]] = {
+            name: found for name, found in bare.items() if len(found) > 1 and name not in full
         }
 
     def named_modules(
