@@ -4,13 +4,13 @@ The first explanation of an image for a class captures the requested layer **and
 (:meth:`cnnlens.serve.models.ServedModel.strip`) in one forward and one backward. The backward has to reach the
 earliest hooked layer anyway, so the later layers cost a clone of their output each and nothing more; the
 first request stays as fast as :func:`cnnlens.explain` at that layer. Switching method, or to any later layer,
-then computes the map from the cached :class:`~cnnlens.capture.Recording` without a forward; switching to an
-earlier layer captures again (from that layer on) and replaces the entry. Methods that need extra passes
-(Score-CAM, guided backprop, input gradients...) run them through the same :class:`~cnnlens.capture.Probe`,
-whose own caches live with the entry, under the model's lock.
+then computes the map from the cached :class:`~cnnlens.capture.Recording` without a forward. Once the server is
+idle, the background warm-up (:mod:`cnnlens.serve.prefetch`, :meth:`Engine.complete`) extends the recording to
+every offered layer; an earlier layer asked for before that captures again (from that layer on) and replaces
+the entry. Methods that need extra passes (Score-CAM, guided backprop, input gradients...) run them through the
+same :class:`~cnnlens.capture.Probe`, whose own caches live with the entry, under the model's lock.
 
-:class:`RecordingCache` is a bounded LRU (``--cache-size`` entries); each eviction is counted, logged and shown
-by ``GET /api/cache``. Computed maps are kept in :class:`MapStore` (also bounded) for the PNG/NPY endpoints.
+Recordings and computed maps are kept in the bounded caches of :mod:`cnnlens.serve.cache`.
 """
 
 from __future__ import annotations
