@@ -64,6 +64,8 @@ def _square(path: Path, rgb: tuple[int, int, int], seed: int, size: int) -> None
 def make_run(folder: Path, size: int = 32) -> Path:
     """A 5-image run of a 2-class colour net by the real `cnnlens run`: 4 correct, 1 green image labelled red.
 
+    Two stored maps per image: Grad-CAM at layer ``0`` and saliency (``gradcam@0``, ``saliency@input``).
+
     Args:
         folder: An empty folder; the net, the class names, the images and the run (``run/``) go in it.
         size: Side of the square images (and the net's input size).
@@ -80,7 +82,19 @@ def make_run(folder: Path, size: int = 32) -> Path:
         _square(data / name, rgb, seed, size)
     out = folder / "run"
     args = ["run", str(data), "--model", f"{folder / 'net.py'}:build", "--class-names", str(folder / "classes.txt")]
-    args += ["--input-size", str(size), "--mean", "0.5", "--std", "0.5", "--method", "gradcam", "--layer", "0"]
+    args += [
+        "--input-size",
+        str(size),
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--method",
+        "gradcam",
+        "saliency",
+        "--layer",
+        "0",
+    ]
     if main([*args, "--no-average-drop", "--workers", "0", "--out", str(out)]) != 0:
         raise RuntimeError("cnnlens run failed")
     return out

@@ -273,10 +273,20 @@ def test_run_view_filters_change_the_listed_images(page: Any) -> None:
     cell.click()
     assert listed(1) == ["green_labelled_red.png"]
     # the stored maps of the mistake are shown (never recomputed), the image too
-    page.wait_for_function(
-        "Array.from(document.querySelectorAll('[data-testid=run-row] img')).every(i => i.complete && i.naturalWidth > 0)"
-    )
+    all_loaded = "Array.from(document.querySelectorAll('[data-testid=run-row] img')).every(i => i.complete && i.naturalWidth > 0)"
+    page.wait_for_function(all_loaded)
     assert rows.first.locator("img").count() == 3
+    gradcam = shot(page, "[data-testid=run-row] img >> nth=1")
+
+    # the run stored two maps per image: the other one (saliency) replaces Grad-CAM's picture
+    assert page.locator("#run-pair").is_visible()
+    page.select_option("#run-pair", "saliency@input")
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('[data-testid=run-row] img')).some(i => i.src.includes('pair=saliency'))"
+    )
+    page.wait_for_function(all_loaded)
+    assert listed(1) == ["green_labelled_red.png"]
+    assert difference(gradcam, shot(page, "[data-testid=run-row] img >> nth=1")) > DIFFERENT
 
 
 # ------------------------------------------------------------------------------------------------ Network view

@@ -234,6 +234,7 @@ function wireExplain() {
       state.model = e.target.value;
       state.classIndex = null;
       await loadLayers();
+      showInputImage();
       if (state.imageId) await predictAndExplain();
     }),
   );
@@ -292,8 +293,14 @@ async function setImage(image) {
   state.classIndex = null;
   $("image-name").textContent = `${image.name} · ${image.width}×${image.height}`;
   $("explain-empty").hidden = true;
-  loadImage($("input-image"), `/api/images/${image.image_id}.png`).catch(showError);
+  showInputImage();
   await predictAndExplain();
+}
+
+/** The image as the current model sees it (resized and cropped by its preprocessing). */
+function showInputImage() {
+  if (!state.imageId) return;
+  loadImage($("input-image"), `/api/images/${state.imageId}.png?` + qs({ model: state.model })).catch(showError);
 }
 
 async function predictAndExplain() {
@@ -337,6 +344,7 @@ async function searchClasses(text) {
   }
   const res = await api("/api/classes?" + qs({ model: state.model, q, limit: 20 }));
   if ($("class-search").value.trim() !== q) return;
+  const more = res.total > res.classes.length ? el("span", { class: "muted", text: `${res.classes.length} of ${res.total}` }) : null;
   $("class-results").replaceChildren(
     ...(res.classes.length
       ? res.classes.map((c) =>
@@ -350,6 +358,7 @@ async function searchClasses(text) {
           }),
         )
       : [el("span", { class: "muted", text: "no class matches" })]),
+    ...(more ? [more] : []),
   );
 }
 
@@ -711,6 +720,7 @@ async function startMaximize() {
 // ------------------------------------------------------------------------------------------------ Run
 function wireRun() {
   $("run-select").addEventListener("change", guarded((e) => loadRun(e.target.value)));
+  $("run-pair").addEventListener("change", guarded(() => loadRows(false)));
   for (const id of ["run-filter", "run-true", "run-pred"]) $(id).addEventListener("change", guarded(() => loadRows(false)));
   $("run-clear").addEventListener(
     "click",
@@ -755,6 +765,9 @@ async function loadRun(runId) {
   $("run-true").replaceChildren(...classOptions());
   $("run-pred").replaceChildren(...classOptions());
   $("run-filter").value = "all";
+  const pairs = run.pairs || [];
+  $("run-pair").replaceChildren(...pairs.map((p) => el("option", { value: p.key, text: `${p.method} @ ${p.layer}` })));
+  $("run-pair-label").hidden = pairs.length < 2;
   renderConfusion(run, idx);
   await loadRows(false);
 }
@@ -829,19 +842,27 @@ async function loadRows(more) {
   const res = await api(`/api/runs/${run.run_id}/images?` + qs(params));
   if (state.run !== run) return;
   const base = `/api/runs/${run.run_id}/images`;
+  const pair = $("run-pair").value ? "?" + qs({ pair: $("run-pair").value }) : "";
   const cards = res.rows.map((r) => {
-    const figs = [el("figure", {}, el("img", { src: `${base}/${r.row_id}/original.png`, alt: r.name, loading: "lazy" }), el("figcaption", { text: "image" }))];
-    figs.push(storedMap(`${base}/${r.row_id}/pred.png`, `predicted: ${r.pred_name}`));
-    if (!r.correct) figs.push(storedMap(`${base}/${r.row_id}/true.png`, `true: ${r.true_name}`));
+    const failed = r.status && r.status !== "ok";
+    const figs = [];
+    if (failed) {
+      figs.push(el("p", { class: "muted", text: `not explained: ${r.error || r.status}` }));
+    } else {
+      figs.push(el("figure", {}, el("img", { src: `${base}/${r.row_id}/original.png`, alt: r.name, loading: "lazy" }), el("figcaption", { text: "image" })));
+      figs.push(storedMap(`${base}/${r.row_id}/pred.png${pair}`, `predicted: ${r.pred_name}`));
+      if (!r.correct) figs.push(storedMap(`${base}/${r.row_id}/true.png${pair}`, `true: ${r.true_name}`));
+    }
+    const kind = failed ? "failed" : r.correct ? "correct" : "incorrect";
     return el(
       "article",
-      { class: "run-row " + (r.correct ? "correct" : "incorrect"), "data-testid": "run-row", "data-row": r.row_id, "data-correct": String(r.correct) },
+      { class: "run-row " + kind, "data-testid": "run-row", "data-row": r.row_id, "data-correct": String(r.correct) },
       el(
         "header",
         {},
         el("strong", { text: r.name }),
-        el("span", { text: ` true ${r.true_name} · predicted ${r.pred_name} (${fmt(r.score, 2)})` }),
-        el("span", { class: "badge", text: r.correct ? "correct" : "wrong" }),
+        el("span", { text: failed ? ` true ${r.true_name}` : ` true ${r.true_name} · predicted ${r.pred_name} (${fmt(r.score, 2)})` }),
+        el("span", { class: "badge", text: { failed: "error", correct: "correct", incorrect: "wrong" }[kind] }),
       ),
       el("div", { class: "figs" }, ...figs),
     );
