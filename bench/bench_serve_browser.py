@@ -11,7 +11,9 @@ page (file picker ``change``) until the overlay of the top class has loaded in i
 decode. Every upload is a different file (scikit-image photos, shifted crops), so no server cache can answer
 it. The model is loaded when the page opens (``/api/layers``), before any upload; the very first upload
 (``cold``: the process's first forward and backward) is reported apart from the others (median, min, max). The
-server's background prefetch (``ServeConfig.warmup``, on by default as in ``cnnlens serve``) stays on. The
+server's background prefetch (``ServeConfig.warmup``, on by default as in ``cnnlens serve``: after a map, the
+image's recording is extended to every layer once the server is idle) stays on, and each upload waits until it
+is done, as when a person looks at a map before the next upload (``--no-wait`` uploads at once instead). The
 Python-side wall time (``set_input_files`` to the panel's ``ready`` state, which also waits for the heat map and
 signed map) is printed beside it.
 
@@ -63,6 +65,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=8, help="uploads after the cold one")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for the server's prefetch to finish")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -70,7 +73,9 @@ def main() -> int:
     print(describe_machine(info))
     in_page: list[float] = []
     wall: list[float] = []
-    with LiveServer(create_app([])) as live, sync_playwright() as p:
+    app = create_app([])
+    prefetch = getattr(app.state.cnnlens.engine, "prefetch", None)
+    with LiveServer(app) as live, sync_playwright() as p:
         browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(120_000)
@@ -78,6 +83,8 @@ def main() -> int:
         page.wait_for_selector("#sample-select option[value='chelsea']", state="attached")
         for k in range(args.repeats + 1):
             payload = upload_bytes(k)
+            if prefetch is not None and not args.no_wait:
+                prefetch.wait_idle(120)
             old = page.get_attribute("#panel-a", "data-map-id") or ""
             start = time.perf_counter()
             page.set_input_files(
