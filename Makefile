@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= cnnlens-demo
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint format typecheck bench clean install
+.PHONY: demo test lint format typecheck bench clean install docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,12 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15
+# The documentation site, strictly (warnings are errors) and offline, into build/site.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cam.py

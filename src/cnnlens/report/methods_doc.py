@@ -7,7 +7,17 @@ import inspect
 from cnnlens.methods import iter_methods
 from cnnlens.methods.registry import MethodSpec, volume_method_ids
 
-__all__ = ["default_layers_markdown", "method_card", "methods_markdown", "volumes_markdown"]
+__all__ = [
+    "EXAMPLE_IMAGES",
+    "EXAMPLE_LAYER",
+    "EXAMPLE_VIT",
+    "default_layers_markdown",
+    "display_rule",
+    "example_caption",
+    "method_card",
+    "methods_markdown",
+    "volumes_markdown",
+]
 
 _COST = {
     "activations": "the layer's activations from the shared forward",
@@ -44,10 +54,55 @@ def _body(spec: MethodSpec) -> str:
     return "\n".join(kept).strip()
 
 
+EXAMPLE_IMAGES = "images/methods"
+"""Where the example picture of each method lies, relative to ``docs/`` (``scripts/method_cards.py`` draws them)."""
+
+EXAMPLE_LAYER = "bn2"
+"""The layer of the layer-scope examples: the embedded EfficientNet-Lite0's default (last spatial) layer."""
+
+EXAMPLE_VIT = "vit_tiny_patch16_224"
+"""The model of the attention methods' examples (timm, random weights: the embedded model has no attention)."""
+
+
+def display_rule(spec: MethodSpec) -> str:
+    """How a method's raw map becomes the picture: the display rule, the option that changes it, the colours.
+
+    Example:
+        >>> from cnnlens.methods import get_method
+        >>> display_rule(get_method("saliency")).split(";")[0]
+        '`|raw|` (option `display`: `relu`, `abs` or `signed`)'
+    """
+    if spec.display is None:
+        rule = "`ReLU(raw)`" if spec.relu else "`raw`, signed"
+        head = f"{rule} (option `relu`: `true` keeps the positive part, `false` the signed map)"
+        colours = "drawn with `jet` at opacity 0.5 over the image"
+    else:
+        rule = {"relu": "`ReLU(raw)`", "abs": "`|raw|`", "signed": "`raw`, signed"}[spec.display]
+        head = f"{rule} (option `display`: `relu`, `abs` or `signed`)"
+        colours = (
+            "a pixel attribution: scaled to its 99th percentile and drawn in `inferno` with an opacity "
+            "proportional to the map, so the photo shows where it is zero"
+        )
+    return f"{head}; then upsampled bilinearly to the input and min-max normalised per map; {colours}"
+
+
+def example_caption(spec: MethodSpec) -> str:
+    """What the method's example picture shows (model, photo, layer), from the registry alone."""
+    if "attention" in spec.needs or "attention_gradients" in spec.needs:
+        return (
+            f"{spec.title} on a randomly initialised `{EXAMPLE_VIT}` (the embedded CNN has no attention) and "
+            "scikit-image's `chelsea`: it shows the map's form on the 14x14 patch grid, not a trained model's "
+            "explanation"
+        )
+    where = f"at layer `{EXAMPLE_LAYER}`" if spec.scope == "layer" else f"({spec.scope} scope)"
+    return f"{spec.title} of the embedded EfficientNet-Lite0 {where} on scikit-image's `chelsea`, class 282 tiger cat"
+
+
 def method_card(spec: MethodSpec) -> str:
-    """One method's formula card in Markdown: paper, formula, variant choices, what it needs, cost."""
+    """One method's card in Markdown: paper, formula, options, display rule, what it needs, an example picture."""
     options = ", ".join(f"`{k}={v!r}`" for k, v in spec.variant().items())
     needs = "; ".join(_COST.get(n, n) for n in sorted(spec.needs))
+    caption = example_caption(spec)
     parts = [
         f"## {spec.title} (`{spec.id}`)",
         "",
@@ -56,9 +111,14 @@ def method_card(spec: MethodSpec) -> str:
         f"- **Paper**: {spec.paper}",
         f"- **Formula**: `{spec.formula}`",
         f"- **Options (defaults)**: {options}",
+        f"- **Display rule**: {display_rule(spec)}",
         f"- **Needs / cost**: {needs}",
         "",
         _body(spec),
+        "",
+        f"![{caption.replace('`', '')}]({EXAMPLE_IMAGES}/{spec.id}.png)",
+        "",
+        f"*{caption}; drawn by `scripts/method_cards.py`.*",
         "",
     ]
     return "\n".join(parts)
