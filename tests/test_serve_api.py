@@ -150,6 +150,23 @@ def test_declared_oversized_body_is_refused_from_its_header(client: TestClient) 
     assert response.status_code == 413 and error_code(response) == "upload_too_large"
 
 
+def test_streamed_body_without_a_length_is_cut_at_the_limit(client: TestClient) -> None:
+    """No Content-Length (chunked): the limit inside the multipart parser refuses it (413, not a parse error)."""
+    boundary = "cnnlensboundary"
+
+    def body() -> Iterator[bytes]:
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        yield (head + "Content-Type: image/png\r\n\r\n").encode()
+        for _ in range(400):  # 400 x 4 kB = 1.6 MB, over the 200 kB limit
+            yield b"\x89PNG" + b"x" * 4092
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    response = client.post("/api/images", content=body(), headers=headers)
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+    assert response.status_code == 413 and error_code(response) == "upload_too_large"
+
+
 def test_read_limited_stops_reading_past_the_limit() -> None:
     consumed: list[int] = []
 

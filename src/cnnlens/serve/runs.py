@@ -192,7 +192,7 @@ class ServedRun:
             return stored
         with self._lock:  # np.load of a shared memory map
             try:
-                pred_map, true_map = self.results.maps(self.rows.index(row), pair.method, pair.layer)
+                pred_map, true_map = self.results.maps(self.by_index[int(row_id)], pair.method, pair.layer)
             except (OSError, ValueError, KeyError, IndexError):
                 pred_map, true_map = None, None
         chosen = pred_map if which == "pred" or (true_map is None and row.get("correct")) else true_map
