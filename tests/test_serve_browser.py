@@ -54,11 +54,14 @@ def page(browser: Any, server: str) -> Iterator[Any]:
     pg.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    elsewhere: list[str] = []  # every request must go to the local server: no CDN, works offline
+    context.on("request", lambda r: None if r.url.startswith((server + "/", "data:")) else elsewhere.append(r.url))
     pg.goto(server + "/")
     pg.wait_for_selector("#sample-select option[value='chelsea']", state="attached")
     yield pg
     context.close()
     assert not errors, errors  # no uncaught exception in the page's script
+    assert not elsewhere, elsewhere
 
 
 def shot(page: Any, selector: str) -> np.ndarray:
