@@ -45,6 +45,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,7 +304,7 @@ def ray_session(address: str | None = None, *, timeout: float = 10.0) -> Iterato
     A ``HOST:PORT`` address is probed first. An already initialised Ray is then used as it is (and left
     running); otherwise ``address`` (or ``RAY_ADDRESS``) is joined, or a local cluster is started on this machine.
 
-    Ray's log forwarding is off (``log_to_driver=False``) and its loggers are quiet.
+    Ray's log forwarding is off (``log_to_driver=False``) and its loggers report errors only.
 
     Raises:
         RayEngineError: Ray is not installed, or no cluster answers at the address (nothing is written then).
@@ -318,7 +319,8 @@ def ray_session(address: str | None = None, *, timeout: float = 10.0) -> Iterato
     if address is not None and address != "auto":
         _probe(address, timeout)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the driver's C++ notices (errors still raise)
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address is None:
         kwargs["include_dashboard"] = False
     try:
@@ -571,9 +573,19 @@ def execute_ray(
     """Process every pending shard of an opened :class:`~cnnlens.runs.DatasetRun` on Ray; finish the run.
 
     Ray must be connected (:func:`ray_session`). Shards are committed as they arrive; ``progress(completed,
-    total)`` is called after each. The per-actor throughput and the driver's commit time go into
-    ``run.extra["engine"]`` (hence the manifest) and onto :attr:`throughput` of the returned summary's caller
-    through ``run.extra``.
+    total)`` is called after each. The resource plan, the per-actor throughput (:class:`ActorThroughput`) and
+    the driver's commit time and rate go into ``run.extra["engine"]``, hence into ``manifest.json``.
+
+    Args:
+        run: The opened run (``with DatasetRun(...) as run``).
+        options: The Ray options (:class:`RayOptions`).
+        batch_size: Images per forward/backward in the actors.
+        progress: ``progress(completed, total)`` after every committed shard.
+        max_pixels: Largest image decoded (larger ones become error rows).
+        execution: How each batch runs in the actors (:class:`cnnlens.Execution`).
+
+    Returns:
+        The :class:`~cnnlens.runs.RunSummary`.
 
     Raises:
         RayEngineError: Workers cannot load the model or see the run folder; the cluster lacks resources.
@@ -641,15 +653,9 @@ def execute_ray(
             ]
             ds = ray.data.from_items(items, override_num_blocks=len(pending))
             ds = ds.map(decode, num_cpus=plan.read_cpus)
-            ds = ds.map_batches(
-                _ShardExplainer,
-                fn_constructor_kwargs={"spec": spec},
-                batch_size=1,
-                compute=ActorPoolStrategy(size=plan.actors),
-                num_cpus=plan.cpus_per_actor,
-                num_gpus=plan.gpus_per_actor or None,
-                ray_remote_args_fn=_actor_remote_args,
-            )
+            with warnings.catch_warnings():  # Ray 2.60 deprecates per-actor remote args without a replacement yet
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+                ds = _explaining_stage(ds, spec, plan, ActorPoolStrategy)
             for row in ds.iter_rows():
                 if row["failure"]:
                     raise RayEngineError(str(row["failure"]))
@@ -682,6 +688,19 @@ def execute_ray(
         "driver_commits_per_s": round(processed / commit_s, 1) if commit_s > 0 else None,
     }
     return run.finish(processed, done_before, elapsed)
+
+
+def _explaining_stage(ds: Any, spec: _WorkerSpec, plan: ResourcePlan, pool: Any) -> Any:
+    """The actor stage: one shard per call, ``plan.actors`` actors with their logical CPUs and GPUs."""
+    return ds.map_batches(
+        _ShardExplainer,
+        fn_constructor_kwargs={"spec": spec},
+        batch_size=1,
+        compute=pool(size=plan.actors),
+        num_cpus=plan.cpus_per_actor,
+        num_gpus=plan.gpus_per_actor or None,
+        ray_remote_args_fn=_actor_remote_args,
+    )
 
 
 def _actor_remote_args() -> dict[str, Any]:
