@@ -30,9 +30,26 @@ def _nav() -> list[str]:
     return re.findall(r":\s*([\w./-]+\.md)\s*$", nav_block, flags=re.MULTILINE)
 
 
+def _shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder every xdist worker of this session sees (the session's base folder), or a fresh one."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.getbasetemp().parent / name
+    return tmp_path_factory.mktemp(name)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("site")
+    """The site built once per test session, even when the module's tests are spread over xdist workers."""
+    from filelock import FileLock
+
+    out = _shared_dir(tmp_path_factory, "docs-site")
+    with FileLock(f"{out}.lock"):
+        if not (out / "index.html").is_file():
+            _build(out)
+    return out
+
+
+def _build(out: Path) -> None:
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1", OMP_NUM_THREADS="1")
     env.pop("http_proxy", None)
     done = subprocess.run(
@@ -45,7 +62,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=False,
     )
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return out
 
 
 def test_every_nav_page_is_built(site: Path) -> None:

@@ -41,13 +41,28 @@ def _run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None, timeou
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tree = tmp_path_factory.mktemp("tree")
+    """The wheel and sdist, built once per test session even when the tests are spread over xdist workers."""
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the session's base folder, seen by every worker
+        tree = tmp_path_factory.getbasetemp().parent / "wheel-tree"
+    else:
+        tree = tmp_path_factory.mktemp("tree")
+    with FileLock(f"{tree}.lock"):
+        if not list((tree / "dist").glob("*.whl")):
+            _build(tree)
+    return tree / "dist"
+
+
+def _build(tree: Path) -> None:
+    tree.mkdir(exist_ok=True)
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, tree / name)
-    shutil.copytree(PACKAGE, tree / "src" / "cnnlens", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        PACKAGE, tree / "src" / "cnnlens", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True
+    )
     out = tree / "dist"
     _run(sys.executable, "-m", "build", "--no-isolation", "--wheel", "--sdist", "--outdir", out, ".", cwd=tree)
-    return out
 
 
 def _package_data() -> set[str]:
