@@ -131,6 +131,18 @@ def test_large_maps_are_shrunk_for_display() -> None:
     assert page.images[0].shape == (128, 256, 3)
 
 
+def test_volumes_show_their_middle_depth_slice() -> None:
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten()
+    )
+    torch.manual_seed(1)
+    e = cnnlens.explain(net.eval(), torch.rand(1, 3, 6, 16, 20), layers=["1"])["gradcam", "1"]
+    assert e.is_volume and e.images is not None and e.depth_slice == 3
+    page = _parse(e._repr_html_())
+    expected = overlay(e.images[0].numpy(), e.maps[0, 0, 3].numpy())
+    assert np.array_equal(page.images[0], expected)
+
+
 def test_figure_and_show_draw_the_same_tiles(result: cnnlens.ExplanationSet, monkeypatch: pytest.MonkeyPatch) -> None:
     import matplotlib
 
