@@ -449,6 +449,34 @@ def test_unexpected_errors_are_json_without_a_trace(client: TestClient, monkeypa
     assert "boom" in response.json()["error"]["message"]
 
 
+def test_explain_recording_equals_explain_and_refuses_an_unrecorded_layer() -> None:
+    from cnnlens.capture import Probe, capture
+    from cnnlens.errors import LayerError
+    from cnnlens.explain import display_images, explain_recording
+    from cnnlens.methods.registry import get_method
+
+    model = tiny(1)
+    x = torch.rand(1, 3, 32, 32)
+    cap = capture(model.module, ["body.3", "body.4"])
+    with cap:
+        rec = cap.run(x, 3, gradients=True)
+    probe = Probe(cap, rec, rec.targets)
+    images = display_images(x, model)
+    direct = explain(model, x, methods=["gradcam", "scorecam", "saliency"], layers=["body.3", "body.4"], targets=3)
+    with cap:  # re-opened: Score-CAM's and saliency's extra passes run through the probe
+        for method, key, layer in (("gradcam", "body.4", "body.4"), ("scorecam", "body.3", "body.3"),
+                                   ("saliency", "input", None)):  # fmt: skip
+            spec = get_method(method)
+            got = explain_recording(model.module, rec, probe, spec, spec.variant(), key, images=images)
+            want = direct[method, layer]
+            assert got.layer == want.layer and got.method == method
+            torch.testing.assert_close(got.raw, want.raw, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got.maps, want.maps, rtol=1e-5, atol=1e-6)
+        with pytest.raises(LayerError, match=r"body\.0"):
+            explain_recording(model.module, rec, probe, get_method("gradcam"), {"relu": True}, "body.0", images=images)
+    assert hook_count(model.module) == 0
+
+
 # -- the embedded model --------------------------------------------------------------------------------------------
 def test_embedded_model_sees_a_cat_in_chelsea() -> None:
     config = ServeConfig(zoo=True, cache_size=2)

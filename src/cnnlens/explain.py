@@ -47,7 +47,7 @@ from cnnlens.models.layers import default_target_layer
 from cnnlens.outputs import OutputSelector
 from cnnlens.targets import TargetSpec, name_targets
 
-__all__ = ["default_layer", "display_images", "explain"]
+__all__ = ["default_layer", "display_images", "explain", "explain_recording"]
 
 
 def default_layer(model: nn.Module | LoadedModel) -> str:
@@ -355,6 +355,51 @@ def display_images(inputs: torch.Tensor, model: nn.Module | LoadedModel | None =
     if out.shape[1] == 1:
         out = out.expand(-1, 3, -1, -1)
     return out.permute(0, 2, 3, 1).cpu()
+
+
+def explain_recording(
+    module: nn.Module,
+    recording: Recording,
+    probe: Probe,
+    method: MethodSpec,
+    variant: dict[str, Any],
+    key: str,
+    *,
+    images: torch.Tensor,
+    class_names: Sequence[str] | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> Explanation:
+    """One method at one recorded layer, from an existing recording: what :func:`explain` computes, without a forward.
+
+    For callers that keep a :class:`~cnnlens.capture.Recording` to answer many (layer, method) requests, such as
+    ``cnnlens serve``. Call it with the probe's capture open (``with probe.cap:``): methods that need more passes
+    (Score-CAM, guided backprop, input gradients) run them through ``probe``, whose caches serve later calls.
+
+    Args:
+        module: The network the recording was made on.
+        recording: A recording of one lone-tensor input with gradients (``Capture.run(..., gradients=True)``).
+        probe: ``Probe(cap, recording, recording.targets)`` of the same capture.
+        method: The method's spec (:func:`cnnlens.methods.registry.get_method`).
+        variant: Its full variant (``method.variant(options)``).
+        key: A recorded layer key for a layer-scope method; ``"input"`` or ``"network"`` for the other scopes.
+        images: ``(B, H, W, 3)`` uint8 display images (:func:`display_images`).
+        class_names: Class names for labels.
+        manifest: The manifest the result carries.
+
+    Returns:
+        The :class:`Explanation` :func:`explain` would give for this (method, layer) on the same input and target.
+
+    Raises:
+        LayerError: ``key`` is not among the method's results on this recording.
+    """
+    views = _method_views(method, module, recording, probe, None, None)
+    if key not in views:
+        raise LayerError(f"{method.id} gives results for {sorted(views)}, not for {key!r}; record that layer.")
+    raw_dtype = torch.float64 if recording.inputs.dtype == torch.float64 else torch.float32
+    computed = [(method, key, variant, *_compute(method, variant, views[key], raw_dtype))]
+    size = tuple(int(s) for s in recording.inputs.shape[2:])
+    names = list(class_names) if class_names is not None else None
+    return _results(computed, recording, size, images, None, names, dict(manifest or {}))[0]
 
 
 def explain(

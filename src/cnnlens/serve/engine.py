@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from cnnlens.capture import Probe, capture
 from cnnlens.errors import CnnlensError, MethodNotFoundError, OptionError
-from cnnlens.explain import _compute, _method_views, _results, display_images, explain
+from cnnlens.explain import display_images, explain, explain_recording
 from cnnlens.explanation import Explanation
 from cnnlens.methods.registry import MethodSpec, get_method
 from cnnlens.metrics import average_drop, deletion_insertion
@@ -244,20 +244,19 @@ class Engine:
         self, served: ServedModel, entry: Recorded, spec: MethodSpec, variant: dict[str, Any], key: str
     ) -> Explanation:
         """One method at one layer (or input/network) from the cached recording (capture re-opened for passes)."""
-        rec = entry.rec
-        module = served.get().module
-        reference = rec.inputs
-        size = tuple(int(s) for s in reference.shape[2:])
-        raw_dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
+        loaded = served.get()
         with entry.cap:
-            views = _method_views(spec, module, rec, entry.probe, None, None)
-            chosen = views.get(key)
-            if chosen is None:  # one input: input-scope results are keyed "input"
-                chosen = next(iter(views.values()))
-            computed = [(spec, key, variant, *_compute(spec, variant, chosen, raw_dtype))]
-            names = served.get().class_names or None
-            results = _results(computed, rec, size, entry.images, None, names, entry.manifest)
-        return results[0]
+            return explain_recording(
+                loaded.module,
+                entry.rec,
+                entry.probe,
+                spec,
+                variant,
+                key,
+                images=entry.images,
+                class_names=loaded.class_names or None,
+                manifest=entry.manifest,
+            )
 
     def _explain_direct(
         self,
