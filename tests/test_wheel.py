@@ -26,7 +26,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "cnnlens"
-DATA_GLOBS = ("report/templates/*.html", "report/templates/*.css", "serve/static/*", "py.typed")
+DATA_GLOBS = ("report/templates/*.html", "report/templates/*.css", "serve/static/**/*", "py.typed")
 
 pytestmark = pytest.mark.slow
 
