@@ -73,9 +73,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     ray_options = _ray_options(args) if engine == "ray" else None
     with contextlib.ExitStack() as stack:
         if ray_options is not None:  # connect first: an address that does not answer leaves --out untouched
-            from cnnlens.runs.ray_engine import ray_session
+            from cnnlens.runs.ray_engine import check_cluster, ray_session
 
             stack.enter_context(ray_session(ray_options.address, timeout=ray_options.connect_timeout_s))
+            check_cluster(ray_options)
         run = stack.enter_context(
             DatasetRun(
                 args.out,

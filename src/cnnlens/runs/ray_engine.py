@@ -74,6 +74,7 @@ __all__ = [
     "RayEngineError",
     "RayOptions",
     "ResourcePlan",
+    "check_cluster",
     "execute_ray",
     "plan_resources",
     "ray_session",
@@ -315,9 +316,10 @@ def ray_session(address: str | None = None, *, timeout: float = 10.0) -> Iterato
     if ray.is_initialized():
         yield ray
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is not None and address != "auto":
-        _probe(address, timeout)
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        if address != "auto":
+            _probe(address, timeout)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the driver's C++ notices (errors still raise)
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
@@ -551,6 +553,22 @@ def _read_text(path: Path) -> str:
 
 
 # -- driver ------------------------------------------------------------------------------------------------------
+def check_cluster(options: RayOptions) -> ResourcePlan:
+    """The resource plan on the connected cluster.
+
+    Call it before opening the run folder, so a plan the cluster cannot hold (more GPUs than it has) is refused
+    with nothing written.
+
+    Raises:
+        RayEngineError: Ray is not connected, or the plan does not fit (see :func:`plan_resources`).
+    """
+    ray = _import_ray()
+    if not ray.is_initialized():
+        raise RayEngineError("the Ray engine needs Ray connected: use `with ray_session(address):` around it.")
+    resources = ray.cluster_resources()
+    return plan_resources(float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), options)
+
+
 def _configure_data_context(ray: Any) -> None:
     from ray.data import DataContext
 
@@ -593,15 +611,12 @@ def execute_ray(
     if batch_size < 1:
         raise RunError(f"--batch-size must be at least 1, got {batch_size}.")
     options.validate()
-    ray = _import_ray()
-    if not ray.is_initialized():
-        raise RayEngineError("execute_ray() needs Ray connected: use `with ray_session(address):` around it.")
+    plan = check_cluster(options)
+    import ray
     import ray.data
     from ray.data import ActorPoolStrategy
 
     execution = as_execution(execution)
-    resources = ray.cluster_resources()
-    plan = plan_resources(float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), options)
     pending = run.pending_shards()
     done_before = run.completed
     completed = done_before
@@ -651,7 +666,7 @@ def execute_ray(
                 {"shard": s, "samples": pickle.dumps([samples[i] for i in store.shard_range(s)], protocol=5)}
                 for s in pending
             ]
-            ds = ray.data.from_items(items, override_num_blocks=len(pending))
+            ds: Any = ray.data.from_items(items, override_num_blocks=len(pending))
             ds = ds.map(decode, num_cpus=plan.read_cpus)
             with warnings.catch_warnings():  # Ray 2.60 deprecates per-actor remote args without a replacement yet
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*")

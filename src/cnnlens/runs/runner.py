@@ -465,16 +465,15 @@ def run_dataset(
     if engine not in ("local", "ray"):
         raise RunError(f"--engine must be 'local' or 'ray', got {engine!r}.")
     if engine == "ray":
-        from cnnlens.runs.ray_engine import RayOptions, execute_ray, ray_session
+        from cnnlens.runs.ray_engine import RayOptions, check_cluster, execute_ray, ray_session
 
         options = ray or RayOptions()
         options.validate()
-        with (
-            ray_session(options.address, timeout=options.connect_timeout_s),
-            DatasetRun(
+        with ray_session(options.address, timeout=options.connect_timeout_s):
+            check_cluster(options)  # before the run folder is touched
+            with DatasetRun(
                 run_dir, dataset, model, settings, shard_size=shard_size, overwrite=overwrite, extra=extra
-            ) as run,
-        ):
-            return execute_ray(run, options, batch_size=batch_size, progress=progress, execution=execution)
+            ) as run:
+                return execute_ray(run, options, batch_size=batch_size, progress=progress, execution=execution)
     with DatasetRun(run_dir, dataset, model, settings, shard_size=shard_size, overwrite=overwrite, extra=extra) as run:
         return run.execute(batch_size=batch_size, workers=workers, progress=progress, execution=execution)
