@@ -178,7 +178,7 @@ def test_notebooks_are_committed_without_outputs() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path: Path, tmp_path: Path) -> None:
+def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import nbformat
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
@@ -195,9 +195,11 @@ def test_notebook_executes(path: Path, tmp_path: Path) -> None:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             "MPLBACKEND": "Agg",
             "TMPDIR": str(tmp_path),
+            "IPYTHONDIR": str(tmp_path / "ipython"),  # no history database in the user's ~/.ipython
         },
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))  # connection files stay here too
     manager = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
     notebook = nbformat.read(path, as_version=4)
     work = tmp_path / "work"
