@@ -212,16 +212,30 @@ def test_explain_matches_a_direct_explain_call_and_reuses_the_capture(
     second = client.post(
         "/api/explain", json={"image_id": image_id, "layer": "body.4", "class_index": 2, "method": "gradcampp"}
     ).json()
-    third = client.post("/api/explain", json={"image_id": image_id, "layer": "body.3", "class_index": 2,
-                                              "method": "xgradcam", "options": {"relu": False}}).json()  # fmt: skip
+    third = client.post(
+        "/api/explain",
+        json={
+            "image_id": image_id,
+            "layer": "body.3",
+            "class_index": 2,
+            "method": "xgradcam",
+            "options": {"relu": False},
+        },
+    ).json()
     assert second["cached"] is True and third["cached"] is True and len(calls) == 1  # no new capture
     assert second["timing_ms"]["capture"] == 0.0 and second["timing_ms"]["total"] < first["timing_ms"]["total"]
 
     # Oracle: the same maps as cnnlens.explain on the same input.
     model = client.app.state.cnnlens.hub["tiny"].get()  # type: ignore[attr-defined]
     x = client.app.state.cnnlens.images.model_input(image_id, "tiny", model)  # type: ignore[attr-defined]
-    direct = explain(model, x, methods=["gradcampp", "xgradcam"], layers=["body.4", "body.3"], targets=2,
-                     options={"xgradcam": {"relu": False}})  # fmt: skip
+    direct = explain(
+        model,
+        x,
+        methods=["gradcampp", "xgradcam"],
+        layers=["body.4", "body.3"],
+        targets=2,
+        options={"xgradcam": {"relu": False}},
+    )
     for body, method, layer in ((second, "gradcampp", "body.4"), (third, "xgradcam", "body.3")):
         raw = direct[method, layer].raw[:1, :1]
         want = torch.nn.functional.interpolate(raw, size=(32, 32), mode="bilinear")[0, 0].numpy()
@@ -238,8 +252,9 @@ def test_earlier_layer_and_other_class_capture_again(client: TestClient, image_i
     cache = client.app.state.cnnlens.cache  # type: ignore[attr-defined]
     before = cache.info()["captures"]
     a = client.post("/api/explain", json={"image_id": image_id, "layer": "body.4", "class_index": 1}).json()
-    b = client.post("/api/explain", json={"image_id": image_id, "layer": "body.4", "class_index": 1,
-                                          "method": "layercam"}).json()  # fmt: skip
+    b = client.post(
+        "/api/explain", json={"image_id": image_id, "layer": "body.4", "class_index": 1, "method": "layercam"}
+    ).json()
     c = client.post("/api/explain", json={"image_id": image_id, "layer": "body.0", "class_index": 1}).json()
     assert (a["cached"], b["cached"], c["cached"]) == (False, True, False)
     assert cache.info()["captures"] == before + 2
@@ -363,8 +378,9 @@ def test_two_threads_at_once_get_the_sequential_answers(client: TestClient) -> N
     def work(i: int) -> None:
         try:
             for method in ("gradcam", "gradcampp", "scorecam", "guided_backprop"):
-                r = client.post("/api/explain", json={"image_id": images[i], "method": method, "layer": "body.3",
-                                                      "class_index": 4})  # fmt: skip
+                r = client.post(
+                    "/api/explain", json={"image_id": images[i], "method": method, "layer": "body.3", "class_index": 4}
+                )
                 assert r.status_code == 200, r.text
                 results[i].append(np.load(io.BytesIO(client.get(f"/api/maps/{r.json()['map_id']}/map.npy").content)))
         except BaseException as exc:  # reported below, in the main thread
@@ -379,8 +395,9 @@ def test_two_threads_at_once_get_the_sequential_answers(client: TestClient) -> N
     model = client.app.state.cnnlens.hub["tiny"].get()  # type: ignore[attr-defined]
     for i in range(2):
         x = client.app.state.cnnlens.images.model_input(images[i], "tiny", model)  # type: ignore[attr-defined]
-        direct = explain(model, x, methods=["gradcam", "gradcampp", "scorecam", "guided_backprop"], layers=["body.3"],
-                         targets=4)  # fmt: skip
+        direct = explain(
+            model, x, methods=["gradcam", "gradcampp", "scorecam", "guided_backprop"], layers=["body.3"], targets=4
+        )
         for got, exp in zip(results[i], direct, strict=True):
             raw = exp.raw[:1, :1]
             want = raw if raw.shape[-1] == 32 else torch.nn.functional.interpolate(raw, size=(32, 32), mode="bilinear")
@@ -464,8 +481,11 @@ def test_explain_recording_equals_explain_and_refuses_an_unrecorded_layer() -> N
     images = display_images(x, model)
     direct = explain(model, x, methods=["gradcam", "scorecam", "saliency"], layers=["body.3", "body.4"], targets=3)
     with cap:  # re-opened: Score-CAM's and saliency's extra passes run through the probe
-        for method, key, layer in (("gradcam", "body.4", "body.4"), ("scorecam", "body.3", "body.3"),
-                                   ("saliency", "input", None)):  # fmt: skip
+        for method, key, layer in (
+            ("gradcam", "body.4", "body.4"),
+            ("scorecam", "body.3", "body.3"),
+            ("saliency", "input", None),
+        ):
             spec = get_method(method)
             got = explain_recording(model.module, rec, probe, spec, spec.variant(), key, images=images)
             want = direct[method, layer]
@@ -530,8 +550,24 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / "data" / name / f"{i}.png")
     (root / "data" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
     out = root / "run"
-    args = ["run", str(root / "data"), "--model", f"{root / 'net.py'}:build", "--input-size", "24", "--mean", "0.5",
-            "--std", "0.5", "--class-names", str(root / "classes.txt"), "--out", str(out), "--workers", "0"]  # fmt: skip
+    args = [
+        "run",
+        str(root / "data"),
+        "--model",
+        f"{root / 'net.py'}:build",
+        "--input-size",
+        "24",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--class-names",
+        str(root / "classes.txt"),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+    ]
     assert runs_main(args) in (0, 1)  # 1: the broken file is reported as an error row
     return out
 

@@ -113,14 +113,22 @@ def method_infos() -> list[dict[str, Any]]:
         options = []
         for name, default in spec.variant({}).items():
             if name == "display":
-                options.append({"name": name, "type": "choice", "default": default,
-                                "choices": ["relu", "abs", "signed"], "help": "how the raw map is shown"})  # fmt: skip
+                options.append(
+                    {
+                        "name": name,
+                        "type": "choice",
+                        "default": default,
+                        "choices": ["relu", "abs", "signed"],
+                        "help": "how the raw map is shown",
+                    }
+                )
                 continue
             kind = kinds.get(type(default), "str")
             help_text = "ReLU the raw map before display (CAM convention)" if name == "relu" else ""
             options.append({"name": name, "type": kind, "default": default, "choices": None, "help": help_text})
-        out.append({"id": spec.id, "name": spec.title, "scope": spec.scope, "summary": spec.summary,
-                    "options": options})  # fmt: skip
+        out.append(
+            {"id": spec.id, "name": spec.title, "scope": spec.scope, "summary": spec.summary, "options": options}
+        )
     return out
 
 
@@ -184,8 +192,14 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         if state.engine.prefetch is not None:
             state.engine.prefetch.stop()
 
-    app = FastAPI(title="cnnlens", version=__version__, lifespan=lifespan, docs_url="/api/docs", redoc_url=None,
-                  openapi_url="/api/openapi.json")  # fmt: skip
+    app = FastAPI(
+        title="cnnlens",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
     app.state.cnnlens = state
 
     @app.exception_handler(ApiError)
@@ -196,8 +210,11 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error(ApiError("bad_request", f"{where}: {first.get('msg', 'invalid request')}",
-                               "see the API table in docs/serve.md."))  # fmt: skip
+        return _error(
+            ApiError(
+                "bad_request", f"{where}: {first.get('msg', 'invalid request')}", "see the API table in docs/serve.md."
+            )
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -207,8 +224,14 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error", exc_info=exc)
-        return _error(ApiError("internal_error", f"unexpected {type(exc).__name__}: {exc}",
-                               "see the server log; report it if it persists.", 500))  # fmt: skip
+        return _error(
+            ApiError(
+                "internal_error",
+                f"unexpected {type(exc).__name__}: {exc}",
+                "see the server log; report it if it persists.",
+                500,
+            )
+        )
 
     static = _static_dir()
     if static.is_dir():
@@ -218,8 +241,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     def index() -> Response:
         page = static / "index.html"
         if not page.is_file():
-            return Response("<!doctype html><title>cnnlens</title><p>cnnlens serve: the page is missing.</p>",
-                            media_type="text/html")  # fmt: skip
+            return Response(
+                "<!doctype html><title>cnnlens</title><p>cnnlens serve: the page is missing.</p>",
+                media_type="text/html",
+            )
         return FileResponse(page, media_type="text/html")
 
     @app.get("/api/info")
@@ -234,8 +259,11 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         if length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
             raise too_large(limit, f"{int(length):,}")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise ApiError("bad_request", "send the image as multipart/form-data with the field 'file'.",
-                           "e.g. curl -F file=@photo.jpg URL/api/images.")  # fmt: skip
+            raise ApiError(
+                "bad_request",
+                "send the image as multipart/form-data with the field 'file'.",
+                "e.g. curl -F file=@photo.jpg URL/api/images.",
+            )
         stream = read_limited(request.stream(), limit + MULTIPART_OVERHEAD)
         parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=8)
         try:
@@ -359,8 +387,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     def job_result(job_id: str) -> Response:
         found = state.jobs.get(job_id)
         if found.result is None:
-            raise ApiError("not_ready", f"job {job_id} is {found.state}; it has no result.",
-                           "wait until its state is done.", 404)  # fmt: skip
+            raise ApiError(
+                "not_ready", f"job {job_id} is {found.state}; it has no result.", "wait until its state is done.", 404
+            )
         return Response(found.result, media_type=PNG)
 
     # -- run view --------------------------------------------------------------------------------------

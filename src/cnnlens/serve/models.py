@@ -109,8 +109,9 @@ class ModelHub:
     def __init__(self, config: ServeConfig) -> None:
         self.models: dict[str, ServedModel] = {}
         for key, loaded in config.models.items():
-            self.models[key] = ServedModel(key, key + (" (random weights)" if loaded.random_weights else ""),
-                                           loaded=loaded)  # fmt: skip
+            self.models[key] = ServedModel(
+                key, key + (" (random weights)" if loaded.random_weights else ""), loaded=loaded
+            )
         if config.model is not None:
             zoo = config.model in available_models()
             key = config.model if zoo else "custom"

@@ -88,8 +88,12 @@ class NetworkViews:
         lf = fm[layer]
         maps = lf.maps.detach().cpu().numpy()
         limits = lf.limits.detach().cpu().numpy()
-        tiles = np.stack([colorize_limits(maps[i], float(limits[i, 0]), float(limits[i, 1]), feature_cmap(lf))
-                          for i in range(len(lf.indices))])  # fmt: skip
+        tiles = np.stack(
+            [
+                colorize_limits(maps[i], float(limits[i, 0]), float(limits[i, 1]), feature_cmap(lf))
+                for i in range(len(lf.indices))
+            ]
+        )
         zoom = max(1, 56 // max(1, int(maps.shape[-1])))
         image, _ = mosaic(tiles, zoom=zoom, gap=2)
         feat_id = hashlib.sha256(f"{served.id}/{image_id}/{layer}/{top}".encode()).hexdigest()[:24]
