@@ -330,8 +330,9 @@ def ray_session(address: str | None = None, *, timeout: float = 10.0) -> Iterato
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         raise RayEngineError(
-            f"cannot connect to the Ray cluster at {address!r}: {exc}. Start one with `ray start --head`, check "
-            "--address / RAY_ADDRESS, or leave --address out to start a local cluster on this machine."
+            f"cannot connect to the Ray cluster at {address!r}: {str(exc).rstrip('.')}. Start one with "
+            "`ray start --head`, check --address / RAY_ADDRESS, or leave --address out to start a local cluster on "
+            "this machine."
         ) from exc
     try:
         yield ray
