@@ -167,6 +167,13 @@ def test_streamed_body_without_a_length_is_cut_at_the_limit(client: TestClient) 
     assert response.status_code == 413 and error_code(response) == "upload_too_large"
 
 
+def test_a_huge_json_body_is_refused(client: TestClient) -> None:
+    response = client.post(
+        "/api/explain", content=b"{" + b" " * 2_000_000 + b"}", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413 and error_code(response) == "body_too_large"
+
+
 def test_read_limited_stops_reading_past_the_limit() -> None:
     consumed: list[int] = []
 

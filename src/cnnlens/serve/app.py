@@ -55,6 +55,9 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 PNG = "image/png"
 
+MAX_JSON_BYTES = 1024 * 1024
+"""Largest JSON request body (every request but the upload is a few hundred bytes)."""
+
 
 class ExplainRequest(BaseModel):
     """``POST /api/explain``."""
@@ -236,6 +239,21 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     static = _static_dir()
     if static.is_dir():
         app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.middleware("http")
+    async def limit_json_bodies(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length", "")
+        if request.url.path != "/api/images" and length.isdigit() and int(length) > MAX_JSON_BYTES:
+            return _error(
+                ApiError(
+                    "body_too_large",
+                    f"the request body is {int(length):,} bytes, over {MAX_JSON_BYTES:,} bytes.",
+                    "send the JSON the API table describes; upload images with POST /api/images.",
+                    413,
+                )
+            )
+        response: Response = await call_next(request)
+        return response
 
     @app.get("/", include_in_schema=False)
     def index() -> Response:
