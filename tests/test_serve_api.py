@@ -287,6 +287,22 @@ def test_warmup_completes_the_recording_when_idle(monkeypatch: pytest.MonkeyPatc
         assert earlier["cached"] is True and len(calls) == 2
 
 
+def test_pictures_and_layers_do_not_wait_for_a_forward(client: TestClient, image_id: str) -> None:
+    served = client.app.state.cnnlens.hub["tiny"]  # type: ignore[attr-defined]
+    client.get("/api/layers")  # the catalogue is computed once, under the lock
+    answers: list[int] = []
+
+    def ask() -> None:
+        answers.append(client.get(f"/api/images/{image_id}.png").status_code)
+        answers.append(client.get("/api/layers").status_code)
+
+    with served.lock:  # a long capture holds the model
+        t = threading.Thread(target=ask)
+        t.start()
+        t.join(20)
+        assert answers == [200, 200]
+
+
 def test_map_endpoints(client: TestClient, image_id: str) -> None:
     body = client.post("/api/explain", json={"image_id": image_id}).json()
     top = client.post("/api/predict", json={"image_id": image_id}).json()

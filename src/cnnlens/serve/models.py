@@ -58,18 +58,21 @@ class ServedModel:
     loaded: LoadedModel | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     _catalog: LayerCatalog | None = None
+    _loading: threading.Lock = field(default_factory=threading.Lock)
 
     def get(self) -> LoadedModel:
-        """The loaded model (loading it now if needed, under the lock).
+        """The loaded model, loading it now if needed (never waits for a forward running on it).
 
         Raises:
             ApiError: The model could not be loaded (``model_unavailable``).
         """
-        with self.lock:
+        if self.loaded is not None:
+            return self.loaded
+        with self._loading:
             if self.loaded is None:
                 assert self.loader is not None
                 try:
-                    self.loaded = load_model(**self.loader)
+                    loaded = load_model(**self.loader)
                 except Exception as exc:  # any loader failure becomes one clear JSON error
                     raise ApiError(
                         "model_unavailable",
@@ -77,8 +80,9 @@ class ServedModel:
                         "pick another model, or restart the server with working --model/--weights.",
                         status=500,
                     ) from exc
-                self.loaded.module.eval()
-                log.info("loaded model %s (%s)", self.id, self.loaded.weights_source)
+                loaded.module.eval()
+                log.info("loaded model %s (%s)", self.id, loaded.weights_source)
+                self.loaded = loaded
             return self.loaded
 
     def input_chw(self) -> tuple[int, int, int]:
@@ -87,7 +91,9 @@ class ServedModel:
         return 3, int(size[0]), int(size[-1])
 
     def catalog(self) -> LayerCatalog:
-        """The candidate layers (computed once per model: one probe forward and an fx trace)."""
+        """The candidate layers (computed once per model: one probe forward and an fx trace, under the lock)."""
+        if self._catalog is not None:
+            return self._catalog
         with self.lock:
             if self._catalog is None:
                 self._catalog = candidate_layers(self.get().module, self.input_chw())
