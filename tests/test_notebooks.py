@@ -173,7 +173,9 @@ def test_notebooks_are_committed_without_outputs() -> None:
         notebook = json.loads(path.read_text(encoding="utf-8"))
         for cell in notebook["cells"]:
             if cell["cell_type"] == "code":
-                assert cell["outputs"] == [] and cell["execution_count"] is None, f"strip the outputs of {path}"
+                assert cell["outputs"] == [] and cell["execution_count"] is None, (
+                    f"strip the outputs of {path}: python scripts/strip_notebooks.py"
+                )
 
 
 @pytest.mark.slow
@@ -214,3 +216,19 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
     html = [o for c in notebook.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
     assert html, "the notebook displays a result (its _repr_html_)"
     assert any("data:image/png;base64," in o["data"]["text/html"] for o in html)
+
+    # scripts/strip_notebooks.py turns the executed notebook back into the committed one
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("strip_notebooks", ROOT / "scripts" / "strip_notebooks.py")
+    assert spec is not None and spec.loader is not None
+    stripper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stripper)
+    executed = tmp_path / path.name
+    nbformat.write(notebook, executed)
+    assert stripper.strip(executed) and not stripper.strip(executed)
+    cleaned = nbformat.read(executed, as_version=4)
+    assert [(c.cell_type, c.source) for c in cleaned.cells] == [
+        (c.cell_type, c.source) for c in nbformat.read(path, 4).cells
+    ]
+    assert all(c.outputs == [] and c.execution_count is None for c in cleaned.cells if c.cell_type == "code")
