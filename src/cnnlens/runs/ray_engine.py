@@ -672,25 +672,19 @@ def execute_ray(
             with warnings.catch_warnings():  # Ray 2.60 deprecates per-actor remote args without a replacement yet
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
                 ds = _explaining_stage(ds, spec, plan, ActorPoolStrategy)
-            for row in ds.iter_rows():
-                if row["failure"]:
-                    raise RayEngineError(str(row["failure"]))
-                shard = int(row["shard"])
-                mark = time.perf_counter()
-                rows = pickle.loads(row["rows"])
-                files = [str(f) for f in _as_list(row["files"])]
-                if fs is not None:
-                    _fetch(fs, base, run.root, files)
-                store.write_rows(shard, rows, float(row["seconds"]))
-                if fs is not None:
-                    _delete_staged(fs, base, files)
-                commit_s += time.perf_counter() - mark
-                entry = stats.setdefault(str(row["actor"]), ActorThroughput(str(row["actor"])))
-                entry.add(int(row["images"]), float(row["seconds"]), float(row["setup"]))
-                processed += len(rows)
-                completed += len(rows)
-                if progress is not None:
-                    progress(completed, run.total)
+            try:
+                for row in ds.iter_rows():
+                    images, seconds = _commit(row, run, fs, base, stats)
+                    processed += images
+                    commit_s += seconds
+                    if progress is not None:
+                        progress(done_before + processed, run.total)
+            except ray.exceptions.RayError as exc:  # an actor that died more often than retried, a lost node
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise RayEngineError(
+                    f"the Ray job stopped ({type(exc).__name__}: {first}); the shards committed so far are kept: run "
+                    "the same command again to continue."
+                ) from exc
     elapsed = time.perf_counter() - started
     run.extra["engine"] = {
         "name": "ray",
@@ -717,6 +711,30 @@ def _explaining_stage(ds: Any, spec: _WorkerSpec, plan: ResourcePlan, pool: Any)
         num_gpus=plan.gpus_per_actor or None,
         ray_remote_args_fn=_actor_remote_args,
     )
+
+
+def _commit(
+    row: Mapping[str, Any], run: DatasetRun, fs: Any, base: str, stats: dict[str, ActorThroughput]
+) -> tuple[int, float]:
+    """Commit one shard an actor finished (fetch its staged files first); returns (images, driver seconds).
+
+    Raises:
+        RayEngineError: The actor could not start (its reason, e.g. a model it cannot build).
+    """
+    if row["failure"]:
+        raise RayEngineError(str(row["failure"]))
+    mark = time.perf_counter()
+    shard = int(row["shard"])
+    rows = pickle.loads(row["rows"])
+    files = [str(f) for f in _as_list(row["files"])]
+    if fs is not None:
+        _fetch(fs, base, run.root, files)
+    run.store.write_rows(shard, rows, float(row["seconds"]))
+    if fs is not None:
+        _delete_staged(fs, base, files)
+    entry = stats.setdefault(str(row["actor"]), ActorThroughput(str(row["actor"])))
+    entry.add(int(row["images"]), float(row["seconds"]), float(row["setup"]))
+    return len(rows), time.perf_counter() - mark
 
 
 def _actor_remote_args() -> dict[str, Any]:
