@@ -200,10 +200,21 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        # A view of memory that existed before the call (a weight's transpose, a permuted input) allocates
+        # nothing: a Keras layer reads its kernel through such views, which were counted as new storages (the
+        # whole VGG16 fc1 kernel, 411 MB, per forward) and shrank every chunk to one image.
+        before = {_storage_ptr(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)} - set(self._refs)
         for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
+            if isinstance(leaf, torch.Tensor) and _storage_ptr(leaf) not in before:
                 self._track(leaf)
         return out
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int:
+    """The data pointer of a strided tensor's storage (0 for sparse or meta tensors: never tracked)."""
+    if tensor.is_sparse or tensor.layout != torch.strided or tensor.device.type == "meta":
+        return 0
+    return int(tensor.untyped_storage().data_ptr())
 
 
 def measured_call(
