@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cnnlens._names import __version__
 from cnnlens.explain import display_images
@@ -169,6 +170,31 @@ class ServeState:
         }
 
 
+class JsonBodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes (declared length) is refused with 413, except uploads.
+
+    The upload route has its own limit (``ServeConfig.max_upload_bytes``), enforced while the body arrives.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/api/images":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                error = ApiError(
+                    "body_too_large",
+                    f"the request body is {int(length):,} bytes, over {self.limit:,} bytes.",
+                    "send the JSON the API table describes; upload images with POST /api/images.",
+                    413,
+                )
+                await _error(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
@@ -240,20 +266,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     if static.is_dir():
         app.mount("/static", StaticFiles(directory=static), name="static")
 
-    @app.middleware("http")
-    async def limit_json_bodies(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length", "")
-        if request.url.path != "/api/images" and length.isdigit() and int(length) > MAX_JSON_BYTES:
-            return _error(
-                ApiError(
-                    "body_too_large",
-                    f"the request body is {int(length):,} bytes, over {MAX_JSON_BYTES:,} bytes.",
-                    "send the JSON the API table describes; upload images with POST /api/images.",
-                    413,
-                )
-            )
-        response: Response = await call_next(request)
-        return response
+    app.add_middleware(JsonBodyLimit, limit=MAX_JSON_BYTES)
 
     @app.get("/", include_in_schema=False)
     def index() -> Response:
