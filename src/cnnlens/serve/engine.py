@@ -217,18 +217,21 @@ class Engine:
                 "pick a class from the predictions or GET /api/classes.",
             )
         key_layer = layer if spec.scope == "layer" else spec.scope
+        known = class_index if class_index is not None else self.cache.top_class(served.id, image_id)
+        done = (
+            self.maps.find(_map_id(served.id, image_id, known, key_layer, spec.id, variant))
+            if known is not None
+            else None
+        )
+        if done is not None:  # the very same map was computed before: no lock, no work
+            total = (time.perf_counter() - t0) * 1000
+            return self._body(done, cached=True, timing={"capture": 0.0, "method": 0.0, "total": total})
         with served.lock:
-            known = class_index if class_index is not None else self.cache.top_class(served.id, image_id)
-            map_id = _map_id(served.id, image_id, known, key_layer, spec.id, variant)
-            done = self.maps.find(map_id) if known is not None else None
-            if done is not None:
-                total = (time.perf_counter() - t0) * 1000
-                return self._body(done, cached=True, timing={"capture": 0.0, "method": 0.0, "total": total})
             if "attention" in spec.needs:
                 return self._explain_direct(served, image_id, class_index, layer, spec, variant, t0)
-            entry, cached, capture_ms = self.recording(served, image_id, class_index, layer)
-            t1 = time.perf_counter()
             try:
+                entry, cached, capture_ms = self.recording(served, image_id, class_index, layer)
+                t1 = time.perf_counter()
                 result = self._compute(served, entry, spec, variant, key_layer)
             except ApiError:
                 raise
