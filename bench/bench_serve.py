@@ -121,9 +121,10 @@ def first_requests(b: Bench, n: int) -> dict[str, Any]:
             x = b.state.images.model_input(image, served.id, loaded)
 
             def direct() -> float:
-                start = time.perf_counter()
-                explain(loaded, x, methods=["gradcam"])
-                return (time.perf_counter() - start) * 1000
+                with served.lock:  # the warm-up thread must not hook the model meanwhile (timed once held)
+                    start = time.perf_counter()
+                    explain(loaded, x, methods=["gradcam"])
+                    return (time.perf_counter() - start) * 1000
 
             if i % 2 == 0:
                 d = direct()
@@ -216,8 +217,10 @@ def main() -> int:
 
     warm = b.upload()
     b.explain(image_id=warm)
-    loaded = b.state.hub[None].get()
-    explain(loaded, b.state.images.model_input(warm, b.state.hub.default, loaded))
+    served = b.state.hub[None]
+    loaded = served.get()
+    with served.lock:  # the server's warm-up thread may be running on the same model
+        explain(loaded, b.state.images.model_input(warm, served.id, loaded))
     out = {"machine": info, "first": first_requests(b, args.images)}
     out["switching"] = switching(b)
     out["reference"] = without_warmup(b)
