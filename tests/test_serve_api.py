@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -652,7 +653,7 @@ def test_bad_config_is_refused(tmp_path: Path) -> None:
 
 # -- the command ---------------------------------------------------------------------------------------------------------
 def test_cli_prints_the_url_and_warns_off_loopback(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     import uvicorn
 
@@ -664,7 +665,16 @@ def test_cli_prints_the_url_and_warns_off_loopback(
         served.append((self.config.app, sockets[0].getsockname()))
 
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
-    assert main(["serve", "--port", "0", "--model", "tests.nets:GapHead", "--cache-size", "3"]) == 0
+    # The process's own logging survives: uvicorn's default dictConfig would close every existing handler
+    # (under pytest-xdist that closed the worker's capture files and failed every later test of the worker).
+    probe = logging.FileHandler(tmp_path / "probe.log")
+    logging.getLogger("cnnlens-test-probe").addHandler(probe)
+    try:
+        assert main(["serve", "--port", "0", "--model", "tests.nets:GapHead", "--cache-size", "3"]) == 0
+        assert probe.stream is not None and not probe.stream.closed
+    finally:
+        logging.getLogger("cnnlens-test-probe").removeHandler(probe)
+        probe.close()
     out = capsys.readouterr()
     ((app, (host, port)),) = served
     assert host == "127.0.0.1" and port > 0 and f"http://127.0.0.1:{port}/" in out.out and "warning" not in out.err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import sys
 
 from cnnlens.cli import common
 from cnnlens.errors import UsageError
@@ -68,9 +69,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
     common.console.print(f"cnnlens serve: http://{shown}:{port}/  (Ctrl+C stops it)", highlight=False)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning", lifespan="on"))
+    # log_config=None: uvicorn's own dictConfig would close and replace every logging handler of the process
+    # (the caller's too, e.g. a notebook's or a test runner's); its loggers get one stderr handler instead.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(name)s: %(message)s"))
+    uvicorn_log = logging.getLogger("uvicorn")
+    uvicorn_log.addHandler(handler)
+    uvicorn_log.propagate = False
     try:
-        server.run(sockets=[sock])
+        config_ = uvicorn.Config(app, log_config=None, log_level="info" if args.verbose else "warning", lifespan="on")
+        uvicorn.Server(config_).run(sockets=[sock])
     finally:
         sock.close()
+        uvicorn_log.removeHandler(handler)
+        uvicorn_log.propagate = True
     return 0
