@@ -596,6 +596,33 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_a_folder_of_runs_offers_each_and_the_page_opens_runs_made_later(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    parent = tmp_path / "runs"
+    shutil.copytree(run_dir, parent / "first")
+    (parent / "notes").mkdir()  # not a run: not offered
+    (parent / "unfinished").mkdir()
+    (parent / "unfinished" / "run.json").write_text("{}")  # no results.parquet yet: skipped, not an error
+    (parent / "link").symlink_to(run_dir, target_is_directory=True)  # a link may point anywhere: never followed
+    with TestClient(create_app(ServeConfig(models={"tiny": tiny()}, zoo=False, runs=[parent]))) as c:
+        listed = c.get("/api/info").json()["runs"]
+        assert [r["name"] for r in listed] == ["first"] and str(parent) not in json.dumps(listed)
+        assert c.post("/api/runs/rescan").json()["runs"] == listed  # nothing new yet
+        shutil.copytree(run_dir, parent / "second")  # a run finished after the server started
+        found = c.post("/api/runs/rescan").json()
+        assert [r["name"] for r in found["runs"]] == ["first", "second"] and found["roots"] == 1
+        second = found["runs"][1]["id"]
+        assert c.get(f"/api/runs/{second}").json()["n"] == 10
+        assert c.post("/api/runs/rescan", json={"path": str(tmp_path)}).json()["runs"] == found["runs"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ApiError, match="neither a finished cnnlens run folder nor a folder holding any"):
+        create_app(ServeConfig(models={"tiny": tiny()}, zoo=False, runs=[empty]))
+    with pytest.raises(ApiError, match=r"no results\.parquet yet"):
+        create_app(ServeConfig(models={"tiny": tiny()}, zoo=False, runs=[parent / "unfinished"]))
+
+
 def test_run_view_reads_the_run_without_recomputing(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pyarrow.parquet as pq
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,16 @@ MAX_UPLOAD = 1_000_000  # the server's upload limit in these tests (bytes)
 # Mean absolute difference (0..255 per channel) above which two screenshots of a map count as different
 # pictures. Two screenshots of the same map differ by 0; the real changes measured here are 11 to 67.
 DIFFERENT = 3.0
+RUN_FOLDERS: dict[str, Path] = {}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     run = make_run(tmp_path_factory.mktemp("serve-run"))
-    with LiveServer(create_app([run], max_upload_bytes=MAX_UPLOAD)) as live:
+    RUN_FOLDERS["run"] = run
+    # the folder that holds the run (and the run's data, net and class names, which are not runs): a folder of
+    # runs, whose later runs the page opens with "Look for new runs"
+    with LiveServer(create_app([run.parent], max_upload_bytes=MAX_UPLOAD)) as live:
         yield live.url
 
 
@@ -290,6 +295,16 @@ def test_run_view_filters_change_the_listed_images(page: Any) -> None:
     page.wait_for_function(all_loaded)
     assert listed(1) == ["green_labelled_red.png"]
     assert difference(gradcam, shot(page, "[data-testid=run-row] img >> nth=1")) > DIFFERENT
+
+    # a run finished after the server started, in the folder of runs it was given: opened from the page
+    run = RUN_FOLDERS["run"]
+    assert page.locator("#run-select option").count() == 1
+    shutil.copytree(run, run.parent / "run-later")
+    page.click("#run-rescan")
+    page.wait_for_function("document.querySelectorAll('#run-select option').length === 2")
+    assert page.locator("#run-select").input_value() == page.locator("#run-select option").first.get_attribute("value")
+    assert "run-later" in page.locator("#run-select option").nth(1).inner_text()
+    assert page.locator("#error").is_hidden()
 
 
 # ------------------------------------------------------------------------------------------------ Network view

@@ -37,7 +37,8 @@ def add_serve_command(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="RUN_DIR",
-        help="a finished `cnnlens run` folder to browse in the run view (repeatable); nothing else is listed",
+        help="a finished `cnnlens run` folder to browse in the run view, or a folder of such folders (each run in it "
+        "is offered, and runs finished there later open from the page); repeatable; nothing else is listed",
     )
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")

@@ -424,6 +424,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         return Response(found.result, media_type=PNG)
 
     # -- run view --------------------------------------------------------------------------------------
+    @app.post("/api/runs/rescan")
+    def runs_rescan() -> dict[str, Any]:
+        return {"runs": state.runs.rescan(), "roots": len(state.runs.roots)}
+
     @app.get("/api/runs/{run_id}")
     def run(run_id: str) -> dict[str, Any]:
         return state.runs[run_id].summary()

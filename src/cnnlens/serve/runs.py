@@ -214,17 +214,70 @@ class ServedRun:
         return overlay(image, chosen.astype(np.float32), alpha=0.5, cmap="jet")
 
 
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished ``cnnlens run`` (its ``run.json`` and ``results.parquet``)."""
+    return (folder / "run.json").is_file() and (folder / "results.parquet").is_file()
+
+
 class RunCatalog:
-    """The run folders handed to the server at start, by id."""
+    """The run folders handed to the server at start, by id: each ``--run`` is a run folder or a folder of runs.
+
+    A folder of runs (one that is not itself a run) offers every finished run directly inside it, so the page can
+    open runs made there later (:meth:`rescan`) without the server ever taking a path from a request.
+    """
 
     def __init__(self, folders: Sequence[str | os.PathLike[str]]) -> None:
         self.runs: dict[str, ServedRun] = {}
+        self.roots: list[Path] = []
+        self._lock = threading.RLock()
         for folder in folders:
-            try:
-                run = ServedRun(folder)
-            except CnnlensError as exc:
+            root = Path(folder).resolve()
+            if is_run_folder(root) or not root.is_dir():
+                self._open(root, strict=True)
+                continue
+            self.roots.append(root)
+            found = self._scan(root)
+            if not found and not (root / "run.json").is_file():
+                raise ApiError(
+                    "bad_config",
+                    f"{str(folder)!r} is neither a finished cnnlens run folder nor a folder holding any.",
+                    "pass the --out folder of a finished `cnnlens run`, or the folder that holds such folders.",
+                )
+            if not found:
+                self._open(root, strict=True)  # a run.json without results: the run's own message says why
+
+    def _open(self, folder: Path, *, strict: bool) -> ServedRun | None:
+        try:
+            run = ServedRun(folder)
+        except CnnlensError as exc:
+            if strict:
                 raise ApiError("bad_config", str(exc), "pass the --out folder of a finished `cnnlens run`.") from exc
-            self.runs[run.id] = run
+            return None
+        self.runs.setdefault(run.id, run)
+        return run
+
+    def _scan(self, root: Path) -> list[ServedRun]:
+        """The finished runs directly inside ``root`` (opened once; a broken one is skipped)."""
+        known = {run.root for run in self.runs.values()}
+        found: list[ServedRun] = []
+        for child in sorted(root.iterdir()):
+            if not child.is_dir() or child.is_symlink() or not is_run_folder(child):
+                continue
+            if child.resolve() in known:
+                found.append(next(r for r in self.runs.values() if r.root == child.resolve()))
+                continue
+            run = self._open(child, strict=False)
+            if run is not None:
+                found.append(run)
+        return found
+
+    def rescan(self) -> list[dict[str, Any]]:
+        """``POST /api/runs/rescan``: open the runs finished since start inside the folders of runs given."""
+        with self._lock:
+            for root in self.roots:
+                if root.is_dir():
+                    self._scan(root)
+        return self.listing()
 
     def __getitem__(self, run_id: str) -> ServedRun:
         """The run of ``run_id``.
@@ -239,4 +292,5 @@ class RunCatalog:
 
     def listing(self) -> list[dict[str, Any]]:
         """``runs`` of ``GET /api/info``."""
-        return [{"id": r.id, "name": r.name, "images": len(r.rows)} for r in self.runs.values()]
+        with self._lock:
+            return [{"id": r.id, "name": r.name, "images": len(r.rows)} for r in self.runs.values()]

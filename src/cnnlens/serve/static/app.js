@@ -732,13 +732,26 @@ function wireRun() {
     }),
   );
   $("run-more").addEventListener("click", guarded(() => loadRows(true)));
+  $("run-rescan").addEventListener(
+    "click",
+    guarded(async () => {
+      const current = $("run-select").value;
+      const found = await api("/api/runs/rescan", { method: "POST" });
+      state.info.runs = found.runs;
+      await openRunView(current);
+    }),
+  );
 }
 
-async function openRunView() {
+async function openRunView(keep) {
   const runs = state.info.runs || [];
   $("run-empty").hidden = runs.length > 0;
   $("run-select").replaceChildren(...runs.map((r) => el("option", { value: r.id, text: `${r.name} (${r.images} images)` })));
-  if (runs.length) await loadRun(runs[0].id);
+  const chosen = runs.find((r) => r.id === keep) || runs[0];
+  if (chosen) {
+    $("run-select").value = chosen.id;
+    await loadRun(chosen.id);
+  }
 }
 
 async function loadRun(runId) {
