@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/cnnlens demo --out $(DEMO_OUT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts notebooks
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
