@@ -670,7 +670,7 @@ def test_run_view_reads_the_run_without_recomputing(run_dir: Path, monkeypatch: 
 
 
 def test_bad_config_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ApiError, match="not a cnnlens run folder"):
+    with pytest.raises(ApiError, match="neither a finished cnnlens run folder nor a folder holding any"):
         create_app(ServeConfig(models={"tiny": tiny()}, zoo=False, runs=[tmp_path]))
     with pytest.raises(ApiError, match="does not exist"):
         create_app(ServeConfig(models={"tiny": tiny()}, zoo=False, runs=[tmp_path / "missing"]))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from rich.markup import escape
 
 from cnnlens.cli import common as base
+from cnnlens.cli.args import parse_layout_args
 from cnnlens.cli.parser_more import add_views_commands
 from cnnlens.errors import CnnlensError, LayerError
 from cnnlens.jsonfile import dumps_strict
@@ -147,7 +148,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
             top_k=None if args.top_k == 0 else args.top_k,
             channels=args.channels,
             scale="per_map" if args.scale == "per-map" else "shared",
-            layout=args.layout,
+            layout=parse_layout_args(args.layout) if isinstance(args.layout, list) else args.layout,
         )
         folder = out / name if len(paths_in) > 1 else out
         paths = save_features(fm, folder, individual=not args.no_individual)
