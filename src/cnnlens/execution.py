@@ -64,6 +64,10 @@ class Execution:
             the CUDA allocator's peak (which sees library workspaces) and half of the *free* device memory
             are used; results are still exact but chunk boundaries (and so float rounding) may differ
             between runs (see :mod:`cnnlens.batching`).
+        token_tail: Run the last block of a class-token vision transformer (timm ``VisionTransformer`` with
+            ``global_pool="token"``, DeiT distilled) only for the tokens its head reads, when every recorded layer
+            lies before that block's attention (:mod:`cnnlens.capture.tokentail`): the same logits and gradients
+            up to rounding, ViT-Tiny Grad-CAM about 10% cheaper. False runs the whole block.
     """
 
     memory_format: MemoryFormat = "contiguous"
@@ -71,6 +75,7 @@ class Execution:
     chunk_size: int | None = None
     threads: int | None = None
     tune: bool = False
+    token_tail: bool = True
 
     def __post_init__(self) -> None:
         if self.memory_format not in _FORMATS:
@@ -88,6 +93,8 @@ class Execution:
         _positive_int("threads", self.threads)
         if not isinstance(self.tune, bool):
             raise OptionError(f"Execution.tune must be True or False, got {self.tune!r}.")
+        if not isinstance(self.token_tail, bool):
+            raise OptionError(f"Execution.token_tail must be True or False, got {self.token_tail!r}.")
 
     @property
     def channels_last(self) -> bool:

@@ -29,6 +29,7 @@ Modules: :mod:`~cnnlens.capture.scope` (:class:`ModelScope`), :mod:`~cnnlens.cap
 :mod:`~cnnlens.capture.recording` and :mod:`~cnnlens.capture.core` (:class:`Recording`, :class:`Capture`),
 :mod:`~cnnlens.capture.memory` (channels-last or not),
 :mod:`~cnnlens.capture.layout` (layer layouts: nchw, nhwc, tokens, ncdhw),
+:mod:`~cnnlens.capture.tokentail` (a class-token ViT's last block on the rows its head reads),
 :mod:`~cnnlens.capture.api` (:func:`capture`, :func:`record`, :func:`forward_only`),
 :mod:`~cnnlens.capture.probe` (:class:`Probe`), :mod:`~cnnlens.capture.replay` (the fx tail replayer) and
 :mod:`~cnnlens.capture.differentiable` (:func:`differentiable_capture`).

@@ -22,12 +22,8 @@ from cnnlens.capture.rectifier import RectifierOverride, ReluBackward
 from cnnlens.capture.replay import Replayer, input_shape_of
 from cnnlens.capture.rows import replay_tensor
 from cnnlens.capture.scope import ModelScope
-from cnnlens.errors import (
-    InputShapeError,
-    LayerError,
-    OptionError,
-    TargetError,
-)
+from cnnlens.capture.tokentail import tail_applied, token_tail
+from cnnlens.errors import InputShapeError, LayerError, OptionError, TargetError
 from cnnlens.execution import Execution, as_execution
 from cnnlens.inputs import InputsSpec, ModelInputs, as_model_inputs, is_multi
 from cnnlens.outputs import OutputSelector, to_logits
@@ -76,6 +72,8 @@ class Capture:
                 seen.add(ref.key)
                 self.refs.append(ref)
         self._layout = LayoutResolver(model, layout, self.refs, self._modules)
+        # Recorded forwards run a class-token ViT's last block on the rows its head reads (see tokentail).
+        self._tail = token_tail(model, [(r.name, r.module) for r in self.refs]) if self.execution.token_tail else None
         self.layouts: dict[str, Layout | None] = {}  # None: an output that is not spatial, recorded as it is
         self._input_shape: tuple[int, ...] = ()
         self.output_selector = output_selector
@@ -310,7 +308,8 @@ class Capture:
             self._clear()
             torch.set_grad_enabled(input_gradients)
             if relu_backward == "normal":
-                return _invoke(self.model, inp)
+                with tail_applied(self._tail):
+                    return _invoke(self.model, inp)
             override = RectifierOverride(relu_backward)
             with override:
                 out = _invoke(self.model, inp)
