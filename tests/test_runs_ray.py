@@ -174,6 +174,8 @@ def _shards(out: Path) -> int:
 def test_resources_leave_room_for_decoding() -> None:
     plan = plan_resources(2, 0, RayOptions(actors=2))
     assert plan.actors * plan.cpus_per_actor + plan.read_cpus <= 2 and plan.threads == 1
+    assert plan.read_tasks == 1 and plan_resources(64, 0, RayOptions(actors=7)).read_tasks == 3
+    assert plan_resources(16, 4, RayOptions(gpus_per_actor=1)).read_tasks is None  # GPU actors: Ray Data decides
     assert plan_resources(2, 0, RayOptions()).actors == 1
     assert plan_resources(16, 4, RayOptions(gpus_per_actor=1)).actors == 4
     with pytest.raises(RayEngineError, match="GPU"):

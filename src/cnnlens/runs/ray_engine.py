@@ -170,6 +170,8 @@ class ResourcePlan:
     gpus_per_actor: float
     read_cpus: float
     threads: int
+    read_tasks: int | None = None
+    """Decoding tasks running at once (None: as many as the free CPUs admit, Ray Data's choice)."""
 
 
 def plan_resources(cluster_cpus: float, cluster_gpus: float, options: RayOptions) -> ResourcePlan:
@@ -177,11 +179,16 @@ def plan_resources(cluster_cpus: float, cluster_gpus: float, options: RayOptions
 
     Decoding tasks hold 0.25 CPU each; half a CPU (or a quarter of the cluster on smaller ones) stays free
     for them, and the actors share the rest, at most 1 CPU each. On a 2-CPU machine two actors hold 0.75 CPU
-    each and two decoding tasks can run beside them.
+    each and decoding runs beside them.
+
+    CPU actors get one decoding task at a time per three actors (at least one): decoding a shard takes a
+    fraction of the time explaining it does, and every further task is a worker process that imports torch
+    and torchvision (seconds of CPU each) while the actors start. GPU actors consume faster: their decoding
+    tasks are left to Ray Data (as many as the free CPUs admit).
 
     Example:
         >>> plan_resources(2, 0, RayOptions(actors=2))
-        ResourcePlan(actors=2, cpus_per_actor=0.75, gpus_per_actor=0.0, read_cpus=0.25, threads=1)
+        ResourcePlan(actors=2, cpus_per_actor=0.75, gpus_per_actor=0.0, read_cpus=0.25, threads=1, read_tasks=1)
 
     Raises:
         RayEngineError: More GPUs or CPUs asked than the cluster has.
@@ -206,7 +213,8 @@ def plan_resources(cluster_cpus: float, cluster_gpus: float, options: RayOptions
             "lower --actors (or cpus_per_actor)."
         )
     threads = options.threads_per_actor or max(1, int(cpus))
-    return ResourcePlan(actors, round(cpus, 4), gpus, _READ_CPUS, threads)
+    read_tasks = None if gpus > 0 else -(-actors // 3)
+    return ResourcePlan(actors, round(cpus, 4), gpus, _READ_CPUS, threads, read_tasks)
 
 
 @dataclass
@@ -668,7 +676,7 @@ def execute_ray(
                 for s in pending
             ]
             ds: Any = ray.data.from_items(items, override_num_blocks=len(pending))
-            ds = ds.map(decode, num_cpus=plan.read_cpus)
+            ds = ds.map(decode, num_cpus=plan.read_cpus, compute=ray.data.TaskPoolStrategy(size=plan.read_tasks))
             with warnings.catch_warnings():  # Ray 2.60 deprecates per-actor remote args without a replacement yet
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
                 ds = _explaining_stage(ds, spec, plan, ActorPoolStrategy)
@@ -692,6 +700,7 @@ def execute_ray(
         "cpus_per_actor": plan.cpus_per_actor,
         "gpus_per_actor": plan.gpus_per_actor,
         "threads_per_actor": plan.threads,
+        "decoding_tasks": plan.read_tasks,
         "storage": options.storage,
         "throughput": [s.as_dict() for s in sorted(stats.values(), key=lambda s: s.actor)],
         "driver_commit_s": round(commit_s, 3),
