@@ -1,6 +1,6 @@
 """Benchmark cnnlens Grad-CAM on token and channels-last models against pytorch-grad-cam (CPU, one process run).
 
-Run ``python bench/bench_tokens.py`` (about 2-4 minutes on 2 cores), ``--quick`` for a smoke check.
+Run ``python bench/bench_tokens.py`` (about 5 minutes on 2 cores), ``--quick`` for a smoke check.
 
 Subjects (issue 11): timm ``vit_tiny_patch16_224`` (tokens ``(B, 197, 192)``: 1 class token + a 14x14 grid;
 layer ``blocks.11.norm1``, the norm before the last attention block) and ``swin_tiny_patch4_window7_224``
@@ -19,8 +19,12 @@ Rows (targets = the top class of each image):
   output ``(B, H, W, C)``: permute channels first).
 
 Peers get their own ``copy.deepcopy`` of the model; calls are interleaved round by round (warm-up first) and the
-median of ``--repeats`` rounds is reported with the inter-quartile range; a call during which other processes
-used more than a quarter of a core is retaken (see ``_common.time_round_robin``).
+median of the rounds (as many as fill ``--seconds``, default 60 s per configuration, 15-400 rounds) is reported
+with the inter-quartile range; a call during which other processes used more than a quarter of a core is
+retaken (see ``_common.time_round_robin``). ``x forward`` is the ratio of medians; ``paired`` the median (and
+range) over rounds of each call's time over the forward's in the same round, which cancels the slow phases of
+a shared virtual machine; ``fastest`` the ratio of the fastest calls (noise on a shared machine only adds
+time). The targets are checked on the paired median.
 
 Agreement (same run, one extra call each, not timed): max |difference| of cnnlens' normalised maps
 (``Explanation.maps``) and pytorch-grad-cam's output, both at input resolution (bilinear in torch vs cv2, so a
@@ -34,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,6 +117,25 @@ def agreement(rows: dict[str, Callable[[], Any]], layer: str) -> float:
     return float((ours - theirs).abs().max())
 
 
+def rounds_for(rows: dict[str, Callable[[], object]], seconds: float) -> int:
+    """Rounds that fill about ``seconds`` (15 to 400), from one timed call of each row (also a warm-up)."""
+    start = time.perf_counter()
+    for fn in rows.values():
+        fn()
+    per_round = time.perf_counter() - start
+    return max(15, min(400, int(seconds / max(per_round, 1e-6))))
+
+
+def paired_ratios(samples: Sequence[float], forward: Sequence[float]) -> list[float]:
+    """Per round, a row's time over the forward's time in the same round (the rounds interleave the rows).
+
+    The median of these ratios is the figure the targets are checked on: a slow phase of a shared machine
+    (other virtual machines on the host; invisible to :class:`ContentionMonitor`) slows both calls of a round,
+    so it cancels in their ratio, while a ratio of medians can pair a fast forward with a slow row.
+    """
+    return [s / f for s, f in zip(samples, forward, strict=True)]
+
+
 def run(args: argparse.Namespace) -> int:
     info = machine_info(("torch", "timm", "grad-cam"))
     print(describe_machine(info))
@@ -123,12 +148,14 @@ def run(args: argparse.Namespace) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             x = sample_batch(batch)
             rows = rows_for(name, model, x)
-            timings = time_round_robin(rows, warmup=args.warmup, repeats=args.repeats, budget=budget)
+            repeats = args.repeats if args.repeats is not None else rounds_for(rows, args.seconds)
+            timings = time_round_robin(rows, warmup=args.warmup, repeats=repeats, budget=budget)
             base = timings["forward"].median
             diff = agreement(rows, SUBJECTS[name])
             for row, label in ROWS.items():
                 t = timings[row]
                 ratio = t.median / base
+                paired = paired_ratios(t.samples, timings["forward"].samples)
                 table.append(
                     [
                         name,
@@ -137,17 +164,27 @@ def run(args: argparse.Namespace) -> int:
                         fmt_seconds(t.median),
                         fmt_seconds(t.iqr),
                         f"{ratio:.2f}x",
+                        f"{statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f})",
+                        f"{t.minimum / timings['forward'].minimum:.2f}x",
                         f"{t.retaken}/{t.contended_kept}",
                     ]
                 )
             ours, pgc = timings["cnnlens"].median, timings["pgc"].median
-            table.append([name, str(batch), "cnnlens speed-up vs pytorch-grad-cam", "", "", f"{pgc / ours:.2f}x", ""])
-            table.append([name, str(batch), "max |maps difference| vs pytorch-grad-cam", "", "", f"{diff:.2e}", ""])
-            if ours / base > TARGET_FORWARD:
-                failures.append(f"{name} b={batch}: cnnlens {ours / base:.2f}x a forward (target <= {TARGET_FORWARD})")
+            ours_paired = statistics.median(paired_ratios(timings["cnnlens"].samples, timings["forward"].samples))
+            table.append(
+                [name, str(batch), "cnnlens speed-up vs pytorch-grad-cam", "", "", f"{pgc / ours:.2f}x", "", "", ""]
+            )
+            table.append(
+                [name, str(batch), "max |maps difference| vs pytorch-grad-cam", "", "", f"{diff:.2e}", "", "", ""]
+            )
+            if ours_paired > TARGET_FORWARD:
+                failures.append(
+                    f"{name} b={batch}: cnnlens {ours_paired:.2f}x a forward (median of paired rounds; target <= "
+                    f"{TARGET_FORWARD})"
+                )
             if pgc / ours < TARGET_PGC:
                 failures.append(f"{name} b={batch}: {pgc / ours:.2f}x faster than pytorch-grad-cam (target >= 2)")
-    headers = ["model", "batch", "row", "median", "IQR", "x forward", "retaken/kept"]
+    headers = ["model", "batch", "row", "median", "IQR", "x forward", "paired (min-max)", "fastest", "retaken/kept"]
     print(format_table(headers, table))
     for line in failures:
         print(f"TARGET MISSED: {line}")
@@ -160,15 +197,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(SUBJECTS), help="comma-separated timm model names")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per config (default 5, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per config (default: --seconds)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="timed seconds per config (15-400 rounds)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up calls per row (default 1)")
     parser.add_argument("--max-wait", type=float, default=120.0, help="seconds of waiting for a quiet machine")
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 2 rounds")
     args = parser.parse_args(argv)
     if args.quick:
         args.batches = "1"
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 5
+    if args.quick and args.repeats is None:
+        args.repeats = 2
     return args
 
 
