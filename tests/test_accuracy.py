@@ -2,9 +2,11 @@
 
 The same ResNet-50 (``weights=None``, seeded) and input are explained in float32 the way a user calls cnnlens
 (default options) and in float64 (a deep copy of the model cast to float64): the error of each map is
-``max |float32 - float64| / max |float64|``. The bounds hold on any CPU kernel set: they are 3.5x to 10x the worst
-error measured for the default path under ``ATEN_CPU_CAPABILITY=default``, ``avx2`` and ``avx512`` and under
-``ONEDNN_MAX_CPU_ISA=SSE41`` (`.ci/run` runs this file under a second kernel set). The float32 error is real
+``max |float32 - float64| / max |float64|``. The bounds hold on any CPU kernel set and thread count: they are 3x
+to 10x the worst error measured for the default path under ``ATEN_CPU_CAPABILITY=default``, ``avx2`` and
+``avx512``, under ``ONEDNN_MAX_CPU_ISA=SSE41`` and with 1 to 4 torch threads (`.ci/run` runs this file under a
+second kernel set; the suite runs one thread per worker). Integrated Gradients varies most: 3.6e-3 (SSE4.1),
+1.3e-2 (AVX-512, 2-4 threads) and 3.1e-2 (AVX-512, one thread) on the same input. The float32 error is real
 and varies by method: input gradients of a 50-layer network (saliency, Integrated Gradients) sum many terms of
 both signs, and their maxima are small against those terms; guided backprop keeps only positive terms.
 
@@ -44,7 +46,7 @@ BOUNDS = {
     ("gradcampp", MIDDLE): 2e-4,
     ("saliency", DEEP): 3e-2,
     ("guided_backprop", DEEP): 3e-4,
-    ("integrated_gradients", DEEP): 1.5e-2,
+    ("integrated_gradients", DEEP): 1e-1,
 }
 
 
