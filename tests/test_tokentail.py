@@ -89,6 +89,17 @@ def test_unfused_attention_path(spy: list[tuple[int, ...]]) -> None:
         _close(short.gradients[layer], full.gradients[layer])
 
 
+def test_a_qkv_that_is_not_a_plain_linear_runs_through_the_module(spy: list[tuple[int, ...]]) -> None:
+    model = _vit()
+    model.blocks[2].attn.qkv = torch.nn.Sequential(model.blocks[2].attn.qkv)  # not nn.Linear: no weight split
+    x = torch.randn(2, 3, 32, 32)
+    short = record(model, x, ["blocks.2.norm1"], targets=[1, 2])
+    full = record(model, x, ["blocks.2.norm1"], targets=[1, 2], execution=FULL)
+    assert len(spy) == 1
+    _close(short.logits, full.logits)
+    _close(short.gradients["blocks.2.norm1"], full.gradients["blocks.2.norm1"])
+
+
 def test_input_gradients_and_explain_maps_agree(spy: list[tuple[int, ...]]) -> None:
     model = _vit()
     x = torch.randn(2, 3, 32, 32)

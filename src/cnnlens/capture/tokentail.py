@@ -11,7 +11,7 @@ backpropagate through it: over all ``N`` rows, that is about 1/depth of a forwar
 :class:`TokenTail` runs the last block on the ``r`` rows only, with the block's own modules::
 
     h = norm1(x)                                  (all N rows: the recorded layer's output, hooks as usual)
-    q, k, v = split(qkv(h)); q, k = q_norm(q), k_norm(k); q = q[:, :, :r]
+    q = q_norm(h[:, :r] W_q + b_q); k, v = split(h W_kv + b_kv); k = k_norm(k)
     o = proj(norm(softmax(q k^T · scale) v))      (fused: scaled_dot_product_attention(q, k, v))
     y = x[:, :r] + ls1(o);  y = y + ls2(mlp(norm2(y)))      -> (B, r, C) instead of (B, N, C)
 
@@ -127,10 +127,18 @@ def _short_block(block: Any, x: torch.Tensor, rows: int) -> torch.Tensor:
     h = block.norm1(x)
     attn = block.attn
     batch, n, _ = h.shape
-    qkv = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    heads, dim = attn.num_heads, attn.head_dim
+    if type(attn.qkv) is nn.Linear:  # queries of the head's rows only: a third less of the largest product
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        split = heads * dim
+        q = F.linear(h[:, :rows], weight[:split], None if bias is None else bias[:split])
+        q = q.reshape(batch, rows, heads, dim).transpose(1, 2)
+        kv = F.linear(h, weight[split:], None if bias is None else bias[split:])
+        k, v = kv.reshape(batch, n, 2, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = attn.qkv(h).reshape(batch, n, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q[:, :, :rows]
     q, k = attn.q_norm(q), attn.k_norm(k)
-    q = q[:, :, :rows]
     if attn.fused_attn:
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
