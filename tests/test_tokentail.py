@@ -40,13 +40,17 @@ def _deit() -> torch.nn.Module:
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """Input shapes of every short-path call (so a test fails when the short path silently stops running)."""
     calls: list[tuple[int, ...]] = []
-    real = tokentail._short_block
 
-    def counting(block: Any, x: torch.Tensor, rows: int) -> torch.Tensor:
-        calls.append((*x.shape, rows))
-        return real(block, x, rows)
+    def counting(real: Any) -> Any:
+        def short(block: Any, x: torch.Tensor, rows: int) -> torch.Tensor:
+            calls.append((*x.shape, rows))
+            out: torch.Tensor = real(block, x, rows)
+            return out
 
-    monkeypatch.setattr(tokentail, "_short_block", counting)
+        return short
+
+    monkeypatch.setattr(tokentail, "_short_block", counting(tokentail._short_block))
+    monkeypatch.setattr(tokentail, "_short_encoder_block", counting(tokentail._short_encoder_block))
     return calls
 
 
@@ -179,3 +183,44 @@ def test_restored_when_the_forward_raises() -> None:
 def test_execution_flag_is_checked() -> None:
     with pytest.raises(OptionError, match="token_tail"):
         Execution(token_tail="yes")  # type: ignore[arg-type]
+
+
+def _torchvision_vit() -> torch.nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.vision_transformer.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5
+    )
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts the head at zero
+    return model.eval()
+
+
+def test_torchvision_vit_same_logits_and_gradients(spy: list[tuple[int, ...]]) -> None:
+    model = _torchvision_vit()
+    layer = "encoder.layers.encoder_layer_2.ln_1"
+    x = torch.randn(3, 3, 32, 32)
+    short = record(model, x, [layer, "encoder.layers.encoder_layer_0"], top_k=2)
+    assert spy == [(3, 17, 16, 1)]
+    full = record(model, x, [layer, "encoder.layers.encoder_layer_0"], top_k=2, execution=FULL)
+    assert len(spy) == 1
+    _close(short.logits, full.logits)
+    for key in (layer, "encoder.layers.encoder_layer_0"):
+        _close(short.gradients[key], full.gradients[key])
+    assert not tokentail._patched(model.encoder.layers[2])
+    result = cnnlens.explain(model, x)  # the default layer of a torchvision ViT is that ln_1
+    assert result.layers == [layer] and len(spy) == 2
+
+
+@pytest.mark.parametrize("layer", ["encoder.layers.encoder_layer_2.mlp", "encoder.ln", "encoder.layers"])
+def test_torchvision_vit_tail_layers_run_the_whole_block(layer: str, spy: list[tuple[int, ...]]) -> None:
+    model = _torchvision_vit()
+    x = torch.randn(2, 3, 32, 32)
+    rec = record(model, x, [layer])
+    assert spy == []
+    _close(rec.logits, model(x).detach())
+
+
+def test_torchvision_vit_rollout_sees_every_query(spy: list[tuple[int, ...]]) -> None:
+    model = _torchvision_vit()
+    result = cnnlens.explain(model, torch.randn(1, 3, 32, 32), methods=["gradcam", "rollout"])
+    assert spy == [] and result["rollout", None].maps.shape[-2:] == (32, 32)

@@ -65,9 +65,9 @@ class Execution:
             are used; results are still exact but chunk boundaries (and so float rounding) may differ
             between runs (see :mod:`cnnlens.batching`).
         token_tail: Run the last block of a class-token vision transformer (timm ``VisionTransformer`` with
-            ``global_pool="token"``, DeiT distilled) only for the tokens its head reads, when every recorded layer
-            lies before that block's attention (:mod:`cnnlens.capture.tokentail`): the same logits and gradients
-            up to rounding, ViT-Tiny Grad-CAM about 10% cheaper. False runs the whole block.
+            ``global_pool="token"``, DeiT distilled, torchvision's ViT) only for the tokens its head reads, when
+            every recorded layer lies before that block's attention (:mod:`cnnlens.capture.tokentail`): the same
+            logits and gradients up to rounding, ViT-Tiny Grad-CAM about 10% cheaper. False runs the whole block.
     """
 
     memory_format: MemoryFormat = "contiguous"

@@ -22,11 +22,13 @@ Grad-CAM at ``blocks.11.norm1`` went from 1.16x to 1.04x a forward (hand-written
 It applies only where that is provably the model's function, checked on the module types, not on names:
 the model's class is exactly ``timm.models.vision_transformer.VisionTransformer`` (``global_pool == "token"``)
 or ``timm.models.deit.VisionTransformerDistilled``, no attention pool, no gradient checkpointing, the blocks an
-``nn.Sequential`` whose last entry is exactly timm's ``Block`` with timm's ``Attention``; every recorded layer
-lies before the last block's attention (``blocks[-1].norm1`` or earlier); and, at each forward, no hook (module
-or global, forward or backward) and no patched ``forward`` sits on the last block or anything after it (a user's
-hook, or the attention recorder of rollout, would see the shorter output): then the model runs as it is.
-``Execution(token_tail=False)`` turns it off.
+``nn.Sequential`` whose last entry is exactly timm's ``Block`` with timm's ``Attention``; or exactly
+torchvision's ``VisionTransformer`` (its head always reads row 0), whose last ``EncoderBlock`` runs
+``nn.MultiheadAttention`` with the class token as the only query (``ln_1`` is then the layer before the tail).
+Every recorded layer lies before the last block's attention (``blocks[-1].norm1``, ``...encoder_layer_11.ln_1``
+or earlier); and, at each forward, no hook (module or global, forward or backward) and no patched ``forward``
+sits on the last block or anything after it (a user's hook, or the attention recorder of rollout, would see the
+shorter output): then the model runs as it is. ``Execution(token_tail=False)`` turns it off.
 
 Example:
     >>> import timm, torch
@@ -46,7 +48,7 @@ import contextlib
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,9 +73,11 @@ class TokenTail:
             the short path off for that forward.
     """
 
-    block: nn.Module
+    block: nn.Module = field(repr=False)
     rows: int
-    tail_modules: tuple[nn.Module, ...]
+    tail_modules: tuple[nn.Module, ...] = field(repr=False)
+    family: str = "timm"
+    """``"timm"`` (timm ``Block``) or ``"torchvision"`` (torchvision ``EncoderBlock``)."""
 
     def usable(self) -> bool:
         """Whether nothing observes the tail right now: no hook on it, no global module hook, no patched forward."""
@@ -89,7 +93,7 @@ class TokenTail:
         for m in self.tail_modules:
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or _patched(m):
                 return False
-        return not getattr(self.block.attn, "training", False)
+        return not self.block.training
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -99,11 +103,14 @@ class TokenTail:
             return
         block, rows = self.block, self.rows
         full = type(block).forward
+        short = _short_block if self.family == "timm" else _short_encoder_block
 
-        def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-            if attn_mask is not None or is_causal or x.ndim != 3 or x.shape[1] <= rows:
-                return full(block, x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[no-any-return]
-            return _short_block(block, x, rows)
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            # timm passes attn_mask/is_causal only when given: anything but a plain call runs the whole block.
+            plain = not args and kwargs.get("attn_mask") is None and not kwargs.get("is_causal", False)
+            if not plain or x.ndim != 3 or x.shape[1] <= rows:
+                return full(block, x, *args, **kwargs)  # type: ignore[no-any-return]
+            return short(block, x, rows)
 
         block.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
         try:
@@ -155,6 +162,18 @@ def _short_block(block: Any, x: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
+def _short_encoder_block(block: Any, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The ``EncoderBlock.forward`` of torchvision, for the leading ``rows`` tokens of its output.
+
+    ``nn.MultiheadAttention`` takes queries of another length than its keys: the head's rows query every token.
+    """
+    h = block.ln_1(x)
+    attended, _ = block.self_attention(h[:, :rows], h, h, need_weights=False)
+    y = block.dropout(attended) + x[:, :rows]
+    out: torch.Tensor = y + block.mlp(block.ln_2(y))
+    return out
+
+
 def _timm_classes() -> tuple[type, type, type, type] | None:
     """(VisionTransformer, VisionTransformerDistilled, Block, Attention) of an imported timm, else None."""
     if "timm" not in sys.modules:
@@ -180,6 +199,10 @@ def token_tail(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Tok
         model: The network.
         layers: ``(dotted name, module)`` of every recorded layer.
     """
+    if "torchvision" in sys.modules:
+        tail = _torchvision_tail(model, layers)
+        if tail is not None:
+            return tail
     classes = _timm_classes()
     if classes is None:
         return None
@@ -215,6 +238,55 @@ def token_tail(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Tok
     if any(id(module) in tail_by_id for _, module in layers):
         return None
     return TokenTail(block, rows, tuple(tail_by_id.values()))
+
+
+def _torchvision_tail(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> TokenTail | None:
+    """The tail of a torchvision ``VisionTransformer`` (its head always reads row 0 of the encoder's output)."""
+    try:
+        from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
+    except ImportError:
+        return None
+    if type(model) is not VisionTransformer:
+        return None
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        return None
+    blocks = getattr(encoder, "layers", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        return None
+    block = blocks[-1]
+    attention = getattr(block, "self_attention", None)
+    if type(block) is not EncoderBlock or type(attention) is not nn.MultiheadAttention or not attention.batch_first:
+        return None
+    if not all(hasattr(block, f) for f in ("ln_1", "dropout", "ln_2", "mlp")):
+        return None
+    names = list(blocks._modules)
+    last = f"encoder.layers.{names[-1]}"
+    earlier = tuple(f"encoder.layers.{n}" for n in names[:-1])
+
+    def before(name: str) -> bool:
+        if name.split(".", 1)[0] == "conv_proj" or name == "encoder.dropout":
+            return True
+        if any(name == e or name.startswith(e + ".") for e in earlier):
+            return True
+        return name == f"{last}.ln_1" or name.startswith(f"{last}.ln_1.")
+
+    if not all(before(name) for name, _ in layers):
+        return None
+    ln_1 = block.get_submodule("ln_1")
+    kept = {id(m) for m in ln_1.modules()}
+    tail_by_id: dict[int, nn.Module] = {id(blocks): blocks, id(encoder): encoder}
+    tail_by_id.update((id(m), m) for m in block.modules() if id(m) not in kept)
+    for name, child in model.named_children():
+        if name not in ("conv_proj", "encoder"):
+            tail_by_id.update((id(m), m) for m in child.modules())
+    final_norm = getattr(encoder, "ln", None)
+    if not isinstance(final_norm, nn.Module):
+        return None
+    tail_by_id.update((id(m), m) for m in final_norm.modules())
+    if any(id(module) in tail_by_id for _, module in layers):
+        return None
+    return TokenTail(block, 1, tuple(tail_by_id.values()), family="torchvision")
 
 
 def _before_tail(name: str, last: int) -> bool:
