@@ -45,7 +45,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -223,21 +222,9 @@ def token_tail(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Tok
         return None
     if not all(hasattr(block, f) for f in _BLOCK_FIELDS) or not all(hasattr(block.attn, f) for f in _ATTN_FIELDS):
         return None
-    last = len(blocks) - 1
-    if not all(_before_tail(name, last) for name, _ in layers):
-        return None
-    # By identity, not by name: a module shared with the last block (named once, under its first name) is in
-    # the tail too. The tail: the blocks container, the last block but its norm1, every later top-level child.
-    norm1 = block.get_submodule("norm1")
-    kept = {id(m) for m in norm1.modules()}
-    tail_by_id: dict[int, nn.Module] = {id(blocks): blocks}
-    tail_by_id.update((id(m), m) for m in block.modules() if id(m) not in kept)
-    for name, child in model.named_children():
-        if name != "blocks" and name not in _BEFORE:
-            tail_by_id.update((id(m), m) for m in child.modules())
-    if any(id(module) in tail_by_id for _, module in layers):
-        return None
-    return TokenTail(block, rows, tuple(tail_by_id.values()))
+    after = [child for name, child in model.named_children() if name != "blocks" and name not in _BEFORE]
+    modules = _tail_modules(layers, "blocks", blocks, "norm1", _BEFORE, containers=[blocks], after=after)
+    return None if modules is None else TokenTail(block, rows, modules)
 
 
 def _torchvision_tail(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> TokenTail | None:
@@ -249,52 +236,54 @@ def _torchvision_tail(model: nn.Module, layers: Sequence[tuple[str, nn.Module]])
     if type(model) is not VisionTransformer:
         return None
     encoder = getattr(model, "encoder", None)
-    if not isinstance(encoder, nn.Module):
-        return None
     blocks = getattr(encoder, "layers", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+    final_norm = getattr(encoder, "ln", None)
+    if not isinstance(encoder, nn.Module) or not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         return None
     block = blocks[-1]
     attention = getattr(block, "self_attention", None)
     if type(block) is not EncoderBlock or type(attention) is not nn.MultiheadAttention or not attention.batch_first:
         return None
-    if not all(hasattr(block, f) for f in ("ln_1", "dropout", "ln_2", "mlp")):
+    if not all(hasattr(block, f) for f in ("ln_1", "dropout", "ln_2", "mlp")) or not isinstance(final_norm, nn.Module):
         return None
+    after = [child for name, child in model.named_children() if name not in ("conv_proj", "encoder")] + [final_norm]
+    before = ("conv_proj", "encoder.dropout")
+    modules = _tail_modules(layers, "encoder.layers", blocks, "ln_1", before, containers=[encoder, blocks], after=after)
+    return None if modules is None else TokenTail(block, 1, modules, family="torchvision")
+
+
+def _tail_modules(
+    layers: Sequence[tuple[str, nn.Module]],
+    prefix: str,
+    blocks: nn.Sequential,
+    kept: str,
+    before: Sequence[str],
+    *,
+    containers: Sequence[nn.Module],
+    after: Sequence[nn.Module],
+) -> tuple[nn.Module, ...] | None:
+    """Every module whose input or output the short path changes, or None when a recorded layer is one of them.
+
+    A recorded layer must run before the tail by name (under ``before``, under an earlier block of ``blocks``,
+    whose dotted path is ``prefix``, or under the last block's ``kept`` submodule) and by identity (a module
+    shared with the tail is named once, under its first name). The tail: ``containers`` (holding the last block),
+    the last block but its ``kept`` submodule, and ``after`` (what runs after the blocks), with submodules.
+    """
     names = list(blocks._modules)
-    last = f"encoder.layers.{names[-1]}"
-    earlier = tuple(f"encoder.layers.{n}" for n in names[:-1])
+    allowed = [f"{prefix}.{n}" for n in names[:-1]] + [f"{prefix}.{names[-1]}.{kept}"]
 
-    def before(name: str) -> bool:
-        if name.split(".", 1)[0] == "conv_proj" or name == "encoder.dropout":
-            return True
-        if any(name == e or name.startswith(e + ".") for e in earlier):
-            return True
-        return name == f"{last}.ln_1" or name.startswith(f"{last}.ln_1.")
+    def under(name: str, path: str) -> bool:
+        return name == path or name.startswith(path + ".")
 
-    if not all(before(name) for name, _ in layers):
+    for name, _ in layers:
+        if not any(under(name, path) for path in (*before, *allowed)):
+            return None
+    block = blocks[-1]
+    keep = {id(m) for m in block.get_submodule(kept).modules()}
+    tail: dict[int, nn.Module] = {id(m): m for m in containers}
+    tail.update((id(m), m) for m in block.modules() if id(m) not in keep)
+    for module in after:
+        tail.update((id(m), m) for m in module.modules())
+    if any(id(module) in tail for _, module in layers):
         return None
-    ln_1 = block.get_submodule("ln_1")
-    kept = {id(m) for m in ln_1.modules()}
-    tail_by_id: dict[int, nn.Module] = {id(blocks): blocks, id(encoder): encoder}
-    tail_by_id.update((id(m), m) for m in block.modules() if id(m) not in kept)
-    for name, child in model.named_children():
-        if name not in ("conv_proj", "encoder"):
-            tail_by_id.update((id(m), m) for m in child.modules())
-    final_norm = getattr(encoder, "ln", None)
-    if not isinstance(final_norm, nn.Module):
-        return None
-    tail_by_id.update((id(m), m) for m in final_norm.modules())
-    if any(id(module) in tail_by_id for _, module in layers):
-        return None
-    return TokenTail(block, 1, tuple(tail_by_id.values()), family="torchvision")
-
-
-def _before_tail(name: str, last: int) -> bool:
-    """Whether module ``name`` of a timm ViT runs before the last block's attention (its output unchanged)."""
-    if name.split(".", 1)[0] in _BEFORE:
-        return True
-    match = re.match(r"^blocks\.(\d+)(\.|$)", name)
-    if match is None:
-        return False
-    index = int(match.group(1))
-    return index < last or name == f"blocks.{last}.norm1" or name.startswith(f"blocks.{last}.norm1.")
+    return tuple(tail.values())
