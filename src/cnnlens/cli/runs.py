@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         layout=args.layout,
     )
     engine = getattr(args, "engine", "local")
-    ray_options = _ray_options(args) if engine == "ray" else None
+    ray_options = _ray_options(args, model) if engine == "ray" else None
     with contextlib.ExitStack() as stack:
         if ray_options is not None:  # connect first: an address that does not answer leaves --out untouched
             from cnnlens.runs.ray_engine import check_cluster, ray_session
@@ -136,10 +136,16 @@ def _absolute(value: Any) -> Any:
     return value
 
 
-def _ray_options(args: argparse.Namespace) -> RayOptions:
-    """The Ray engine's options from the command line, checked before anything runs."""
+def _ray_options(args: argparse.Namespace, loaded: LoadedModel) -> RayOptions:
+    """The Ray engine's options from the command line, checked before anything runs.
+
+    The driver's model goes to the workers by value (Ray's object store): they need cnnlens and the libraries
+    the model's classes come from, not the checkpoint or the factory file, and they start seconds sooner than
+    by loading it again. A Keras model (its variables live in Keras, not in the module) is rebuilt on each
+    worker from the same options instead.
+    """
     from cnnlens.runs.model import is_entry_point
-    from cnnlens.runs.ray_engine import RayOptions
+    from cnnlens.runs.ray_engine import RayOptions, ships_by_value
 
     keys: tuple[str, ...] = ("model", "weights", "random_weights", "download", "num_classes", "class_names")
     keys += ("input_size", "resize", "mean", "std")
@@ -155,7 +161,7 @@ def _ray_options(args: argparse.Namespace) -> RayOptions:
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,
         storage=args.storage,
-        model_loader=_CliModelLoader(options),
+        model_loader=None if ships_by_value(loaded) else _CliModelLoader(options),
     )
     ray_options.validate()
     return ray_options

@@ -78,6 +78,7 @@ __all__ = [
     "execute_ray",
     "plan_resources",
     "ray_session",
+    "ships_by_value",
 ]
 
 ModelLoader = Callable[[str], LoadedModel]
@@ -424,6 +425,21 @@ def _decode_shard(
             for batch in shard_batches([range(len(samples))], batch_size)
         ]
     return {"shard": int(row["shard"]), "payload": pickle.dumps(batches, protocol=5)}
+
+
+def ships_by_value(model: LoadedModel) -> bool:
+    """Whether the driver's model can go to the workers by value (False for Keras models: rebuild them there).
+
+    A Keras model's variables live in Keras, outside the torch module, so workers build it again (a
+    :data:`ModelLoader`); any torch module pickles with its weights.
+
+    Example:
+        >>> ships_by_value(load_run_model("resnet50", random_weights=True))  # doctest: +SKIP
+        True
+        >>> ships_by_value(load_run_model("keras:vgg16", random_weights=True))  # doctest: +SKIP
+        False
+    """
+    return not type(model.module).__module__.startswith("cnnlens.models.keras")
 
 
 def _register_by_value(model: LoadedModel) -> None:
