@@ -16,9 +16,16 @@ folder each time, and the two run folders' ``results.parquet`` are checked equal
   their warm-up; the per-actor throughput after their first shard is reported too, and so is the driver's
   commit rate (rows files per second of driver time, in images/s).
 
+* ``floor``: on another fresh cluster, the same pipeline shape (``from_items`` -> one decoding task ->
+  ``map_batches`` on two actors of 0.75 CPU) whose task and actors only do what every cnnlens run must do before
+  its first image: the task imports the decoding code, each actor imports the run code and unpickles the model
+  (torch, timm, torchvision, Ray Data). Its wall time is the cold-start floor of any run on Ray Data here.
+
 Printed: images/s of each engine, the ratio ray / local (target >= 0.85), per-actor throughput, driver commit
 rate and the number of actors at which the driver's commits would become the bottleneck
-(``commit rate / steady per-actor rate``).
+(``commit rate / steady per-actor rate``); then the floor, the best ratio a Ray Data run could reach on this
+many photos (``local time / (floor + photos / the actors' steady rate)``) and the photo count from which such a
+run would meet the target.
 """
 
 from __future__ import annotations
@@ -56,13 +63,93 @@ def compare(a: Any, b: Any) -> str:
     return f"{len(differ)} column(s) differ ({', '.join(differ[:4])}), largest float difference {worst:.2e}"
 
 
+FLOOR_PARTS = ("nothing", "torch", "cnnlens", "model")
+"""What the floor's task and actors do, cumulatively: nothing; import torch; import cnnlens' run and decoding
+modules; unpickle the model in the actors (the whole floor)."""
+
+
+class _StartOnly:
+    """An actor that does what every cnnlens actor does before its first image (up to ``part``), and nothing more."""
+
+    def __init__(self, model_ref: tuple[Any, ...], part: str) -> None:
+        import ray
+
+        level = FLOOR_PARTS.index(part)
+        if level >= 1:
+            import torch as torch_in_worker
+
+            torch_in_worker.set_num_threads(1)
+        if level >= 2:
+            import cnnlens.runs.batch
+            import cnnlens.runs.ray_engine  # noqa: F401  (the explaining actor's module)
+        if level >= 3:
+            self.model = ray.get(model_ref[0])  # unpickling imports the model's libraries (timm, torchvision)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"shard": batch["shard"]}
+
+
+def _decode_only(row: dict[str, Any], part: str) -> dict[str, Any]:
+    level = FLOOR_PARTS.index(part)
+    if level >= 1:
+        import torch  # noqa: F401
+    if level >= 2:
+        import cnnlens.runs.decode  # noqa: F401  (the decoding task's imports)
+    return row
+
+
+def start_floor(model: Any, part: str = "model") -> float:
+    """Seconds from an empty pipeline's start to its end on a fresh local cluster (2 CPUs, the run's plan)."""
+    import functools
+
+    import ray
+    import ray.data
+
+    from cnnlens.runs.ray_engine import _quiet_ray_logs
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
+        started = time.perf_counter()
+        ref = ray.put(model)
+        ds = ray.data.from_items([{"shard": i} for i in range(2)], override_num_blocks=2)
+        decode = functools.partial(_decode_only, part=part)
+        ds = ds.map(decode, num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=1))
+        ds = ds.map_batches(
+            _StartOnly,
+            fn_constructor_kwargs={"model_ref": (ref,), "part": part},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=2),
+            num_cpus=0.75,
+        )
+        with _quiet_ray_logs():
+            ds.take_all()
+        return time.perf_counter() - started
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     """Make the photos, time both engines once each, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument(
+        "--floor-parts", type=int, default=0, metavar="N", help="only time the floor, N times for each of its parts"
+    )
     args = parser.parse_args()
+    if args.floor_parts:
+        from cnnlens.runs import load_run_model as load
+
+        torch.set_num_threads(1)
+        lite0 = load("efficientnet_lite0")
+        print(describe_machine(machine_info()))
+        for part in FLOOR_PARTS:
+            times = [start_floor(lite0, part) for _ in range(args.floor_parts)]
+            print(f"floor, task and actors doing up to '{part}': {', '.join(f'{t:.1f} s' for t in times)}")
+        return
 
     import pyarrow.parquet as pq
     import ray
@@ -100,6 +187,7 @@ def main() -> None:
         )
         engine = json.loads((work / "ray" / "manifest.json").read_text())["extra"]["engine"]
         shutil.rmtree(work / "photos")
+        floor_s = start_floor(model)
 
     n = args.images
     local_rate, ray_rate = n / local_s, n / ray_s
@@ -119,8 +207,8 @@ def main() -> None:
             f"compute ({actor['images_per_s']} images/s; first shard {actor['first_shard_s']:.1f} s, then "
             f"{actor['steady_images_per_s']} images/s)"
         )
-        if actor["steady_images_per_s"]:
-            steady.append(float(actor["steady_images_per_s"]))
+        if actor["steady_images_per_s"] or actor["images_per_s"]:  # one shard each: no steady figure, use the mean
+            steady.append(float(actor["steady_images_per_s"] or actor["images_per_s"]))
     commit = engine["driver_commits_per_s"]
     print(f"driver: {engine['driver_commit_s']:.2f} s committing, {commit} images/s")
     if steady and commit:
@@ -129,6 +217,25 @@ def main() -> None:
             f"scaling model: per-actor {per_actor:.1f} images/s; the driver's commits saturate at about "
             f"{commit / per_actor:.0f} actors of this kind"
         )
+    if steady:
+        together = sum(steady)
+        best = local_s / (floor_s + n / together)
+        print(
+            f"start-up floor (an empty pipeline of this shape: one decoding task, 2 actors importing the run code "
+            f"and unpickling the model): {floor_s:.1f} s"
+        )
+        print(
+            f"best ratio a Ray Data run can reach on {n} photos here: {local_s:.1f} / ({floor_s:.1f} + {n} / "
+            f"{together:.1f}) = {best:.2f}"
+        )
+        gain = 1 / local_rate - TARGET / together  # seconds per photo the target leaves to pay for the floor
+        if gain > 0:
+            print(
+                f"a run adding nothing to the floor would meet the target ({TARGET}) from about "
+                f"{TARGET * floor_s / gain:,.0f} photos"
+            )
+        else:
+            print(f"the target ({TARGET}) cannot be met at any size: the actors' steady rate is too low")
 
 
 if __name__ == "__main__":
