@@ -266,6 +266,39 @@ def test_missing_weights_file_is_refused_before_loading(
     assert "no such file" in _error(capsys)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--input-size", "resnet18=big"], "--input-size resnet18=big: give a size in pixels, PX or HxW"),
+        (["--input-size", "resnet18=64x64x3"], "give a size in pixels"),
+        (["--input-size", "resnet50=64"], "'resnet50' is not one of --models (resnet18)"),
+        (["--preprocess", "resnet18=caffe"], "applies to Keras models (keras:ARCH, .keras/.h5 files)"),
+        (["--preprocess", "keras:vgg16=bgr"], "--preprocess keras:vgg16=bgr: the mode is one of caffe, tf, torch"),
+        (["--preprocess", "caffe"], "--preprocess 'caffe' is not MODEL=VALUE"),
+    ],
+)
+def test_compare_models_sizes_and_modes_are_checked_before_loading(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None, flags: list[str], message: str
+) -> None:
+    argv = ["compare-models", str(photos), "--models", "resnet18", "--random-weights", *flags]
+    assert cli.main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_preprocess_is_for_keras_models(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None
+) -> None:
+    """``run --preprocess`` (shared with explain): a torch model is refused with the flag to use instead."""
+    data = tmp_path / "data" / "cat"
+    data.mkdir(parents=True)
+    (data / "chelsea.png").write_bytes((photos / "chelsea.png").read_bytes())
+    argv = ["run", str(tmp_path / "data"), "--model", "resnet18", "--random-weights", "--num-classes", "2"]
+    assert cli.main([*argv, "--preprocess", "caffe", "--out", str(tmp_path / "run")]) == 2
+    assert "set its normalisation with --mean/--std" in _error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------------------
 # refused after loading, before computing
 # --------------------------------------------------------------------------------------------------------

@@ -123,6 +123,15 @@ def test_views_commands_on_a_keras_file(photos: Path, saved: Path, tmp_path: Pat
     assert any(out.rglob("*.png"))
 
 
+def test_explain_keras_architecture_with_input_size_and_preprocess(photos: Path, tmp_path: Path) -> None:
+    """``--preprocess`` reaches a ``keras:`` architecture built at ``--input-size`` (it was once read as a factory)."""
+    out = tmp_path / "vgg32"
+    argv = ["explain", str(photos / "chelsea.png"), "--model", "keras:vgg16", "--random-weights", "--method", "gradcam"]
+    assert main([*argv, "--input-size", "32", "--preprocess", "tf", "--out", str(out)]) == 0
+    prep = _manifest(out)["model"]["preprocessing"]
+    assert prep["mode"] == "tf" and prep["input_size"] == [32, 32] and prep["mean"] == [0.5, 0.5, 0.5]
+
+
 def test_compare_layers_on_a_keras_file(photos: Path, saved: Path, tmp_path: Path) -> None:
     out = tmp_path / "layers"
     argv = ["compare-layers", str(photos), "--model", str(saved), "--method", "gradcam", "--steps", "2"]
@@ -137,7 +146,12 @@ def test_compare_models_mixes_keras_and_torch(
     """A saved Keras model and an untrained torch model in one report; --random-weights is for the torch one."""
     out = tmp_path / "models"
     argv = ["compare-models", str(photos), "--models", str(saved), "resnet18", "--random-weights"]
+    argv += ["--input-size", "resnet18=96x64", "--preprocess", f"{saved}=caffe"]  # per model
     assert main([*argv, "--method", "gradcam", "--steps", "2", "--last-n", "1", "--out", str(out)]) == 0
+    study = json.loads((out / "study.json").read_text())
+    prep = {Path(m["name"]).name: m["preprocessing"] for m in study["models"]}
+    assert prep["resnet18"]["input_size"] == [96, 64] and "mode" not in prep["resnet18"]
+    assert prep[saved.name]["mode"] == "caffe" and prep[saved.name]["input_size"] == [64, 64]
     captured = capsys.readouterr()
     assert "resnet18 (RANDOM)" in captured.out and f"{saved} (RANDOM)" not in captured.out
     html = (out / "index.html").read_text()
@@ -158,6 +172,12 @@ def test_run_on_a_keras_file(photos: Path, saved: Path, tmp_path: Path) -> None:
     assert main([*argv, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["total"] == summary["ok"] == 2 and summary["errors"] == 0
+    caffe = tmp_path / "run-caffe"  # --preprocess: another normalisation, hence another run (fingerprint)
+    assert main([*argv, "--preprocess", "caffe", "--out", str(caffe)]) == 0
+    assert _manifest(caffe)["model"]["preprocessing"]["mode"] == "caffe"
+    assert _manifest(out)["model"]["preprocessing"]["mode"] == "tf"  # a .keras file's default
+    fingerprints = {json.loads((d / "run.json").read_text())["fingerprint"] for d in (out, caffe)}
+    assert len(fingerprints) == 2
     assert list(summary["metrics"]) == ["gradcam/vgg16/block5_conv3"]  # the file's default layer
     assert (out / "results.parquet").is_file()
     assert main([*argv, "--out", str(out)]) == 0  # resumed: same fingerprint (the Keras weights hash alike)

@@ -15,6 +15,10 @@ KERAS_MODELS_HELP = (
 """The ``--model`` help for Keras models, shared by every command that takes ``--model``."""
 
 
+KERAS_PREPROCESS_MODES = ("caffe", "tf", "torch")
+"""``--preprocess``: Keras ``preprocess_input`` modes (``cnnlens.models.preprocessing.PREPROCESSING_MODES``)."""
+
+
 def _add_model_options(parser: argparse.ArgumentParser, *, preprocessing: bool = True) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -49,7 +53,7 @@ def _add_preprocessing_options(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--std", type=float, nargs="+", metavar="V", help="normalisation std, 1 or 3 values")
     prep.add_argument(
         "--preprocess",
-        choices=("caffe", "tf", "torch"),
+        choices=KERAS_PREPROCESS_MODES,
         help="Keras models: the preprocess_input mode (caffe: BGR minus the ImageNet mean, as vgg16/resnet50; tf: "
         "x/127.5-1, as inception_v3; torch: ImageNet mean/std). Default: the architecture's; tf for a .keras file",
     )

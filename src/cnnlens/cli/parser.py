@@ -141,6 +141,24 @@ def _add_studies(sub: Any, methods_help: str) -> None:
     cm.add_argument("--weights", nargs="+", metavar="MODEL=PATH", default=[], help="checkpoint per model")
     cm.add_argument("--layers", nargs="+", metavar="MODEL=LAYER", default=[], help="layer per model")
     cm.add_argument(
+        "--input-size",
+        dest="input_sizes",
+        nargs="+",
+        metavar="MODEL=PX",
+        default=[],
+        help="input size per model, MODEL=PX or MODEL=HxW (a keras: architecture is built at it; any other model is "
+        "fed images of that size), e.g. keras:inception_v3=299",
+    )
+    cm.add_argument(
+        "--preprocess",
+        dest="preprocess_modes",
+        nargs="+",
+        metavar="MODEL=MODE",
+        default=[],
+        help="Keras models: the preprocess_input mode per model, caffe, tf or torch (default: the architecture's; "
+        "tf for a .keras file), e.g. transfer.keras=caffe",
+    )
+    cm.add_argument(
         "--layout",
         dest="layouts",
         action="append",

@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from cnnlens._names import DEFAULT_METHODS, DEFAULT_MODEL, METHOD_IDS, ZOO_MODELS
-from cnnlens.cli.options import KERAS_MODELS_HELP, _add_layout, _add_max_pixels, _add_model_options
+from cnnlens.cli.options import (
+    KERAS_MODELS_HELP,
+    _add_layout,
+    _add_max_pixels,
+    _add_model_options,
+    _add_preprocessing_options,
+)
 
 __all__ = ["add_run_commands", "add_views_commands"]
 
@@ -146,11 +152,7 @@ def add_run_commands(subparsers: Any) -> None:
         help="class names in output order (.txt one per line, or .json list); dataset labels are matched to them",
     )
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default)")
-    prep = run.add_argument_group("preprocessing (override the model's)")
-    prep.add_argument("--input-size", type=int, nargs="+", metavar="PX", help="model input H [W], e.g. 32 for CIFAR")
-    prep.add_argument("--resize", type=int, metavar="PX", help="shorter side before the center crop (default: input)")
-    prep.add_argument("--mean", type=float, nargs="+", metavar="V", help="normalisation mean, 1 or 3 values")
-    prep.add_argument("--std", type=float, nargs="+", metavar="V", help="normalisation std, 1 or 3 values")
+    _add_preprocessing_options(run)
     work = run.add_argument_group("what to compute")
     work.add_argument(
         "--method",

@@ -148,7 +148,7 @@ def _ray_options(args: argparse.Namespace, loaded: LoadedModel) -> RayOptions:
     from cnnlens.runs.ray_engine import RayOptions, ships_by_value
 
     keys: tuple[str, ...] = ("model", "weights", "random_weights", "download", "num_classes", "class_names")
-    keys += ("input_size", "resize", "mean", "std")
+    keys += ("input_size", "resize", "mean", "std", "preprocess")
     options = {key: getattr(args, key, None) for key in keys}
     model = str(options["model"])
     if is_entry_point(model) and ".py:" in model:  # file.py:factory: the file's absolute path

@@ -13,7 +13,6 @@ from cnnlens.cli import common
 from cnnlens.cli.common import (
     EXIT_FAILED_INPUTS,
     _check_model_args,
-    _device,
     _into_out,
     _load,
     _load_inputs,
@@ -103,6 +102,36 @@ def _layouts(items: Sequence[str]) -> dict[str, str]:
 cmd_compare_layers = _into_out(_cmd_compare_layers, "compare-layers")
 
 
+def _input_sizes(items: Sequence[str]) -> dict[str, list[int]]:
+    """``--input-size MODEL=PX`` or ``MODEL=HxW`` items of compare-models, as ``[H]`` or ``[H, W]``."""
+    out: dict[str, list[int]] = {}
+    for key, text in _pairs(items, "--input-size", "keras:inception_v3=299").items():
+        parts = text.lower().split("x")
+        if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise UsageError(
+                f"--input-size {key}={text}: give a size in pixels, PX or HxW, e.g. {key}=224 or {key}=224x160."
+            )
+        out[key] = [int(p) for p in parts]
+    return out
+
+
+def _preprocess_modes(items: Sequence[str]) -> dict[str, str]:
+    """``--preprocess MODEL=MODE`` items of compare-models, each for a Keras model and a known mode."""
+    from cnnlens.cli.options import KERAS_PREPROCESS_MODES
+
+    out = _pairs(items, "--preprocess", "keras:resnet50=caffe")
+    for key, mode in out.items():
+        if mode not in KERAS_PREPROCESS_MODES:
+            raise UsageError(f"--preprocess {key}={mode}: the mode is one of {', '.join(KERAS_PREPROCESS_MODES)}.")
+        lowered = key.lower()
+        if not lowered.startswith("keras:") and not lowered.endswith((".keras", ".h5")):
+            raise UsageError(
+                f"--preprocess {key}={mode}: the Keras preprocess_input mode applies to Keras models (keras:ARCH, "
+                ".keras/.h5 files); a torch model's normalisation comes with it."
+            )
+    return out
+
+
 def _brings_own_weights(name: str) -> bool:
     """Whether ``--random-weights`` is not for this model: a saved Keras model (``.keras``/``.h5``) or a factory.
 
@@ -141,7 +170,9 @@ def _cmd_compare_models(args: argparse.Namespace) -> int:
     weights = _pairs(args.weights, "--weights")
     layers = _pairs(args.layers, "--layers", "resnet50=layer4")
     layouts = _layouts(args.layouts)
-    for key in [*weights, *layers, *layouts]:
+    sizes = _input_sizes(args.input_sizes)
+    modes = _preprocess_modes(args.preprocess_modes)
+    for key in [*weights, *layers, *layouts, *sizes, *modes]:
         if key not in args.models:
             raise UsageError(f"{key!r} is not one of --models ({', '.join(args.models)}).")
     names, images, failures = _load_inputs(args.inputs, max_pixels=args.max_pixels)
@@ -150,15 +181,13 @@ def _cmd_compare_models(args: argparse.Namespace) -> int:
     models = []
     with _phase("loading models", total=len(args.models)) as update:
         for i, name in enumerate(args.models):
-            models.append(
-                common.load_model(
-                    name,
-                    weights=weights.get(name),
-                    random_weights=args.random_weights and name not in weights and not _brings_own_weights(name),
-                    download=args.download,
-                    device=_device(args.device),
-                )
-            )
+            options = argparse.Namespace(
+                model=name, weights=weights.get(name), download=args.download, num_classes=None, class_names=None,
+                device=args.device, input_size=sizes.get(name), resize=None, mean=None, std=None,
+                preprocess=modes.get(name),
+            )  # fmt: skip
+            random = args.random_weights and name not in weights and not _brings_own_weights(name)
+            models.append(common._load_quietly(options, random_weights=random))
             update(i + 1, len(args.models))
     for m in models:
         if m.random_weights:

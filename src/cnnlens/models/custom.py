@@ -44,7 +44,7 @@ _log = logging.getLogger(__name__)
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*$")
-_LIBRARY_PREFIXES = {"timm", "torchvision"}
+_LIBRARY_PREFIXES = {"timm", "torchvision", "keras"}  # library:architecture names, not factories
 
 # ---------------------------------------------------------------------------------------------------------
 # torchvision / timm architectures by name
@@ -153,11 +153,13 @@ def infer_num_classes(module: nn.Module) -> int | None:
 
 
 def is_entry_point(name: str) -> bool:
-    """Whether ``name`` is ``package.module:factory`` or ``file.py:factory`` (not ``timm:resnet18``).
+    """Whether ``name`` is ``package.module:factory`` or ``file.py:factory`` (not ``timm:resnet18``, ``keras:vgg16``).
 
     Example:
         >>> is_entry_point("mypkg.nets:build"), is_entry_point("timm:resnet18"), is_entry_point("resnet50")
         (True, False, False)
+        >>> is_entry_point("keras:vgg16")
+        False
     """
     left, sep, right = name.rpartition(":")
     if not sep or not _DOTTED_RE.match(right):
