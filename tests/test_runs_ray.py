@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from tests.test_runs import NAMES, import_file, write_dataset
+from torch import nn
 
 from cnnlens.report import render_run_report
 from cnnlens.runs import load_run_model, read_dataset, run_dataset
@@ -187,6 +188,27 @@ def test_resources_leave_room_for_decoding() -> None:
         plan_resources(2, 0, RayOptions(actors=2, cpus_per_actor=1))
     with pytest.raises(RayEngineError, match="--actors"):
         RayOptions(actors=0).validate()
+
+
+def test_workers_receive_a_cpu_model_copied_tensor_by_tensor() -> None:
+    """A driver model on a GPU goes to the workers as a CPU copy (a CPU actor cannot load CUDA tensors).
+
+    No GPU here: the copy mechanism runs on a CPU module (the GPU case differs only in where ``.cpu()`` copies
+    from), and a CPU model is sent as it is.
+    """
+    from cnnlens.runs.ray_engine import _deepcopy_to_cpu, _on_cpu
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    net[0].bias.requires_grad_(False)
+    net.tag = {"layers": [1, 2]}  # type: ignore[assignment]  # a plain attribute is deep-copied too
+    copied = _deepcopy_to_cpu(net)
+    assert copied is not net and copied.tag == net.tag and copied.tag is not net.tag
+    for (name, a), (_, b) in zip(net.state_dict().items(), copied.state_dict().items(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    assert [p.requires_grad for p in copied.parameters()] == [True, False, True, True]
+    assert all(isinstance(p, nn.Parameter) for p in copied.parameters())
+    model = load_run_model("resnet18", random_weights=True)
+    assert _on_cpu(model) is model
 
 
 def test_ray_run_equals_the_local_run_even_when_an_actor_is_killed(

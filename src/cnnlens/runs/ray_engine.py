@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import pickle
@@ -47,7 +48,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -442,6 +443,30 @@ def ships_by_value(model: LoadedModel) -> bool:
     return not type(model.module).__module__.startswith("cnnlens.models.keras")
 
 
+def _on_cpu(model: LoadedModel) -> LoadedModel:
+    """The model as workers receive it: on the CPU (each actor moves it to its own device).
+
+    A driver's model on a GPU would otherwise pickle as CUDA tensors, which a CPU actor (or a node without
+    CUDA) cannot load. The copy is made tensor by tensor on the CPU (``deepcopy`` with the CPU copies in its
+    memo), so the driver's GPU holds no second model and the driver's module is left untouched.
+    """
+    module = model.module
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return model
+    return replace(model, module=_deepcopy_to_cpu(module))
+
+
+def _deepcopy_to_cpu(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are CPU copies (same ``requires_grad``)."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(module, memo)
+
+
 def _register_by_value(model: LoadedModel) -> None:
     """Let Ray pickle a factory file's classes by value (their module exists only on the driver)."""
     from ray import cloudpickle
@@ -656,7 +681,7 @@ def execute_ray(
     model_ref: tuple[Any, ...] = ()
     if options.model_loader is None:
         _register_by_value(run.model)
-        model_ref = (ray.put(run.model),)
+        model_ref = (ray.put(_on_cpu(run.model)),)
     spec = _WorkerSpec(
         loader=options.model_loader,
         model_ref=model_ref,
