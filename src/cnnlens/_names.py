@@ -7,7 +7,15 @@ they match :func:`cnnlens.methods.method_ids` and :func:`cnnlens.models.availabl
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_METHODS", "DEFAULT_MODEL", "METHOD_IDS", "ZOO_MODELS", "__version__"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_METHODS",
+    "DEFAULT_MODEL",
+    "METHOD_IDS",
+    "ZOO_MODELS",
+    "__version__",
+    "is_keras_name",
+]
 
 __version__ = "0.1.0"
 
@@ -55,3 +63,13 @@ DEFAULT_METHODS: tuple[str, ...] = ("gradcam",)
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """The largest image read by default (``width * height``), as :data:`cnnlens.data.images.DEFAULT_MAX_PIXELS`."""
+
+
+def is_keras_name(name: object) -> bool:
+    """Whether a ``--model`` value names a Keras model: ``keras:<arch>`` or a ``.keras``/``.h5`` file.
+
+    Example:
+        >>> is_keras_name("keras:vgg16"), is_keras_name("nets/cats.KERAS"), is_keras_name("resnet50")
+        (True, True, False)
+    """
+    return isinstance(name, str) and (name.lower().startswith("keras:") or name.lower().endswith((".keras", ".h5")))

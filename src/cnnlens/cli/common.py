@@ -27,7 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from cnnlens._names import DEFAULT_MAX_PIXELS
+from cnnlens._names import DEFAULT_MAX_PIXELS, is_keras_name
 from cnnlens.cli.args import (
     LineProgress,
     check_cmap,
@@ -91,7 +91,7 @@ def _load_quietly(args: argparse.Namespace, *, random_weights: bool) -> LoadedMo
     keras: dict[str, Any] = {}  # a keras: architecture is built at --input-size; --preprocess: Keras models only
     name = args.model.lower() if isinstance(args.model, str) else ""
     if getattr(args, "preprocess", None) is not None:
-        if not name.startswith("keras:") and not name.endswith((".keras", ".h5")):
+        if not is_keras_name(name):
             raise UsageError(
                 f"--preprocess {args.preprocess}: the Keras preprocess_input mode applies to Keras models (keras:ARCH, "
                 f".keras/.h5 files), not to {args.model!r}; set its normalisation with --mean/--std."

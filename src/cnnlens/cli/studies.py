@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 from rich.table import Table
 
+from cnnlens._names import is_keras_name
 from cnnlens.cli import common
 from cnnlens.cli.common import (
     EXIT_FAILED_INPUTS,
@@ -123,8 +124,7 @@ def _preprocess_modes(items: Sequence[str]) -> dict[str, str]:
     for key, mode in out.items():
         if mode not in KERAS_PREPROCESS_MODES:
             raise UsageError(f"--preprocess {key}={mode}: the mode is one of {', '.join(KERAS_PREPROCESS_MODES)}.")
-        lowered = key.lower()
-        if not lowered.startswith("keras:") and not lowered.endswith((".keras", ".h5")):
+        if not is_keras_name(key):
             raise UsageError(
                 f"--preprocess {key}={mode}: the Keras preprocess_input mode applies to Keras models (keras:ARCH, "
                 ".keras/.h5 files); a torch model's normalisation comes with it."

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnlens._names import is_keras_name
 from cnnlens.errors import ModelConfigError, WeightsUnavailableError
 from cnnlens.models.checkpoints import load_checkpoint, load_state_dict_checked, read_state_dict
 from cnnlens.models.classes import resolve_class_names
@@ -253,11 +254,6 @@ def _load_factory(
     return LoadedModel(built.to(device).eval(), spec, names, source, random_weights=False)
 
 
-def _is_keras_request(name: object) -> bool:
-    """``keras:<arch>`` or a ``.keras``/``.h5`` path (checked without importing Keras)."""
-    return isinstance(name, str) and (name.lower().startswith("keras:") or name.lower().endswith((".keras", ".h5")))
-
-
 def _load_keras(
     name: str,
     *,
@@ -373,7 +369,7 @@ def load_model(
         'layer4'
     """
     _check_options(weights, random_weights, download, num_classes)
-    if _is_keras_request(name):
+    if is_keras_name(name):
         return _load_keras(
             name,
             weights=weights,
