@@ -9,6 +9,7 @@ import the model's factory and an address where no cluster answers give clear er
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -241,13 +242,36 @@ def test_ray_run_equals_the_local_run_even_when_an_actor_is_killed(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processed"] == summary["total"] == 27 and summary["skipped"] == 0
     engine = json.loads((out / "manifest.json").read_text())["extra"]["engine"]
-    assert engine["name"] == "ray" and engine["actors"] == 2
+    assert engine["name"] == "ray" and engine["actors"] == 2 and engine["model_transfer"] == "by value"
     assert sum(a["images"] for a in engine["throughput"]) == len(rows)
     printed = capfd.readouterr()
     assert "ray actors" in printed.out
     assert "Dataset" not in printed.err and "streaming_executor" not in printed.err  # Ray Data's own logs are off
     render_run_report(out)  # the report reads a Ray run as it reads a local one
     assert (out / "report" / "index.html").is_file()
+
+
+def test_keras_model_is_built_by_each_worker_with_the_drivers_options(setup: Setup, tmp_path: Path) -> None:
+    """A Keras model (variables in Keras, not in the module) is rebuilt on each worker, --preprocess included."""
+    if importlib.util.find_spec("keras") is None:
+        pytest.skip("Keras models need keras 3 (pip install 'cnnlens[keras]')")
+    from cnnlens.models.keras import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")(inp)
+    out = keras.layers.Dense(4, activation="softmax", name="head")(keras.layers.GlobalAveragePooling2D()(x))
+    saved = tmp_path / "tiny.keras"
+    keras.Model(inp, out, name="tiny").save(saved)
+    argv = ["run", str(setup.table), "--model", str(saved), "--preprocess", "caffe", "--method", "gradcam"]
+    argv += ["--class-names", str(setup.classes), "--batch-size", str(BATCH), "--shard-size", str(SHARD)]
+    assert runs_main([*argv, "--out", str(tmp_path / "local"), "--workers", "0"]) == 1  # the 3 unreadable files
+    assert runs_main([*argv, "--out", str(tmp_path / "ray"), "--engine", "ray", "--actors", "1"]) == 1
+    _assert_same_run(tmp_path / "local", tmp_path / "ray")
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert manifest["extra"]["engine"]["model_transfer"] == "built by each worker"
+    assert manifest["model"]["preprocessing"]["mode"] == "caffe"
 
 
 def test_killed_driver_then_rerun_with_storage(setup: Setup) -> None:

@@ -742,6 +742,7 @@ def execute_ray(
         "gpus_per_actor": plan.gpus_per_actor,
         "threads_per_actor": plan.threads,
         "decoding_tasks": plan.read_tasks,
+        "model_transfer": "by value" if options.model_loader is None else "built by each worker",
         "storage": options.storage,
         "throughput": [s.as_dict() for s in sorted(stats.values(), key=lambda s: s.actor)],
         "driver_commit_s": round(commit_s, 3),
