@@ -274,6 +274,15 @@ def test_keras_model_is_built_by_each_worker_with_the_drivers_options(setup: Set
     assert manifest["model"]["preprocessing"]["mode"] == "caffe"
 
 
+def test_no_more_actors_than_shards(setup: Setup, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """One pending shard and --actors 2: one actor starts (the other would only import torch and wait)."""
+    out = tmp_path / "one-shard"
+    assert runs_main([*setup.args(out, "--engine", "ray", "--actors", "2"), "--limit", str(SHARD)]) == 0
+    engine = json.loads((out / "manifest.json").read_text())["extra"]["engine"]
+    assert engine["actors"] == 1 and [a["shards"] for a in engine["throughput"]] == [1]
+    assert "concurrent actors" not in capfd.readouterr().err  # Ray Data's warning about idle actors
+
+
 def test_killed_driver_then_rerun_with_storage(setup: Setup) -> None:
     out = setup.root / "driver-killed"
     setup.delay(0.3)

@@ -124,7 +124,8 @@ class RayOptions:
     Attributes:
         address: ``None`` (``RAY_ADDRESS``, else a local cluster started on this machine for the run), ``"auto"``
             (the cluster this machine belongs to, see ``ray start``), ``"HOST:PORT"`` or ``"ray://HOST:10001"``.
-        actors: Explaining actors (default: one per GPU with ``gpus_per_actor``, else one per logical CPU but one).
+        actors: Explaining actors (default: one per GPU with ``gpus_per_actor``, else one per logical CPU but one;
+            never more than the shards left to do).
         gpus_per_actor: GPUs each actor holds (0: CPU actors).
         cpus_per_actor: Logical CPUs each actor holds (default: :func:`plan_resources`).
         threads_per_actor: torch intra-op threads per actor (default: its logical CPUs, at least 1).
@@ -668,6 +669,8 @@ def execute_ray(
 
     execution = as_execution(execution)
     pending = run.pending_shards()
+    if 0 < len(pending) < plan.actors:  # an actor without a shard would only start (seconds of imports) and wait
+        plan = replace(plan, actors=len(pending))
     done_before = run.completed
     completed = done_before
     if progress is not None:
