@@ -1,6 +1,7 @@
 """Benchmark ``cnnlens run --engine ray --actors 2`` (one torch thread each) against ``--engine local`` (two threads).
 
-Run ``python bench/bench_ray.py`` (a few minutes on 2 cores); ``--images 60`` for a smoke check.
+Run ``python bench/bench_ray.py`` (a few minutes on 2 cores); ``--images 60`` for a smoke check; ``--cli`` times
+the two ``cnnlens run`` commands end to end instead (each a fresh process: imports, model, the local Ray cluster).
 
 Data: ``--images`` (default 300) augmented JPEG photos made from the scikit-image sample photos exactly as
 ``bench/bench_runs.py`` makes them (crops, flips, jitter; never downloaded), in a temporary folder tree.
@@ -130,6 +131,31 @@ def start_floor(model: Any, part: str = "model") -> float:
         ray.shutdown()
 
 
+def cli_end_to_end(images: int, shard_size: int, batch_size: int) -> None:
+    """Wall time of ``cnnlens run`` with each engine as a user runs it, alternated twice, fresh run folders."""
+    import subprocess
+
+    from cnnlens.runs import load_run_model
+
+    exe = str(Path(sys.executable).with_name("cnnlens"))
+    with tempfile.TemporaryDirectory(prefix="cnnlens-bench-ray-cli-") as tmp:
+        work = Path(tmp)
+        make_photos(work / "photos", images, load_run_model("efficientnet_lite0"))
+        common = ["--no-average-drop", "--shard-size", str(shard_size), "--batch-size", str(batch_size)]
+        engines = {"local": [], "ray": ["--engine", "ray", "--actors", "2"]}
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        for round_ in range(2):
+            for name, flags in engines.items():
+                argv = [exe, "run", str(work / "photos"), "--out", str(work / f"{name}{round_}"), *common, *flags]
+                started = time.perf_counter()
+                subprocess.run(argv, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                times[name].append(time.perf_counter() - started)
+    print(describe_machine(machine_info()))
+    for name, values in times.items():
+        print(f"cnnlens run --engine {name}: {', '.join(f'{v:.1f} s' for v in values)}")
+    print(f"ratio ray / local (images/s, best of each): {min(times['local']) / min(times['ray']):.2f}")
+
+
 def main() -> None:
     """Make the photos, time both engines once each, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -139,7 +165,15 @@ def main() -> None:
     parser.add_argument(
         "--floor-parts", type=int, default=0, metavar="N", help="only time the floor, N times for each of its parts"
     )
+    parser.add_argument(
+        "--cli",
+        action="store_true",
+        help="only time the two `cnnlens run` commands end to end (fresh processes: imports, model, Ray's own start)",
+    )
     args = parser.parse_args()
+    if args.cli:
+        cli_end_to_end(args.images, args.shard_size, args.batch_size)
+        return
     if args.floor_parts:
         from cnnlens.runs import load_run_model as load
 
