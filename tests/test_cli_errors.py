@@ -299,6 +299,27 @@ def test_run_preprocess_is_for_keras_models(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--actors", "2"], "--actors apply to --engine ray: add --engine ray"),
+        (["--address", "auto", "--storage", "file:///tmp/x"], "--address, --storage apply to --engine ray"),
+        (["--gpus-per-actor", "1"], "--gpus-per-actor apply to --engine ray"),
+        (["--engine", "ray", "--workers", "2"], "--workers 2 sets the local engine's decoding processes"),
+    ],
+)
+def test_run_refuses_the_other_engines_flags_before_loading(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None, flags: list[str], message: str
+) -> None:
+    """A flag of the engine not chosen would be ignored: ``run data --actors 4`` (no --engine ray) ran locally."""
+    data = tmp_path / "data" / "cat"
+    data.mkdir(parents=True)
+    (data / "chelsea.png").write_bytes((photos / "chelsea.png").read_bytes())
+    assert cli.main(["run", str(tmp_path / "data"), *flags, "--out", str(tmp_path / "run")]) == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------------------
 # refused after loading, before computing
 # --------------------------------------------------------------------------------------------------------

@@ -314,6 +314,19 @@ def test_killed_driver_then_rerun_with_storage(setup: Setup) -> None:
     assert not [p for p in stage.rglob("*") if p.is_file()]  # the staged copies are gone once committed
 
 
+def test_python_api_refuses_the_other_engines_options(setup: Setup, tmp_path: Path) -> None:
+    """``ray=`` without ``engine="ray"``, or ``workers=`` with it, would be ignored: refused, nothing written."""
+    from cnnlens.runs.errors import RunError
+
+    model = setup.recipe()("cpu")
+    dataset = read_dataset(setup.table, model.class_names)
+    with pytest.raises(RunError, match="ray= options apply to engine='ray'"):
+        run_dataset(tmp_path / "a", dataset, model, ray=RayOptions(actors=2))
+    with pytest.raises(RunError, match="workers= sets the local engine's decoding processes"):
+        run_dataset(tmp_path / "b", dataset, model, engine="ray", workers=2)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_worker_that_cannot_import_the_factory(
     setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,6 +29,7 @@ from cnnlens.cli import common
 __all__ = ["cmd_report", "cmd_run"]
 
 from cnnlens.cli.common import EXIT_FAILED_INPUTS, EXIT_OK
+from cnnlens.errors import UsageError
 
 if TYPE_CHECKING:
     from cnnlens.models import LoadedModel
@@ -53,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     err_console = common.err_console
     options = args.options if hasattr(args, "options") else _parse_options(args.option, args.method)
+    _check_engine_flags(args)
     model = _load(args)  # the loader of every command: zoo, architecture or factory, preprocessing overrides
     _check_model_args(args, model)
     dataset = read_dataset(args.dataset, model.class_names, root=args.root, exclude=[args.out]).limit(args.limit)
@@ -134,6 +136,35 @@ def _absolute(value: Any) -> Any:
     if isinstance(value, str) and value and os.path.exists(value):
         return os.path.abspath(value)
     return value
+
+
+def _check_engine_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag of the other engine (before the model loads): it would be silently ignored.
+
+    Raises:
+        UsageError: ``--address``/``--actors``/``--gpus-per-actor``/``--storage`` without ``--engine ray``, or
+            ``--workers`` with it.
+    """
+    engine = getattr(args, "engine", "local")
+    if engine == "ray":
+        if getattr(args, "workers", None) is not None:
+            raise UsageError(
+                f"--workers {args.workers} sets the local engine's decoding processes; with --engine ray decoding "
+                "runs in Ray's read stage: drop --workers (--actors sets the explaining actors)."
+            )
+        return
+    given = [
+        flag
+        for flag, value in (
+            ("--address", getattr(args, "address", None)),
+            ("--actors", getattr(args, "actors", None)),
+            ("--gpus-per-actor", getattr(args, "gpus_per_actor", 0.0) or None),
+            ("--storage", getattr(args, "storage", None)),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UsageError(f"{', '.join(given)} apply to --engine ray: add --engine ray, or drop them for a local run.")
 
 
 def _ray_options(args: argparse.Namespace, loaded: LoadedModel) -> RayOptions:

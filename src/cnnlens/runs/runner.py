@@ -464,6 +464,13 @@ def run_dataset(
     """
     if engine not in ("local", "ray"):
         raise RunError(f"--engine must be 'local' or 'ray', got {engine!r}.")
+    if engine == "local" and ray is not None:
+        raise RunError("ray= options apply to engine='ray': pass engine='ray', or drop ray= for a local run.")
+    if engine == "ray" and workers is not None:
+        raise RunError(
+            "workers= sets the local engine's decoding processes; with engine='ray' decoding runs in Ray's "
+            "read stage: drop workers= (RayOptions(actors=...) sets the explaining actors)."
+        )
     if engine == "ray":
         from cnnlens.runs.ray_engine import RayOptions, check_cluster, execute_ray, ray_session
 
