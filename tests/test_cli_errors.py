@@ -40,6 +40,15 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def dataset(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labelled image folder for ``run``: one class folder holding the chelsea photo."""
+    root = tmp_path_factory.mktemp("dataset")
+    (root / "cat").mkdir()
+    (root / "cat" / "chelsea.png").write_bytes((photos / "chelsea.png").read_bytes())
+    return root
+
+
 @pytest.fixture
 def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any model load fails the test: the argument must be refused before."""
@@ -287,13 +296,10 @@ def test_compare_models_sizes_and_modes_are_checked_before_loading(
 
 
 def test_run_preprocess_is_for_keras_models(
-    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None
 ) -> None:
     """``run --preprocess`` (shared with explain): a torch model is refused with the flag to use instead."""
-    data = tmp_path / "data" / "cat"
-    data.mkdir(parents=True)
-    (data / "chelsea.png").write_bytes((photos / "chelsea.png").read_bytes())
-    argv = ["run", str(tmp_path / "data"), "--model", "resnet18", "--random-weights", "--num-classes", "2"]
+    argv = ["run", str(dataset), "--model", "resnet18", "--random-weights", "--num-classes", "2"]
     assert cli.main([*argv, "--preprocess", "caffe", "--out", str(tmp_path / "run")]) == 2
     assert "set its normalisation with --mean/--std" in _error(capsys)
     assert not (tmp_path / "run").exists()
@@ -309,13 +315,10 @@ def test_run_preprocess_is_for_keras_models(
     ],
 )
 def test_run_refuses_the_other_engines_flags_before_loading(
-    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None, flags: list[str], message: str
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None, flags: list[str], message: str
 ) -> None:
     """A flag of the engine not chosen would be ignored: ``run data --actors 4`` (no --engine ray) ran locally."""
-    data = tmp_path / "data" / "cat"
-    data.mkdir(parents=True)
-    (data / "chelsea.png").write_bytes((photos / "chelsea.png").read_bytes())
-    assert cli.main(["run", str(tmp_path / "data"), *flags, "--out", str(tmp_path / "run")]) == 2
+    assert cli.main(["run", str(dataset), *flags, "--out", str(tmp_path / "run")]) == 2
     assert message in _error(capsys)
     assert not (tmp_path / "run").exists()
 
